@@ -1,0 +1,300 @@
+"""The devstack: PostgreSQL, a moto server with the ECS deployment simulator, and one sample service per catalog entry.
+
+``python -m devstack start`` runs the stack in the background (its own process group), returns when it is ready and
+writes ``<state>/env``; ``python -m devstack stop`` stops the group and checks that no process or port is left.
+Tests use the same code through the session fixture in tests/conftest.py, with a state folder of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STATE_DIR = REPO / ".devstack"
+REGION = "eu-west-1"
+ACCOUNT = "123456789012"
+BACKUP_BUCKET = "omnisphere-backups-local"
+IMAGE_REPOSITORY = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/omnisphere"
+INITIAL_TAG = "1.0.0"
+
+log = logging.getLogger("devstack")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---- the stack itself, run in the foreground by ``python -m devstack run`` -------------------------------------------
+def run(state_dir: Path) -> None:
+    """Start every part, write the env file, then serve until SIGTERM and stop every part."""
+    sys.path.insert(0, str(REPO / "plugins"))
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from omnisphere_release.catalog import load_catalog
+
+    from devstack.ecs_simulator import EcsDeploymentSimulator
+    from devstack.postgres import LocalPostgres
+    from devstack.sample_services import MetricsPublisher, SampleService
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    catalog = load_catalog()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    started = time.monotonic()
+    postgres = LocalPostgres(state_dir, free_port())
+    parts: list[Any] = []
+    try:
+        postgres.start()
+        postgres.wait_ready()
+        dsns = {service.name: postgres.create_database(service.name.replace("-", "_")) for service in catalog.services}
+        log.info("PostgreSQL ready on 127.0.0.1:%d with %d databases", postgres.port, len(dsns))
+
+        simulator = EcsDeploymentSimulator(
+            step_seconds=float(os.environ.get("OMNI_ECS_SIM_STEP_SECONDS", "0.3")),
+            minute_seconds=float(os.environ.get("OMNI_ECS_SIM_MINUTE_SECONDS", "1.0")),
+        )
+        simulator.install()
+        simulator.start()
+        parts.append(simulator)
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        moto.start()
+        parts.append(moto)
+        aws_port = moto._server.server_port  # type: ignore[union-attr]
+        endpoint = f"http://127.0.0.1:{aws_port}"
+        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                        region_name=REGION)
+        seed_aws(session, endpoint, catalog)
+
+        samples = []
+        for service in catalog.services:
+            sample = SampleService(
+                service.name,
+                (lambda c=service.ecs.cluster, s=service.ecs.service: simulator.serving_image(c, s)),
+            )
+            sample.start()
+            parts.append(sample)
+            samples.append((sample, service.monitoring.target_group))
+        publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=endpoint), samples,
+                                     interval=float(os.environ.get("OMNI_METRICS_INTERVAL_SECONDS", "2")))
+        publisher.start()
+        parts.append(publisher)
+
+        env = stack_env(state_dir, catalog, dsns, endpoint, {s.name: p.port for s, p in zip(catalog.services,
+                                                                                               [x for x, _ in samples])})
+        write_env(state_dir / "env", env)
+        (state_dir / "state.json").write_text(json.dumps({
+            "pid": os.getpid(), "pgdata": str(postgres.data_dir), "ports": {
+                "postgres": postgres.port, "aws": aws_port,
+                **{f"sample:{s.name}": s.port for s, _ in samples}},
+        }, indent=2))
+        (state_dir / "ready").write_text(f"{time.monotonic() - started:.1f}\n")
+        log.info("devstack ready in %.1fs; env in %s", time.monotonic() - started, state_dir / "env")
+        stopping.wait()
+    finally:
+        log.info("devstack stopping")
+        for part in reversed(parts):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("could not stop %s", type(part).__name__)
+        postgres.stop()
+        (state_dir / "ready").unlink(missing_ok=True)
+
+
+def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
+    """Create the ECS cluster, services and current task definitions of the catalog, and the backup bucket."""
+    ecs = session.client("ecs", endpoint_url=endpoint)
+    for cluster in sorted({s.ecs.cluster for s in catalog.services}):
+        ecs.create_cluster(clusterName=cluster)
+    for service in catalog.services:
+        task_definition = ecs.register_task_definition(
+            family=service.ecs.service,
+            networkMode="awsvpc",
+            requiresCompatibilities=["FARGATE"],
+            cpu="256",
+            memory="512",
+            containerDefinitions=[{
+                "name": service.ecs.container,
+                "image": f"{IMAGE_REPOSITORY}/{service.name}:{INITIAL_TAG}",
+                "essential": True,
+                "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
+                "environment": [{"name": "OMNI_SERVICE", "value": service.name}],
+            }],
+        )["taskDefinition"]
+        ecs.create_service(
+            cluster=service.ecs.cluster,
+            serviceName=service.ecs.service,
+            taskDefinition=task_definition["taskDefinitionArn"],
+            desiredCount=service.ecs.desired_count,
+            launchType="FARGATE",
+        )
+    s3 = session.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=BACKUP_BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_bucket_encryption(Bucket=BACKUP_BUCKET, ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+
+
+def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], endpoint: str,
+              sample_ports: dict[str, int]) -> dict[str, str]:
+    """Return the environment that points Airflow, the tests and any script at this stack."""
+    airflow_home = Path(os.environ.get("OMNI_AIRFLOW_HOME") or (REPO / ".airflow"))
+    env = {
+        "OMNI_DEVSTACK_DIR": str(state_dir),
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",  # moto accepts any key; these are not credentials
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
+            "conn_type": "aws", "login": "testing", "password": "testing",
+            "extra": {"region_name": REGION, "endpoint_url": endpoint},
+        }),
+        "AIRFLOW_VAR_OMNI_BACKUP_BUCKET": BACKUP_BUCKET,
+        "AIRFLOW_VAR_OMNI_ENVIRONMENT": "local",
+        "OMNI_PG_BIN_DIR": str(_pg_bin()),
+    }
+    for service in catalog.services:
+        dsn = dsns[service.name]
+        env[f"OMNI_PG_DSN_{service.env_suffix}"] = dsn
+        env[f"AIRFLOW_CONN_{service.postgres_conn_id.upper()}"] = dsn.replace("postgresql://", "postgres://", 1)
+        env[f"AIRFLOW_CONN_{service.http_conn_id.upper()}"] = f"http://127.0.0.1:{sample_ports[service.name]}"
+        env[f"OMNI_SAMPLE_URL_{service.env_suffix}"] = f"http://127.0.0.1:{sample_ports[service.name]}"
+    return env
+
+
+def _pg_bin() -> Path:
+    from devstack.postgres import bin_dir
+
+    return bin_dir()
+
+
+def write_env(path: Path, env: dict[str, str]) -> None:
+    lines = ["# Written by `make devstack`; load with: . .devstack/env", *(
+        f"export {key}={shlex.quote(value)}" for key, value in env.items())]
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # it holds the local databases' passwords
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+# ---- background control ------------------------------------------------------------------------------------------
+def start(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 120) -> dict[str, str]:
+    """Start the stack in its own process group unless it runs already; return its environment."""
+    state_dir = state_dir.resolve()
+    if is_running(state_dir):
+        return read_env(state_dir / "env")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "ready").unlink(missing_ok=True)
+    log_file = open(state_dir / "devstack.log", "ab")  # noqa: SIM115 - handed to the child
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devstack", "run", "--state-dir", str(state_dir)],
+        cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    (state_dir / "pid").write_text(str(process.pid))
+    deadline = time.monotonic() + timeout
+    while not (state_dir / "ready").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(state_dir)
+            tail = (state_dir / "devstack.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"devstack did not start (see {state_dir / 'devstack.log'}):\n{tail}")
+        time.sleep(0.2)
+    return read_env(state_dir / "env")
+
+
+def is_running(state_dir: Path) -> bool:
+    pid_file = state_dir / "pid"
+    if not (state_dir / "ready").exists() or not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
+def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30) -> list[str]:
+    """Stop the stack's process group and PostgreSQL; return what was still left (empty when clean)."""
+    state_dir = state_dir.resolve()
+    pid_file = state_dir / "pid"
+    state = json.loads((state_dir / "state.json").read_text()) if (state_dir / "state.json").exists() else {}
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+        pid_file.unlink(missing_ok=True)
+    pgdata = Path(state.get("pgdata", state_dir / "pgdata"))
+    if (pgdata / "postmaster.pid").exists():  # the runner was killed before it could stop PostgreSQL
+        from devstack.postgres import LocalPostgres
+
+        LocalPostgres(state_dir, 0).stop()
+    (state_dir / "ready").unlink(missing_ok=True)
+    leftovers = [f"port {port} ({name})" for name, port in state.get("ports", {}).items()
+                 if _wait_closed(port)]
+    return leftovers
+
+
+def _wait_closed(port: int, timeout: float = 10) -> bool:
+    """Return True when ``port`` still accepts connections after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while port_is_open(port):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pid: int) -> bool:
+    try:  # reap the runner when it is our own child (tests), or it lingers as a zombie in its group
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,307 @@
+"""The service catalog: include/services.yaml validated into typed, immutable records.
+
+Every error names the catalog file and the field at fault (``services[1] (billing-service).ecs.clustr``) and says
+what to do, because a broken catalog surfaces as a DAG import error that someone has to fix quickly.
+Reading the catalog touches only local files, so DAG files may call :func:`load_catalog` at parse time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CATALOG = PROJECT_ROOT / "include" / "services.yaml"
+DEFAULT_SQL_DIR = PROJECT_ROOT / "include" / "sql"
+
+SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$")
+DeployStrategy = Literal["rolling", "blue_green", "canary", "linear"]
+
+
+class CatalogError(ValueError):
+    """The catalog file cannot be used; the message names the file and the field."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EcsTarget(_Record):
+    cluster: str = Field(min_length=1)
+    service: str = Field(min_length=1)
+    container: str = Field(min_length=1)
+    desired_count: int = Field(default=2, ge=1, le=100)
+
+
+class DeployPolicy(_Record):
+    strategy: DeployStrategy = "rolling"
+    timeout_minutes: int = Field(default=20, ge=1, le=24 * 60)
+    bake_minutes: float = Field(default=5, ge=0, le=24 * 60)
+
+
+class SmokeTest(_Record):
+    path: str = Field(pattern=r"^/")
+    expect_status: int = Field(default=200, ge=100, le=599)
+    expect_json: dict[str, object] = Field(default_factory=dict)
+    expect_fields: tuple[str, ...] = ()
+    latency_budget_ms: int = Field(default=1000, ge=1)
+
+
+class MonitoringThresholds(_Record):
+    # The service's ALB target group, as the CloudWatch dimension value ``targetgroup/<name>/<id>``.
+    target_group: str = Field(pattern=r"^targetgroup/[A-Za-z0-9-]+/[0-9a-f]+$")
+    max_error_rate: float = Field(ge=0, le=1)
+    max_p99_latency_ms: int = Field(ge=1)
+    missing_data_minutes: float = Field(default=3, gt=0)
+    alarms: tuple[str, ...] = ()
+
+
+class MaintenanceWindow(_Record):
+    cron: str
+    duration_minutes: int = Field(ge=1, le=24 * 60)
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_is_valid(cls, value: str) -> str:
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a 5-field cron expression (e.g. '0 2 * * SUN')")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_exists(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. 'Europe/Paris' or 'UTC')") from None
+        return value
+
+
+class MigrationSettings(_Record):
+    # A few seconds at most: a migration waiting longer for a lock queues the application's queries behind it.
+    lock_timeout_ms: int = Field(default=3000, ge=100, le=10_000)
+    statement_timeout_ms: int = Field(default=300_000, ge=1000)
+    lock_retries: int = Field(default=5, ge=0, le=50)
+
+
+class Service(_Record):
+    name: str
+    description: str = ""
+    team: str = ""
+    postgres_conn_id: str = Field(min_length=1)
+    http_conn_id: str = Field(min_length=1)
+    aws_conn_id: str = "aws_default"
+    ecs: EcsTarget
+    deploy: DeployPolicy = DeployPolicy()
+    smoke_tests: tuple[SmokeTest, ...] = Field(min_length=1)
+    monitoring: MonitoringThresholds
+    maintenance_window: MaintenanceWindow
+    migrations: MigrationSettings = MigrationSettings()
+    depends_on: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, value: str) -> str:
+        if not SERVICE_NAME.match(value):
+            raise ValueError(f"{value!r} must be lower-case letters, digits and '-' (it becomes a DAG id)")
+        return value
+
+    @property
+    def env_suffix(self) -> str:
+        """Return the name as used in environment variables: ``auth-service`` -> ``AUTH_SERVICE``."""
+        return self.name.upper().replace("-", "_")
+
+
+class Catalog(_Record):
+    path: Path
+    sql_dir: Path
+    services: tuple[Service, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.services]
+
+    def get(self, name: str) -> Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise CatalogError(f"{self.path}: unknown service {name!r}; known services: {', '.join(self.names)}")
+
+    def release_order(self, names: list[str] | None = None) -> list[Service]:
+        """Return services so that each comes after everything it depends on (catalog order breaks ties)."""
+        wanted = set(names) if names is not None else set(self.names)
+        ordered: list[Service] = []
+        done: set[str] = set()
+        pending = [s for s in self.services if s.name in wanted]
+        while pending:
+            ready = [s for s in pending if all(d in done or d not in wanted for d in s.depends_on)]
+            # validate() rejects cycles, so there is always a ready service here.
+            ordered.append(ready[0])
+            done.add(ready[0].name)
+            pending.remove(ready[0])
+        return ordered
+
+    def migrations_dir(self, service: str) -> Path:
+        return self.sql_dir / service / "migrations"
+
+    def checks_dir(self, service: str) -> Path:
+        return self.sql_dir / service / "checks"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[object, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise CatalogError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                f"(first at line {seen[key] + 1}); remove one of them"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _field_path(raw_services: list, loc: tuple) -> str:
+    """Render a pydantic error location as ``services[1] (billing-service).ecs.cluster``."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+            if i == 1 and isinstance(raw_services, list) and item < len(raw_services):
+                entry = raw_services[item]
+                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                    parts[-1] += f" ({entry['name']})"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _find_cycle(services: tuple[Service, ...]) -> list[str] | None:
+    graph = {s.name: s.depends_on for s in services}
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = "visiting"
+        stack.append(name)
+        for dep in graph.get(name, ()):
+            if state.get(dep) == "visiting":
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[name] = "done"
+        return None
+
+    for name in graph:
+        if name not in state and (cycle := visit(name)):
+            return cycle
+    return None
+
+
+def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
+    """Validate catalog text; raise CatalogError naming ``path`` and the field at fault."""
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except CatalogError as exc:
+        raise CatalogError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or set(raw) != {"services"}:
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise CatalogError(f"{path}: the top level must be a mapping with exactly one key, 'services' (found {found})")
+    raw_services = raw["services"]
+    if not isinstance(raw_services, list) or not raw_services:
+        raise CatalogError(f"{path}: field 'services' must be a non-empty list of service entries")
+
+    try:
+        services = tuple(Service.model_validate(entry) for entry in raw_services)
+    except ValidationError as exc:
+        index = raw_services.index(next(e for e in raw_services if not _is_valid(e)))
+        errors = []
+        for err in exc.errors():
+            field = _field_path(raw_services, ("services", index, *err["loc"]))
+            message = "unknown key; remove it or check its spelling" if err["type"] == "extra_forbidden" else err["msg"]
+            errors.append(f"{path}: field {field}: {message}")
+        raise CatalogError("\n".join(errors)) from None
+
+    seen: dict[str, int] = {}
+    for i, service in enumerate(services):
+        if service.name in seen:
+            raise CatalogError(
+                f"{path}: field services[{i}].name: duplicate service name {service.name!r} "
+                f"(also services[{seen[service.name]}]); service names must be unique"
+            )
+        seen[service.name] = i
+    for i, service in enumerate(services):
+        for dep in service.depends_on:
+            if dep not in seen:
+                raise CatalogError(
+                    f"{path}: field services[{i}] ({service.name}).depends_on: unknown service {dep!r}; "
+                    f"known services: {', '.join(seen)}"
+                )
+            if dep == service.name:
+                raise CatalogError(f"{path}: field services[{i}] ({service.name}).depends_on: a service cannot depend on itself")
+    if cycle := _find_cycle(services):
+        raise CatalogError(f"{path}: field depends_on: dependency cycle {' -> '.join(cycle)}; break one of these links")
+    for i, service in enumerate(services):
+        folder = sql_dir / service.name / "migrations"
+        if not folder.is_dir():
+            raise CatalogError(
+                f"{path}: field services[{i}] ({service.name}): missing SQL folder {folder}; "
+                f"create it (it may be empty) or fix the service name"
+            )
+    return Catalog(path=path, sql_dir=sql_dir, services=services)
+
+
+def _is_valid(entry: object) -> bool:
+    try:
+        Service.model_validate(entry)
+    except ValidationError:
+        return False
+    return True
+
+
+def catalog_path() -> Path:
+    return Path(os.environ.get("OMNISPHERE_CATALOG") or DEFAULT_CATALOG)
+
+
+def sql_dir() -> Path:
+    return Path(os.environ.get("OMNISPHERE_SQL_DIR") or DEFAULT_SQL_DIR)
+
+
+def load_catalog(path: Path | str | None = None, sql_root: Path | str | None = None) -> Catalog:
+    """Load and validate the catalog (``OMNISPHERE_CATALOG`` / ``OMNISPHERE_SQL_DIR`` override the defaults)."""
+    path = Path(path) if path is not None else catalog_path()
+    root = Path(sql_root) if sql_root is not None else sql_dir()
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: catalog file not found; set OMNISPHERE_CATALOG or create it") from None
+    return _load_cached(path.resolve(), root.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: Path, root: Path, _mtime_ns: int, _size: int) -> Catalog:
+    # The DAG processor re-parses often; the cache key includes mtime and size so an edit is seen at once.
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_catalog(text, path, root)
