@@ -1,0 +1,614 @@
+"""Apply and revert a service's schema migrations safely: one transaction each, bounded locks, one run at a time.
+
+The engine knows nothing of Airflow: the schema_migrations DAG, the release DAGs and the CLI all drive it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+from psycopg2 import sql
+
+from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+from omnisphere_release.migrations.files import Migration, discover, split_statements
+from omnisphere_release.migrations.lint import Finding, lint
+
+HISTORY_TABLE = "omnisphere_schema_history"
+LOG_TABLE = "omnisphere_schema_log"
+# pg_try_advisory_lock(int4, int4): the first key is the project ('OMNI'), the second the kind of run.
+ADVISORY_LOCK_NAMESPACE = 0x4F4D4E49
+SCHEMA_MIGRATION_LOCK = 1
+
+_DDL = f"""
+CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
+    version           integer     PRIMARY KEY,
+    name              text        NOT NULL,
+    checksum_up       text        NOT NULL,
+    checksum_down     text,
+    state             text        NOT NULL DEFAULT 'applied' CHECK (state IN ('applied', 'dirty')),
+    dirty_direction   text        CHECK (dirty_direction IN ('up', 'down')),
+    applied_at        timestamptz NOT NULL DEFAULT now(),
+    execution_ms      integer,
+    applied_by        text        NOT NULL,
+    drift_acknowledged text,
+    error             text
+);
+CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT now(),
+    version      integer     NOT NULL,
+    name         text        NOT NULL,
+    action       text        NOT NULL,
+    by           text        NOT NULL,
+    reason       text,
+    execution_ms integer
+);
+"""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    lock_timeout_ms: int = 3000
+    statement_timeout_ms: int = 300_000
+    lock_retries: int = 5
+    retry_backoff_seconds: float = 1.0
+    advisory_lock_wait_seconds: float = 60.0
+
+    @classmethod
+    def from_catalog(cls, settings: Any, **overrides: Any) -> EngineSettings:
+        return cls(lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=settings.statement_timeout_ms,
+                   lock_retries=settings.lock_retries, **overrides)
+
+
+@dataclass(frozen=True)
+class AppliedVersion:
+    version: int
+    name: str
+    checksum_up: str
+    state: str
+    dirty_direction: str | None
+    applied_at: Any
+    applied_by: str
+    error: str | None
+
+
+@dataclass
+class Plan:
+    """What a run would do: the ordered steps, their SQL and the lint findings. Building it changes nothing."""
+
+    service: str
+    direction: str
+    current_version: int
+    target_version: int
+    steps: list[Migration]
+    findings: list[Finding] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+
+    @property
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "blocking"]
+
+    def step_sql(self, migration: Migration) -> str:
+        source = migration.up if self.direction == "up" else migration.down
+        return source.sql if source else ""
+
+    def render(self, with_sql: bool = True) -> str:
+        if not self.steps:
+            return f"{self.service}: nothing to {self.direction}; schema is at version {self.current_version}."
+        verb = "apply" if self.direction == "up" else "revert"
+        lines = [f"{self.service}: {verb} {len(self.steps)} migration(s), version {self.current_version} -> "
+                 f"{self.target_version}:"]
+        for migration in self.steps:
+            source = migration.up if self.direction == "up" else migration.down
+            mode = "outside a transaction" if source and source.no_transaction else "in one transaction"
+            lines.append(f"  {verb} {migration.label} ({source.path.name if source else '?'}, {mode})")
+            if with_sql:
+                lines += [f"      {line}" for line in self.step_sql(migration).strip().splitlines()]
+        for finding in self.findings:
+            lines.append(f"  lint {finding.severity}: {finding.describe()}")
+        for item in self.drift:
+            lines.append(f"  drift acknowledged: {item}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    version: int
+    name: str
+    direction: str
+    seconds: float
+    lock_retries: int = 0
+
+
+@dataclass
+class RunResult:
+    service: str
+    direction: str
+    from_version: int
+    to_version: int
+    dry_run: bool
+    plan: Plan
+    steps: list[StepResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def versions(self) -> list[int]:
+        return [s.version for s in self.steps]
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return (f"{self.service}: dry run, would {('apply' if self.direction == 'up' else 'revert')} "
+                    f"{len(self.plan.steps)} migration(s) ({self.from_version} -> {self.plan.target_version}); "
+                    f"nothing changed")
+        verb = "Applied" if self.direction == "up" else "Reverted"
+        return (f"{self.service}: {verb} {len(self.steps)} migration(s) in {self.seconds:.1f}s "
+                f"(version {self.from_version} -> {self.to_version})")
+
+
+@dataclass(frozen=True)
+class Status:
+    service: str
+    current_version: int
+    applied: list[AppliedVersion]
+    pending: list[Migration]
+    dirty: list[AppliedVersion]
+    drifted: list[str]
+
+    def render(self) -> str:
+        lines = [f"{self.service}: version {self.current_version}, {len(self.applied)} applied, "
+                 f"{len(self.pending)} pending"]
+        lines += [f"  pending {m.label}" for m in self.pending]
+        lines += [f"  DIRTY {d.version:03d}_{d.name} ({d.dirty_direction}): {d.error or 'interrupted'}" for d in self.dirty]
+        lines += [f"  DRIFT {d}" for d in self.drifted]
+        return "\n".join(lines)
+
+
+class MigrationEngine:
+    """Plan, apply and revert the migrations of one service database."""
+
+    def __init__(
+        self,
+        service: str,
+        migrations_dir: Path,
+        connect: Callable[[], Any],
+        settings: EngineSettings | None = None,
+        applied_by: str = "cli",
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> None:
+        self.service = service
+        self.migrations_dir = migrations_dir
+        self._connect_raw = connect
+        self.settings = settings or EngineSettings()
+        self.applied_by = applied_by
+        self.log = log or logging.getLogger("omnisphere_release.migrations")
+
+    # ---- public API --------------------------------------------------------------------------------------------------
+    def status(self) -> Status:
+        migrations = discover(self.migrations_dir)
+        with self._connection() as conn:
+            history = self._read_history(conn)
+        applied = [h for h in history.values() if h.state == "applied"]
+        current = max((h.version for h in applied), default=0)
+        return Status(
+            service=self.service,
+            current_version=current,
+            applied=sorted(applied, key=lambda h: h.version),
+            pending=[m for m in migrations if m.version not in history],
+            dirty=[h for h in history.values() if h.state == "dirty"],
+            drifted=self._drift(migrations, history),
+        )
+
+    def plan(self, direction: str, target: int | None = None, run_lint: bool = True) -> Plan:
+        """Return what ``migrate`` would do; raise InvalidMigrationInput when it would be refused."""
+        migrations = discover(self.migrations_dir)
+        with self._connection() as conn:
+            history = self._read_history(conn)
+        return self._plan(migrations, history, direction, target, run_lint, drift_reason=None)
+
+    def migrate(
+        self,
+        direction: str,
+        target: int | None = None,
+        dry_run: bool = False,
+        reason: str | None = None,
+        acknowledge_drift: str | None = None,
+        run_lint: bool = True,
+    ) -> RunResult:
+        """Apply (``up``) or revert (``down``) migrations to ``target``; with ``dry_run``, only plan."""
+        started = time.monotonic()
+        migrations = discover(self.migrations_dir)  # every file is validated before the database is touched
+        with self._connection() as conn:
+            if dry_run:
+                plan = self._plan(migrations, self._read_history(conn), direction, target, run_lint,
+                                  acknowledge_drift)
+                self.log.info("%s", plan.render())
+                return RunResult(self.service, direction, plan.current_version, plan.current_version, True, plan)
+            self._acquire_lock(conn)
+            try:
+                self._ensure_history(conn)
+                history = self._read_history(conn)
+                plan = self._plan(migrations, history, direction, target, run_lint, acknowledge_drift)
+                if plan.blocking:
+                    raise InvalidMigrationInput(
+                        f"{self.service}: lint found {len(plan.blocking)} finding(s) that would block the application "
+                        f"for long:\n" + "\n".join(f"  {f.describe()}" for f in plan.blocking)
+                        + "\nRewrite the migration (CONCURRENTLY, NOT VALID then VALIDATE, ...) or accept a finding "
+                        "with '-- omni:lint-ignore <rule> <reason>' in the file.")
+                for finding in plan.findings:
+                    if finding.severity == "ignored":
+                        self.log.warning("Lint finding accepted by the file: %s", finding.describe())
+                    elif finding.severity == "advice":
+                        self.log.info("Lint advice: %s", finding.describe())
+                if plan.drift:
+                    self._acknowledge_drift(conn, migrations, history, acknowledge_drift or "")
+                result = RunResult(self.service, direction, plan.current_version, plan.current_version, False, plan)
+                if not plan.steps:
+                    self.log.info("%s: nothing to %s; schema is at version %d", self.service, direction,
+                                  plan.current_version)
+                for index, migration in enumerate(plan.steps, start=1):
+                    self.log.info("%s: %s %s (%d of %d)", self.service,
+                                  "applying" if direction == "up" else "reverting", migration.label, index,
+                                  len(plan.steps))
+                    step = (self._apply if direction == "up" else self._revert)(conn, migration, reason)
+                    result.steps.append(step)
+                    result.to_version = migration.version if direction == "up" else self._version_below(
+                        migration.version, history)
+                    self.log.info("%s: %s %s in %.2fs%s", self.service,
+                                  "applied" if direction == "up" else "reverted", migration.label, step.seconds,
+                                  f" after {step.lock_retries} lock retries" if step.lock_retries else "")
+            finally:
+                self._release_lock(conn)
+        result.seconds = time.monotonic() - started
+        self.log.info("%s", result.summary())
+        return result
+
+    def resolve(self, version: int, outcome: str, reason: str) -> None:
+        """Settle a dirty version after a person checked the database: ``outcome`` is ``applied`` or ``reverted``."""
+        if outcome not in {"applied", "reverted"}:
+            raise InvalidMigrationInput(f"outcome must be 'applied' or 'reverted', not {outcome!r}")
+        if not reason.strip():
+            raise InvalidMigrationInput("resolve needs a reason: say what you checked in the database")
+        with self._connection() as conn:
+            self._acquire_lock(conn)
+            try:
+                history = self._read_history(conn)
+                row = history.get(version)
+                if row is None or row.state != "dirty":
+                    raise InvalidMigrationInput(f"{self.service}: version {version} is not dirty; nothing to resolve")
+                with conn:
+                    with conn.cursor() as cur:
+                        if outcome == "applied":
+                            cur.execute(sql.SQL("UPDATE {} SET state = 'applied', dirty_direction = NULL, error = NULL "
+                                                "WHERE version = %s").format(sql.Identifier(HISTORY_TABLE)), [version])
+                        else:
+                            cur.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(
+                                sql.Identifier(HISTORY_TABLE)), [version])
+                        self._log_row(cur, version, row.name, f"resolved_{outcome}", reason, None)
+                self.log.info("%s: version %d resolved as %s (%s)", self.service, version, outcome, reason)
+            finally:
+                self._release_lock(conn)
+
+    # ---- planning ----------------------------------------------------------------------------------------------------
+    def _plan(self, migrations: list[Migration], history: dict[int, AppliedVersion], direction: str,
+              target: int | None, run_lint: bool, drift_reason: str | None) -> Plan:
+        if direction not in {"up", "down"}:
+            raise InvalidMigrationInput(f"direction must be 'up' or 'down', not {direction!r}")
+        dirty = [h for h in history.values() if h.state == "dirty"]
+        if dirty:
+            d = dirty[0]
+            raise InvalidMigrationInput(
+                f"{self.service}: version {d.version:03d}_{d.name} was interrupted while running outside a "
+                f"transaction ({d.dirty_direction}, by {d.applied_by} at {d.applied_at}): {d.error or 'no error recorded'}. "
+                f"Check the database, then run `python -m omnisphere_release.migrations {self.service} resolve "
+                f"--version {d.version} --as applied|reverted --reason '...'`.")
+        drift = self._drift(migrations, history)
+        if drift and not (drift_reason and drift_reason.strip()):
+            raise InvalidMigrationInput(
+                f"{self.service}: applied migration files were changed since they ran:\n"
+                + "\n".join(f"  {item}" for item in drift)
+                + "\nRestore the files, or acknowledge the change with a reason (--acknowledge-drift 'why').")
+        by_version = {m.version: m for m in migrations}
+        applied = sorted(v for v, h in history.items() if h.state == "applied")
+        current = applied[-1] if applied else 0
+        pending = [m for m in migrations if m.version not in history]
+        early = [m for m in pending if m.version < current]
+        if early:
+            raise InvalidMigrationInput(
+                f"{self.service}: {early[0].up.path} (version {early[0].version}) is older than the applied "
+                f"version {current}; out-of-order migrations are refused: renumber it above {current}")
+        if direction == "up":
+            if target is None:
+                target = pending[-1].version if pending else current
+            if target < current:
+                raise InvalidMigrationInput(
+                    f"{self.service}: target version {target} is below the current version {current}; "
+                    f"use direction 'down' to revert")
+            if target != current and target not in by_version:
+                raise InvalidMigrationInput(
+                    f"{self.service}: target version {target} has no migration file in {self.migrations_dir}; "
+                    f"known versions: {', '.join(str(v) for v in sorted(by_version)) or 'none'}")
+            steps = [m for m in pending if m.version <= target]
+        else:
+            if target is None:
+                target = applied[-2] if len(applied) >= 2 else 0  # one step down by default
+            if target > current:
+                raise InvalidMigrationInput(
+                    f"{self.service}: target version {target} is above the current version {current}; "
+                    f"use direction 'up' to apply")
+            if target != 0 and target not in history:
+                raise InvalidMigrationInput(
+                    f"{self.service}: target version {target} is not an applied version; "
+                    f"applied: {', '.join(str(v) for v in applied) or 'none'} (0 reverts everything)")
+            missing = [v for v in applied if v > target and v not in by_version]
+            if missing:
+                raise InvalidMigrationInput(
+                    f"{self.service}: applied version {missing[0]} has no file in {self.migrations_dir}; "
+                    f"its down file is needed to revert it")
+            steps = [by_version[v] for v in reversed(applied) if v > target]
+            irreversible = [m for m in steps if not m.reversible]
+            if irreversible:
+                m = irreversible[0]
+                raise InvalidMigrationInput(
+                    f"{self.service}: {m.label} is irreversible ({m.irreversible_reason}); it cannot be reverted "
+                    f"by SQL: restore the backup taken before it was applied")
+        findings = lint(steps) if run_lint and direction == "up" and steps else []
+        return Plan(self.service, direction, current, target, steps, findings, drift if drift_reason else [])
+
+    def _drift(self, migrations: list[Migration], history: dict[int, AppliedVersion]) -> list[str]:
+        by_version = {m.version: m for m in migrations}
+        drift = []
+        for version, row in sorted(history.items()):
+            migration = by_version.get(version)
+            if migration is not None and migration.up.checksum != row.checksum_up:
+                drift.append(f"{migration.up.path}: checksum {migration.up.checksum[:12]} differs from the applied "
+                             f"{row.checksum_up[:12]} (applied {row.applied_at} by {row.applied_by})")
+        return drift
+
+    @staticmethod
+    def _version_below(version: int, history: dict[int, AppliedVersion]) -> int:
+        return max((v for v, h in history.items() if v < version and h.state == "applied"), default=0)
+
+    # ---- execution ---------------------------------------------------------------------------------------------------
+    def _apply(self, conn: Any, migration: Migration, reason: str | None) -> StepResult:
+        if migration.up.no_transaction:
+            return self._run_outside_transaction(conn, migration, "up", reason)
+        started = time.monotonic()
+
+        def work(cur: Any) -> None:
+            cur.execute(migration.up.sql)
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            cur.execute(sql.SQL(
+                "INSERT INTO {} (version, name, checksum_up, checksum_down, applied_by, execution_ms) "
+                "VALUES (%s, %s, %s, %s, %s, %s)").format(sql.Identifier(HISTORY_TABLE)),
+                [migration.version, migration.name, migration.up.checksum,
+                 migration.down.checksum if migration.down else None, self.applied_by, elapsed_ms])
+            self._log_row(cur, migration.version, migration.name, "applied", reason, elapsed_ms)
+
+        retries = self._in_transaction(conn, migration, work)
+        return StepResult(migration.version, migration.name, "up", time.monotonic() - started, retries)
+
+    def _revert(self, conn: Any, migration: Migration, reason: str | None) -> StepResult:
+        assert migration.down is not None  # _plan refuses irreversible steps
+        if migration.down.no_transaction:
+            return self._run_outside_transaction(conn, migration, "down", reason)
+        started = time.monotonic()
+
+        def work(cur: Any) -> None:
+            cur.execute(migration.down.sql)
+            cur.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(sql.Identifier(HISTORY_TABLE)),
+                        [migration.version])
+            self._log_row(cur, migration.version, migration.name, "reverted", reason,
+                          int((time.monotonic() - started) * 1000))
+
+        retries = self._in_transaction(conn, migration, work)
+        return StepResult(migration.version, migration.name, "down", time.monotonic() - started, retries)
+
+    def _in_transaction(self, conn: Any, migration: Migration, work: Callable[[Any], None]) -> int:
+        """Run ``work`` in one transaction with the timeouts; retry with backoff when a lock is not granted."""
+        attempt = 0
+        while True:
+            try:
+                with conn:  # commits on success, rolls back on any error
+                    with conn.cursor() as cur:
+                        self._set_timeouts(cur, local=True)
+                        work(cur)
+                return attempt
+            except psycopg2.errors.LockNotAvailable as exc:
+                attempt = self._backoff_or_raise(migration, attempt, exc)
+            except psycopg2.errors.QueryCanceled as exc:
+                raise MigrationFailed(
+                    f"{self.service}: {migration.label} exceeded statement_timeout "
+                    f"({self.settings.statement_timeout_ms} ms) and was rolled back: {_pg_message(exc)}. "
+                    f"Move the data work to a data migration, or raise migrations.statement_timeout_ms in the catalog."
+                ) from None
+            except psycopg2.Error as exc:
+                raise MigrationFailed(
+                    f"{self.service}: {migration.label} failed and was rolled back (nothing of it remains): "
+                    f"{_pg_message(exc)}") from None
+
+    def _run_outside_transaction(self, conn: Any, migration: Migration, direction: str, reason: str | None) -> StepResult:
+        source = migration.up if direction == "up" else migration.down
+        assert source is not None
+        started = time.monotonic()
+        table = sql.Identifier(HISTORY_TABLE)
+        with conn, conn.cursor() as cur:  # the dirty mark is committed before any statement runs
+            if direction == "up":
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} (version, name, checksum_up, checksum_down, applied_by, state, dirty_direction) "
+                    "VALUES (%s, %s, %s, %s, %s, 'dirty', 'up')").format(table),
+                    [migration.version, migration.name, migration.up.checksum,
+                     migration.down.checksum if migration.down else None, self.applied_by])
+            else:
+                cur.execute(sql.SQL("UPDATE {} SET state = 'dirty', dirty_direction = 'down', applied_by = %s "
+                                    "WHERE version = %s").format(table), [self.applied_by, migration.version])
+        retries = 0
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                self._set_timeouts(cur, local=False)
+                for statement in split_statements(source.sql):
+                    attempt = 0
+                    while True:
+                        try:
+                            cur.execute(statement)
+                            break
+                        except psycopg2.errors.LockNotAvailable as exc:
+                            attempt = self._backoff_or_raise(migration, attempt, exc)
+                            retries += 1
+        except (psycopg2.Error, MigrationFailed) as exc:
+            message = _pg_message(exc) if isinstance(exc, psycopg2.Error) else str(exc)
+            conn.autocommit = False
+            with conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("UPDATE {} SET error = %s WHERE version = %s").format(table),
+                            [message[:2000], migration.version])
+            raise MigrationFailed(
+                f"{self.service}: {migration.label} ({direction}, outside a transaction) failed: {message}. "
+                f"The version is marked dirty: some statements may have run (an interrupted CREATE INDEX "
+                f"CONCURRENTLY leaves an INVALID index). Check the database, then run `python -m "
+                f"omnisphere_release.migrations {self.service} resolve --version {migration.version} "
+                f"--as applied|reverted --reason '...'`.") from None
+        finally:
+            with conn.cursor() as cur:
+                cur.execute("RESET lock_timeout; RESET statement_timeout")
+            conn.autocommit = False
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        with conn, conn.cursor() as cur:
+            if direction == "up":
+                cur.execute(sql.SQL("UPDATE {} SET state = 'applied', dirty_direction = NULL, execution_ms = %s, "
+                                    "applied_at = now() WHERE version = %s").format(table),
+                            [elapsed_ms, migration.version])
+            else:
+                cur.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(table), [migration.version])
+            self._log_row(cur, migration.version, migration.name, "applied" if direction == "up" else "reverted",
+                          reason, elapsed_ms)
+        return StepResult(migration.version, migration.name, direction, time.monotonic() - started, retries)
+
+    def _backoff_or_raise(self, migration: Migration, attempt: int, exc: Exception) -> int:
+        if attempt >= self.settings.lock_retries:
+            raise MigrationFailed(
+                f"{self.service}: {migration.label} could not get its lock within lock_timeout "
+                f"({self.settings.lock_timeout_ms} ms) after {attempt + 1} attempts, so it gave up rather than queue "
+                f"the application's queries behind it: {_pg_message(exc)}. Find the long transaction holding the "
+                f"table (pg_stat_activity) or retry in a quieter moment.") from None
+        delay = min(30.0, self.settings.retry_backoff_seconds * (2 ** attempt)) * random.uniform(0.8, 1.2)
+        self.log.warning("%s: %s waited %d ms for a lock without getting it; retry %d of %d in %.1fs",
+                         self.service, migration.label, self.settings.lock_timeout_ms, attempt + 1,
+                         self.settings.lock_retries, delay)
+        time.sleep(delay)
+        return attempt + 1
+
+    def _set_timeouts(self, cur: Any, local: bool) -> None:
+        scope = sql.SQL("SET LOCAL" if local else "SET")
+        cur.execute(sql.SQL("{} lock_timeout = {}").format(scope, sql.Literal(f"{self.settings.lock_timeout_ms}ms")))
+        cur.execute(sql.SQL("{} statement_timeout = {}").format(
+            scope, sql.Literal(f"{self.settings.statement_timeout_ms}ms")))
+
+    def _log_row(self, cur: Any, version: int, name: str, action: str, reason: str | None,
+                 execution_ms: int | None) -> None:
+        cur.execute(sql.SQL("INSERT INTO {} (version, name, action, by, reason, execution_ms) "
+                            "VALUES (%s, %s, %s, %s, %s, %s)").format(sql.Identifier(LOG_TABLE)),
+                    [version, name, action, self.applied_by, reason, execution_ms])
+
+    def _acknowledge_drift(self, conn: Any, migrations: list[Migration], history: dict[int, AppliedVersion],
+                           reason: str) -> None:
+        by_version = {m.version: m for m in migrations}
+        with conn, conn.cursor() as cur:
+            for version, row in history.items():
+                migration = by_version.get(version)
+                if migration is None or migration.up.checksum == row.checksum_up:
+                    continue
+                cur.execute(sql.SQL("UPDATE {} SET checksum_up = %s, checksum_down = %s, drift_acknowledged = %s "
+                                    "WHERE version = %s").format(sql.Identifier(HISTORY_TABLE)),
+                            [migration.up.checksum, migration.down.checksum if migration.down else None, reason,
+                             version])
+                self._log_row(cur, version, row.name, "drift_acknowledged", reason, None)
+                self.log.warning("%s: drift of %s acknowledged: %s", self.service, migration.label, reason)
+
+    # ---- connection, history and lock --------------------------------------------------------------------------------
+    def _connection(self) -> Any:
+        conn = self._connect_raw()
+        conn.autocommit = False
+        with conn, conn.cursor() as cur:
+            # pg_stat_activity then shows who runs migrations on this database.
+            cur.execute("SELECT set_config('application_name', %s, false)", [f"omni-migrate {self.applied_by}"[:63]])
+        return _Closing(conn)
+
+    def _ensure_history(self, conn: Any) -> None:
+        with conn, conn.cursor() as cur:
+            cur.execute(_DDL)
+
+    def _read_history(self, conn: Any) -> dict[int, AppliedVersion]:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", [HISTORY_TABLE])
+            if not cur.fetchone()[0]:
+                return {}
+            cur.execute(sql.SQL("SELECT version, name, checksum_up, state, dirty_direction, applied_at, applied_by, "
+                                "error FROM {} ORDER BY version").format(sql.Identifier(HISTORY_TABLE)))
+            return {row[0]: AppliedVersion(*row) for row in cur.fetchall()}
+
+    def _acquire_lock(self, conn: Any) -> None:
+        deadline = time.monotonic() + self.settings.advisory_lock_wait_seconds
+        waited_logged = False
+        while True:
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", [ADVISORY_LOCK_NAMESPACE, SCHEMA_MIGRATION_LOCK])
+                if cur.fetchone()[0]:
+                    return
+                holder = self._lock_holder(cur)
+            if time.monotonic() >= deadline:
+                raise LockBusy(
+                    f"{self.service}: another migration run holds the lock: {holder}. Waited "
+                    f"{self.settings.advisory_lock_wait_seconds:.0f}s. Let it finish, or if it is stuck, end it "
+                    f"(pg_terminate_backend) and rerun.")
+            if not waited_logged:
+                self.log.info("%s: waiting up to %.0fs for the migration lock held by %s", self.service,
+                              self.settings.advisory_lock_wait_seconds, holder)
+                waited_logged = True
+            time.sleep(0.5)
+
+    @staticmethod
+    def _lock_holder(cur: Any) -> str:
+        cur.execute(
+            "SELECT a.pid, a.application_name, a.usename, a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2",
+            [ADVISORY_LOCK_NAMESPACE, SCHEMA_MIGRATION_LOCK])
+        row = cur.fetchone()
+        if row is None:
+            return "a session that has just released it"
+        return f"'{row[1] or '?'}' (pid {row[0]}, user {row[2]}, connected since {row[3]:%Y-%m-%d %H:%M:%S %Z})"
+
+    def _release_lock(self, conn: Any) -> None:
+        try:
+            conn.rollback()
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s, %s)", [ADVISORY_LOCK_NAMESPACE, SCHEMA_MIGRATION_LOCK])
+        except psycopg2.Error:
+            self.log.warning("%s: could not release the migration lock; it goes with the connection", self.service)
+
+
+class _Closing:
+    """Close a psycopg2 connection at the end of a ``with`` block (psycopg2's own ``with`` only ends a transaction)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> Any:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def _pg_message(exc: BaseException) -> str:
+    code = getattr(exc, "pgcode", None)
+    text = str(getattr(exc, "pgerror", None) or exc).strip().replace("\n", " ")
+    return f"[{code}] {text}" if code else text
