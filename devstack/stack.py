@@ -101,8 +101,8 @@ def run(state_dir: Path) -> None:
         publisher.start()
         parts.append(publisher)
 
-        env = stack_env(state_dir, catalog, dsns, endpoint, {s.name: p.port for s, p in zip(catalog.services,
-                                                                                               [x for x, _ in samples])})
+        sample_ports = {sample.name: sample.port for sample, _ in samples}
+        env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), endpoint, sample_ports)
         write_env(state_dir / "env", env)
         (state_dir / "state.json").write_text(json.dumps({
             "pid": os.getpid(), "pgdata": str(postgres.data_dir), "ports": {
@@ -156,7 +156,7 @@ def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
         "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
 
 
-def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], endpoint: str,
+def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: str, endpoint: str,
               sample_ports: dict[str, int]) -> dict[str, str]:
     """Return the environment that points Airflow, the tests and any script at this stack."""
     airflow_home = Path(os.environ.get("OMNI_AIRFLOW_HOME") or (REPO / ".airflow"))
@@ -178,6 +178,8 @@ def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], endpoint: str
         "AIRFLOW_VAR_OMNI_BACKUP_BUCKET": BACKUP_BUCKET,
         "AIRFLOW_VAR_OMNI_ENVIRONMENT": "local",
         "OMNI_PG_BIN_DIR": str(_pg_bin()),
+        # The local server's superuser, for tests that create scratch databases. Local stack only.
+        "OMNI_PG_ADMIN_DSN": admin_dsn,
     }
     for service in catalog.services:
         dsn = dsns[service.name]

@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
-from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, LockNotGranted, MigrationFailed
 from omnisphere_release.migrations.files import Migration, discover, split_statements
 from omnisphere_release.migrations.lint import Finding, lint
 
@@ -469,6 +469,7 @@ class MigrationEngine:
             with conn, conn.cursor() as cur:
                 cur.execute(sql.SQL("UPDATE {} SET error = %s WHERE version = %s").format(table),
                             [message[:2000], migration.version])
+            # Not retryable even when a lock was the cause: the version is dirty until a person resolves it.
             raise MigrationFailed(
                 f"{self.service}: {migration.label} ({direction}, outside a transaction) failed: {message}. "
                 f"The version is marked dirty: some statements may have run (an interrupted CREATE INDEX "
@@ -493,7 +494,7 @@ class MigrationEngine:
 
     def _backoff_or_raise(self, migration: Migration, attempt: int, exc: Exception) -> int:
         if attempt >= self.settings.lock_retries:
-            raise MigrationFailed(
+            raise LockNotGranted(
                 f"{self.service}: {migration.label} could not get its lock within lock_timeout "
                 f"({self.settings.lock_timeout_ms} ms) after {attempt + 1} attempts, so it gave up rather than queue "
                 f"the application's queries behind it: {_pg_message(exc)}. Find the long transaction holding the "

@@ -1,0 +1,12 @@
+"""Every OmniSphere Airflow DAG, built from the service catalog (include/services.yaml).
+
+One file on purpose: a broken catalog then shows up as one import error naming the catalog file and the field,
+instead of one per DAG. Parsing reads local files only: no database, no AWS.
+"""
+
+from omnisphere_release.catalog import load_catalog
+from omnisphere_release.migration_dag import build_schema_migrations_dag
+
+catalog = load_catalog()
+
+schema_migrations = build_schema_migrations_dag(catalog)

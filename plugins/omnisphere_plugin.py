@@ -1,0 +1,7 @@
+"""Register the OmniSphere release orchestrator with Airflow (the package itself is plugins/omnisphere_release)."""
+
+from airflow.plugins_manager import AirflowPlugin
+
+
+class OmniSpherePlugin(AirflowPlugin):
+    name = "omnisphere_release"

@@ -1,0 +1,1 @@
+"""Hooks: I/O only (service databases, ECS deployments, CloudWatch metrics, HTTP probes)."""
