@@ -230,18 +230,14 @@ class MigrationEngine:
                 plan = self._plan(migrations, self._read_history(conn), direction, target, run_lint,
                                   acknowledge_drift)
                 self.log.info("%s", plan.render())
+                self._refuse_blocking_findings(plan)
                 return RunResult(self.service, direction, plan.current_version, plan.current_version, True, plan)
             self._acquire_lock(conn)
             try:
                 self._ensure_history(conn)
                 history = self._read_history(conn)
                 plan = self._plan(migrations, history, direction, target, run_lint, acknowledge_drift)
-                if plan.blocking:
-                    raise InvalidMigrationInput(
-                        f"{self.service}: lint found {len(plan.blocking)} finding(s) that would block the application "
-                        f"for long:\n" + "\n".join(f"  {f.describe()}" for f in plan.blocking)
-                        + "\nRewrite the migration (CONCURRENTLY, NOT VALID then VALIDATE, ...) or accept a finding "
-                        "with '-- omni:lint-ignore <rule> <reason>' in the file.")
+                self._refuse_blocking_findings(plan)
                 for finding in plan.findings:
                     if finding.severity == "ignored":
                         self.log.warning("Lint finding accepted by the file: %s", finding.describe())
@@ -269,6 +265,14 @@ class MigrationEngine:
         result.seconds = time.monotonic() - started
         self.log.info("%s", result.summary())
         return result
+
+    def _refuse_blocking_findings(self, plan: Plan) -> None:
+        if plan.blocking:
+            raise InvalidMigrationInput(
+                f"{self.service}: lint found {len(plan.blocking)} finding(s) that would block the application "
+                f"for long:\n" + "\n".join(f"  {f.describe()}" for f in plan.blocking)
+                + "\nRewrite the migration (CONCURRENTLY, NOT VALID then VALIDATE, ...) or accept a finding "
+                "with '-- omni:lint-ignore <rule> <reason>' in the file.")
 
     def resolve(self, version: int, outcome: str, reason: str) -> None:
         """Settle a dirty version after a person checked the database: ``outcome`` is ``applied`` or ``reverted``."""
@@ -465,8 +469,7 @@ class MigrationEngine:
                             retries += 1
         except (psycopg2.Error, MigrationFailed) as exc:
             message = _pg_message(exc) if isinstance(exc, psycopg2.Error) else str(exc)
-            conn.autocommit = False
-            with conn, conn.cursor() as cur:
+            with conn.cursor() as cur:  # still in autocommit: the error is saved beside the dirty mark at once
                 cur.execute(sql.SQL("UPDATE {} SET error = %s WHERE version = %s").format(table),
                             [message[:2000], migration.version])
             # Not retryable even when a lock was the cause: the version is dirty until a person resolves it.
@@ -479,7 +482,7 @@ class MigrationEngine:
         finally:
             with conn.cursor() as cur:
                 cur.execute("RESET lock_timeout; RESET statement_timeout")
-            conn.autocommit = False
+            conn.autocommit = False  # back to one transaction per statement group for the bookkeeping below
         elapsed_ms = int((time.monotonic() - started) * 1000)
         with conn, conn.cursor() as cur:
             if direction == "up":

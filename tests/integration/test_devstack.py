@@ -1,0 +1,230 @@
+"""The devstack behaves like the real parts it stands for: PostgreSQL, ECS rollouts, the services and CloudWatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/omnisphere/{service}:{tag}"
+
+
+def aws(service: str):
+    return boto3.client(service, endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="eu-west-1")
+
+
+def deploy(ecs, service: str, tag: str, config: dict | None = None) -> str:
+    """Register a revision with image ``tag`` and update the service; return the service deployment ARN."""
+    current = ecs.describe_services(cluster="omnisphere", services=[service])["services"][0]
+    family = ecs.describe_task_definition(taskDefinition=current["taskDefinition"])["taskDefinition"]
+    container = dict(family["containerDefinitions"][0], image=IMAGE.format(service=service, tag=tag))
+    revision = ecs.register_task_definition(family=family["family"], containerDefinitions=[container],
+                                            networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+                                            cpu="256", memory="512")["taskDefinition"]["taskDefinitionArn"]
+    kwargs = {"deploymentConfiguration": config} if config else {}
+    updated = ecs.update_service(cluster="omnisphere", service=service, taskDefinition=revision, **kwargs)
+    return updated["service"]["currentServiceDeployment"]
+
+
+def wait_final(ecs, arn: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deployment = ecs.describe_service_deployments(serviceDeploymentArns=[arn])["serviceDeployments"][0]
+        if deployment["status"] not in {"PENDING", "IN_PROGRESS", "ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS",
+                                        "STOP_REQUESTED"}:
+            return deployment
+        time.sleep(0.2)
+    raise AssertionError(f"deployment {arn} still {deployment['status']} after {timeout}s")
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_each_service_database_answers_psql_on_loopback(devstack):
+    psql = Path(devstack["OMNI_PG_BIN_DIR"]) / "psql"
+    for name in ("AUTH_SERVICE", "BILLING_SERVICE", "NOTIFICATION_SERVICE"):
+        dsn = devstack[f"OMNI_PG_DSN_{name}"]
+        assert "@127.0.0.1:" in dsn
+        result = subprocess.run([str(psql), dsn, "-Atc", "select current_database()"], capture_output=True,
+                                text=True, timeout=30, check=True)
+        assert result.stdout.strip() == name.lower()
+    with psycopg2.connect(devstack["OMNI_PG_ADMIN_DSN"]) as conn, conn.cursor() as cur:
+        cur.execute("SHOW listen_addresses")
+        assert cur.fetchone()[0] == "127.0.0.1"
+
+
+def test_services_and_task_definitions_of_the_catalog_exist(devstack):
+    ecs = aws("ecs")
+    services = ecs.describe_services(cluster="omnisphere", services=["auth-service", "billing-service",
+                                                                     "notification-service"])["services"]
+    assert [s["serviceName"] for s in services] == ["auth-service", "billing-service", "notification-service"]
+    assert services[0]["desiredCount"] == 2 and services[1]["desiredCount"] == 3
+    assert aws("s3").get_bucket_encryption(Bucket=devstack["AIRFLOW_VAR_OMNI_BACKUP_BUCKET"])
+
+
+def test_rolling_deployment_ramps_and_completes_and_the_service_serves_it(devstack):
+    ecs = aws("ecs")
+    arn = deploy(ecs, "auth-service", "1.1.0", {"strategy": "ROLLING", "maximumPercent": 200,
+                                                  "minimumHealthyPercent": 100,
+                                                  "deploymentCircuitBreaker": {"enable": True, "rollback": True}})
+    first = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]
+    assert first["deployments"][0]["status"] == "PRIMARY"
+    assert first["deployments"][0]["rolloutState"] == "IN_PROGRESS"
+    assert [d["status"] for d in first["deployments"]] == ["PRIMARY", "ACTIVE"]
+    seen_counts = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        service = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]
+        seen_counts.add(service["deployments"][0]["runningCount"])
+        if service["deployments"][0]["rolloutState"] != "IN_PROGRESS":
+            break
+        time.sleep(0.1)
+    assert service["deployments"][0]["rolloutState"] == "COMPLETED"
+    assert len(service["deployments"]) == 1 and service["runningCount"] == 2
+    assert len(seen_counts) >= 2, f"running count should ramp, saw {seen_counts}"
+    assert wait_final(ecs, arn)["status"] == "SUCCESSFUL"
+    status, body = get_json(devstack["OMNI_SAMPLE_URL_AUTH_SERVICE"] + "/version")
+    assert status == 200 and body["version"] == "1.1.0"
+    listed = ecs.list_service_deployments(cluster="omnisphere", service="auth-service")["serviceDeployments"]
+    assert listed[0]["serviceDeploymentArn"] == arn and listed[0]["status"] == "SUCCESSFUL"
+
+
+def test_crashloop_image_fails_through_the_circuit_breaker_and_rolls_back(devstack):
+    ecs = aws("ecs")
+    before = ecs.describe_services(cluster="omnisphere", services=["billing-service"])["services"][0]
+    arn = deploy(ecs, "billing-service", "2.0.0-crashloop",
+                 {"strategy": "ROLLING", "deploymentCircuitBreaker": {"enable": True, "rollback": True}})
+    final = wait_final(ecs, arn)
+    assert final["status"] == "ROLLBACK_SUCCESSFUL"
+    assert final["deploymentCircuitBreaker"]["status"] == "TRIGGERED"
+    assert "circuit breaker" in final["statusReason"]
+    service = ecs.describe_services(cluster="omnisphere", services=["billing-service"])["services"][0]
+    failed = [d for d in service["deployments"] if d["taskDefinition"] != before["taskDefinition"]]
+    assert failed and failed[0]["rolloutState"] == "FAILED"
+    assert service["taskDefinition"] == before["taskDefinition"]
+    status, body = get_json(devstack["OMNI_SAMPLE_URL_BILLING_SERVICE"] + "/version")
+    assert body["version"] == "1.0.0"
+
+
+def test_crashloop_without_rollback_stops_failed(devstack):
+    ecs = aws("ecs")
+    arn = deploy(ecs, "notification-service", "3.0.0-crashloop",
+                 {"strategy": "ROLLING", "deploymentCircuitBreaker": {"enable": True, "rollback": False}})
+    final = wait_final(ecs, arn)
+    assert final["status"] == "STOPPED"
+    service = ecs.describe_services(cluster="omnisphere", services=["notification-service"])["services"][0]
+    assert service["deployments"][0]["rolloutState"] == "FAILED"
+    # Put the service back on a good image for the other tests.
+    assert wait_final(ecs, deploy(ecs, "notification-service", "1.0.1"))["status"] == "SUCCESSFUL"
+
+
+@pytest.mark.parametrize(("strategy", "extra", "stages"), [
+    ("BLUE_GREEN", {"bakeTimeInMinutes": 1}, {"SCALE_UP", "BAKE_TIME", "CLEAN_UP"}),
+    ("CANARY", {"bakeTimeInMinutes": 0, "canaryConfiguration": {"canaryPercent": 20.0, "canaryBakeTimeInMinutes": 1}},
+     {"SCALE_UP", "BAKE_TIME"}),
+    ("LINEAR", {"bakeTimeInMinutes": 0, "linearConfiguration": {"stepPercent": 50.0, "stepBakeTimeInMinutes": 1}},
+     {"SCALE_UP", "BAKE_TIME"}),
+])
+def test_traffic_shifting_strategies_go_through_their_stages(devstack, strategy, extra, stages):
+    ecs = aws("ecs")
+    arn = deploy(ecs, "auth-service", f"1.2.0-{strategy.lower()}", {"strategy": strategy, **extra})
+    seen_stages, weights = set(), set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        d = ecs.describe_service_deployments(serviceDeploymentArns=[arn])["serviceDeployments"][0]
+        seen_stages.add(d["lifecycleStage"])
+        weights.add(d["targetServiceRevision"]["requestedProductionTrafficWeight"])
+        if d["status"] != "IN_PROGRESS":
+            break
+        time.sleep(0.1)
+    assert d["status"] == "SUCCESSFUL"
+    assert d["deploymentConfiguration"]["strategy"] == strategy
+    assert stages <= seen_stages
+    if strategy == "CANARY":
+        assert 20.0 in weights
+    if strategy == "LINEAR":
+        assert 50.0 in weights
+
+
+def test_stop_service_deployment_rollback_returns_to_the_previous_revision(devstack):
+    ecs = aws("ecs")
+    before = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]["taskDefinition"]
+    arn = deploy(ecs, "auth-service", "1.3.0", {"strategy": "BLUE_GREEN", "bakeTimeInMinutes": 30})
+    ecs.stop_service_deployment(serviceDeploymentArn=arn, stopType="ROLLBACK")
+    final = wait_final(ecs, arn)
+    assert final["status"] == "ROLLBACK_SUCCESSFUL"
+    assert final["rollback"]["serviceRevisionArn"] == before
+    assert ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0][
+        "taskDefinition"] == before
+    with pytest.raises(ecs.exceptions.ClientException, match="only an in-progress deployment can be stopped"):
+        ecs.stop_service_deployment(serviceDeploymentArn=arn, stopType="ROLLBACK")
+
+
+def test_unhealthy_image_fails_health_endpoints(devstack):
+    ecs = aws("ecs")
+    url = devstack["OMNI_SAMPLE_URL_NOTIFICATION_SERVICE"]
+    assert get_json(url + "/health")[0] == 200
+    assert wait_final(ecs, deploy(ecs, "notification-service", "1.4.0-unhealthy"))["status"] == "SUCCESSFUL"
+    status, body = get_json(url + "/health")
+    assert status == 503 and body["status"] == "failing"
+    assert get_json(url + "/ready")[0] == 503
+    assert wait_final(ecs, deploy(ecs, "notification-service", "1.4.1"))["status"] == "SUCCESSFUL"
+    assert get_json(url + "/health")[0] == 200
+
+
+def test_errors_image_publishes_a_5xx_rate_above_the_catalog_threshold(devstack):
+    from omnisphere_release.catalog import load_catalog
+
+    service = load_catalog().get("billing-service")
+    ecs, cloudwatch = aws("ecs"), aws("cloudwatch")
+    assert wait_final(ecs, deploy(ecs, "billing-service", "1.5.0-errors"))["status"] == "SUCCESSFUL"
+    since = datetime.now(timezone.utc)
+    dimensions = [{"Name": "TargetGroup", "Value": service.monitoring.target_group}]
+
+    def total(metric: str) -> float:
+        points = cloudwatch.get_metric_statistics(
+            Namespace="AWS/ApplicationELB", MetricName=metric, Dimensions=dimensions, StartTime=since,
+            EndTime=datetime.now(timezone.utc) + timedelta(minutes=1), Period=60, Statistics=["Sum"])["Datapoints"]
+        return sum(p["Sum"] for p in points)
+
+    deadline = time.monotonic() + 20
+    while total("RequestCount") < 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    requests, errors = total("RequestCount"), total("HTTPCode_Target_5XX_Count")
+    assert requests >= 200
+    assert errors / requests > service.monitoring.max_error_rate
+    assert wait_final(ecs, deploy(ecs, "billing-service", "1.5.1"))["status"] == "SUCCESSFUL"
+
+
+def test_make_style_start_and_stop_leave_no_process_or_port(tmp_path):
+    """A second stack in its own folder starts, then stops without leaving a process or a listening port."""
+    from devstack import stack
+
+    env = stack.start(tmp_path / "stack")
+    state = json.loads((tmp_path / "stack" / "state.json").read_text())
+    pid = state["pid"]
+    assert all(stack.port_is_open(port) for port in state["ports"].values())
+    assert stack.stop(tmp_path / "stack") == []
+    assert not any(stack.port_is_open(port) for port in state["ports"].values())
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert str(tmp_path) not in ps, "a process of the stopped stack is still running"
+    assert env["OMNI_PG_DSN_AUTH_SERVICE"].startswith("postgresql://auth_service:")

@@ -1,0 +1,129 @@
+"""Discovery and validation of migration files: every bad file is named before the database is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from omnisphere_release.migrations.files import MigrationFileError, discover, split_statements
+from omnisphere_release.migrations.lint import lint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(folder: Path, name: str, text: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    write(tmp_path, "001_create_items.up.sql", "CREATE TABLE items (id bigint PRIMARY KEY);\n")
+    write(tmp_path, "001_create_items.down.sql", "DROP TABLE items;\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("service", ["auth-service", "billing-service", "notification-service"])
+def test_project_migrations_are_valid_and_reversible(service):
+    migrations = discover(REPO / "include" / "sql" / service / "migrations")
+    assert len(migrations) >= 3
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    assert all(m.reversible for m in migrations)
+
+
+def test_versions_are_sorted_numerically_and_checksummed(folder):
+    write(folder, "010_add_items_name.up.sql", "ALTER TABLE items ADD COLUMN name text;")
+    write(folder, "010_add_items_name.down.sql", "ALTER TABLE items DROP COLUMN name;")
+    write(folder, "002_add_items_price.up.sql", "ALTER TABLE items ADD COLUMN price bigint;")
+    write(folder, "002_add_items_price.down.sql", "ALTER TABLE items DROP COLUMN price;")
+    migrations = discover(folder)
+    assert [m.version for m in migrations] == [1, 2, 10]
+    assert len({m.up.checksum for m in migrations}) == 3
+
+
+def test_duplicate_version_names_both_files(folder):
+    write(folder, "001_other.up.sql", "SELECT 1;")
+    with pytest.raises(MigrationFileError, match=r"001_other.up.sql: duplicate version 1 \(also 001_create_items.up.sql\)"):
+        discover(folder)
+
+
+def test_down_without_up_is_refused(folder):
+    path = write(folder, "002_orphan.down.sql", "SELECT 1;")
+    with pytest.raises(MigrationFileError, match=f"{path}: down file without an up file"):
+        discover(folder)
+
+
+def test_up_without_down_must_declare_itself_irreversible(folder):
+    path = write(folder, "002_drop_legacy.up.sql", "DROP TABLE IF EXISTS legacy;")
+    with pytest.raises(MigrationFileError, match=f"{path}: no down file 002_drop_legacy.down.sql"):
+        discover(folder)
+    write(folder, "002_drop_legacy.up.sql", "-- omni:irreversible the legacy rows are gone for good\nDROP TABLE IF EXISTS legacy;")
+    migration = discover(folder)[1]
+    assert not migration.reversible
+    assert migration.irreversible_reason == "the legacy rows are gone for good"
+
+
+def test_non_utf8_file_is_refused(folder):
+    path = write(folder, "002_latin1.up.sql", "INSERT INTO items VALUES (1); -- caf\xe9".encode("latin-1"))
+    write(folder, "002_latin1.down.sql", "DELETE FROM items;")
+    with pytest.raises(MigrationFileError, match=f"{path}: not UTF-8"):
+        discover(folder)
+
+
+def test_empty_or_comment_only_file_is_refused(folder):
+    path = write(folder, "002_nothing.up.sql", "-- TODO\n/* later */\n")
+    write(folder, "002_nothing.down.sql", "SELECT 1;")
+    with pytest.raises(MigrationFileError, match=f"{path}: contains no SQL statement"):
+        discover(folder)
+
+
+def test_bad_file_name_is_refused(folder):
+    path = write(folder, "2-add-things.sql", "SELECT 1;")
+    with pytest.raises(MigrationFileError, match=f"{path}: not a migration file name"):
+        discover(folder)
+
+
+def test_unknown_directive_and_lint_ignore_without_reason_are_refused(folder):
+    write(folder, "002_x.up.sql", "-- omni:no-transactoin\nSELECT 1;")
+    write(folder, "002_x.down.sql", "SELECT 1;")
+    with pytest.raises(MigrationFileError, match="unknown directive 'omni:no-transactoin'"):
+        discover(folder)
+    write(folder, "002_x.up.sql", "-- omni:lint-ignore changing-column-type\nSELECT 1;")
+    with pytest.raises(MigrationFileError, match="needs a rule and a reason"):
+        discover(folder)
+
+
+def test_no_transaction_file_is_split_into_statements(folder):
+    write(folder, "002_idx.up.sql", "-- omni:no-transaction\nCREATE INDEX CONCURRENTLY a ON items (id);\n"
+                                    "CREATE INDEX CONCURRENTLY b ON items (id); -- trailing comment\n")
+    write(folder, "002_idx.down.sql", "-- omni:no-transaction\nDROP INDEX CONCURRENTLY a;")
+    migration = discover(folder)[1]
+    assert migration.up.no_transaction
+    assert len(split_statements(migration.up.sql)) == 2
+
+
+def test_lint_blocks_locking_statements_and_honours_ignores(folder):
+    write(folder, "002_idx.up.sql", "CREATE INDEX items_id_idx ON items (id);")
+    write(folder, "002_idx.down.sql", "DROP INDEX items_id_idx;")
+    write(folder, "003_type.up.sql", "-- omni:lint-ignore changing-column-type items is empty in every environment\n"
+                                     "ALTER TABLE items ALTER COLUMN id TYPE numeric;")
+    write(folder, "003_type.down.sql", "ALTER TABLE items ALTER COLUMN id TYPE bigint;")
+    write(folder, "004_flag.up.sql", "ALTER TABLE items ADD COLUMN flag char(1);")
+    write(folder, "004_flag.down.sql", "ALTER TABLE items DROP COLUMN flag;")
+    findings = lint(discover(folder)[1:])
+    by_rule = {f.rule: f for f in findings}
+    assert by_rule["require-concurrent-index-creation"].severity == "blocking"
+    assert by_rule["require-concurrent-index-creation"].version == 2
+    assert by_rule["changing-column-type"].severity == "ignored"
+    assert by_rule["changing-column-type"].ignore_reason == "items is empty in every environment"
+    assert by_rule["ban-char-field"].severity == "advice"
+    # The engine sets both timeouts itself: squawk is not asked about them.
+    assert not {"require-lock-timeout", "require-statement-timeout"} & set(by_rule)
+
+
+def test_project_migrations_pass_lint():
+    for service in ("auth-service", "billing-service", "notification-service"):
+        findings = lint(discover(REPO / "include" / "sql" / service / "migrations"))
+        assert [f.describe() for f in findings if f.severity == "blocking"] == []
