@@ -1,0 +1,55 @@
+# OmniSphere release orchestrator. `make demo` and `make test` are all a newcomer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: all venv test test-fast demo devstack devstack-stop up down bench constraints clean
+
+all: venv
+
+venv: $(STAMP)
+
+# The venv is rebuilt only when requirements.txt, constraints.txt or pyproject.toml change.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is required")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q tests/unit tests/dags
+
+demo: venv
+	$(PY) scripts/demo.py
+
+devstack: venv
+	$(PY) -m devstack start
+
+devstack-stop: venv
+	$(PY) -m devstack stop
+
+up: venv
+	$(PY) scripts/airflow_local.py up
+
+down: venv
+	$(PY) scripts/airflow_local.py down
+
+bench: venv
+	$(PY) -m bench
+
+# Re-resolve the pinned set after editing requirements.txt (then commit constraints.txt).
+constraints:
+	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/pip install --quiet -r requirements.txt
+	.venv-resolve/bin/pip freeze --exclude-editable | grep -v '^omnisphere-release' > constraints.txt
+	rm -rf .venv-resolve
+
+clean: devstack-stop
+	rm -rf .airflow artifacts

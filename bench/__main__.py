@@ -1,0 +1,18 @@
+"""`make bench`: run every benchmark and print its figures."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import dag_parse
+
+
+def main() -> int:
+    for module in (dag_parse,):
+        print(f"== {module.__name__} ==", flush=True)
+        module.main([])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Run a local Airflow (``airflow standalone``: API server + UI, scheduler, DAG processor, triggerer) on the devstack.
+
+Used by ``make up`` / ``make down`` and by tests that need a live API server. Airflow runs in its own process group
+so that stopping it stops every child it started; its API listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MIGRATIONS_POOL = ("omnisphere_migrations", "2", "How many services migrate their schema at once")
+ADMIN_USER = "admin"
+
+
+def airflow_env(devstack_env: dict[str, str], home: Path, port: int) -> dict[str, str]:
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, **devstack_env}
+    env.update({
+        # `airflow standalone` starts its parts by calling `airflow` from PATH: the project's venv must come first.
+        "PATH": f"{venv_bin}:{env.get('PATH', '')}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        # Tasks reach the API through this URL; on a port other than 8080 they fail without it.
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "plugins"), str(REPO), env.get("PYTHONPATH")])),
+    })
+    return env
+
+
+def admin_password(home: Path) -> str:
+    """Return the admin password, creating it on first use (the simple auth manager reads this file)."""
+    path = home / "simple_auth_manager_passwords.json.generated"
+    if path.exists():
+        return json.loads(path.read_text())[ADMIN_USER]
+    home.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(12)
+    path.write_text(json.dumps({ADMIN_USER: password}))
+    path.chmod(0o600)
+    return password
+
+
+def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: float = 240) -> dict[str, str]:
+    """Start Airflow in the background; return when its API answers. Return url, username and password."""
+    env = airflow_env(devstack_env, home, port)
+    password = admin_password(home)
+    airflow = [sys.executable, "-m", "airflow"]
+    subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([*airflow, "pools", "set", *MIGRATIONS_POOL], env=env, check=True, capture_output=True,
+                   timeout=120)
+    log = open(home / "standalone.log", "ab")  # noqa: SIM115 - handed to the child
+    process = subprocess.Popen([*airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    (home / "standalone.pid").write_text(str(process.pid))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while not healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(home)
+            tail = (home / "standalone.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"Airflow did not start (see {home / 'standalone.log'}):\n{tail}")
+        time.sleep(1)
+    return {"url": url, "username": ADMIN_USER, "password": password}
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/v2/monitor/health", timeout=3) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+    parts = ("metadatabase", "scheduler", "dag_processor", "triggerer")
+    return all((body.get(part) or {}).get("status") == "healthy" for part in parts)
+
+
+def stop(home: Path, timeout: float = 30) -> None:
+    pid_file = home / "standalone.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.3)
+        else:
+            continue
+        break
+    pid_file.unlink(missing_ok=True)

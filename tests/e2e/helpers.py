@@ -1,0 +1,37 @@
+"""Run a DAG of the project with ``dag.test()`` and read back the states of the run and of each task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunOutcome:
+    state: str
+    tasks: dict[str, str]  # "task_id" or "task_id[map_index]" -> state
+
+    def task(self, task_id: str) -> str | None:
+        return self.tasks.get(task_id)
+
+
+def get_dag(dag_id: str):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags[dag_id]
+
+
+def run_dag(dag_id: str, conf: dict) -> RunOutcome:
+    """Run the DAG to the end; ``dag.test()`` does not raise when a task fails, so return every state."""
+    dag = get_dag(dag_id)
+    run = dag.test(run_conf=conf)
+    tasks = {}
+    for ti in run.get_task_instances():
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+        tasks[key] = str(ti.state.value if hasattr(ti.state, "value") else ti.state)
+    state = run.state.value if hasattr(run.state, "value") else str(run.state)
+    return RunOutcome(state=state, tasks=tasks)
