@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import dag_parse
+from bench import dag_parse, migrations
 
 
 def main() -> int:
-    for module in (dag_parse,):
+    for module in (dag_parse, migrations):
         print(f"== {module.__name__} ==", flush=True)
         module.main([])
     return 0

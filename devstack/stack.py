@@ -96,7 +96,10 @@ def run(state_dir: Path) -> None:
             sample.start()
             parts.append(sample)
             samples.append((sample, service.monitoring.target_group))
-        publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=endpoint), samples,
+        from botocore.config import Config
+
+        quick = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
+        publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=endpoint, config=quick), samples,
                                      interval=float(os.environ.get("OMNI_METRICS_INTERVAL_SECONDS", "2")))
         publisher.start()
         parts.append(publisher)
@@ -111,15 +114,19 @@ def run(state_dir: Path) -> None:
         }, indent=2))
         (state_dir / "ready").write_text(f"{time.monotonic() - started:.1f}\n")
         log.info("devstack ready in %.1fs; env in %s", time.monotonic() - started, state_dir / "env")
-        stopping.wait()
+        while not stopping.wait(timeout=1):
+            pass
     finally:
         log.info("devstack stopping")
         for part in reversed(parts):
+            t0 = time.monotonic()
             try:
                 part.stop()
             except Exception:
                 log.exception("could not stop %s", type(part).__name__)
+            log.info("stopped %s in %.1fs", type(part).__name__, time.monotonic() - t0)
         postgres.stop()
+        log.info("stopped PostgreSQL")
         (state_dir / "ready").unlink(missing_ok=True)
 
 
@@ -255,12 +262,14 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30) -> list[str]:
     state = json.loads((state_dir / "state.json").read_text()) if (state_dir / "state.json").exists() else {}
     if pid_file.exists():
         pid = int(pid_file.read_text())
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(pid):
-            _signal_group(pid, signal.SIGKILL)
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            _signal_group(pid, sig)
+            deadline = time.monotonic() + wait
+            while _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not _group_alive(pid):
+                break
+            log.warning("devstack process group %d still alive %.0fs after %s", pid, wait, sig.name)
         pid_file.unlink(missing_ok=True)
     pgdata = Path(state.get("pgdata", state_dir / "pgdata"))
     if (pgdata / "postmaster.pid").exists():  # the runner was killed before it could stop PostgreSQL

@@ -31,11 +31,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def devstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def devstack() -> Iterator[dict[str, str]]:
     """Start the devstack (PostgreSQL, moto with the ECS simulator, sample services) for the whole session."""
     from devstack import stack
 
-    state_dir = tmp_path_factory.mktemp("devstack")
+    # Not under pytest's tmp_path: pytest prunes old base folders, which would delete the data of a running server
+    # when two test sessions run side by side on one machine.
+    state_dir = Path(tempfile.mkdtemp(prefix="omni-devstack-test-"))
     env = stack.start(state_dir)
     saved = {key: os.environ.get(key) for key in env}
     env = {k: v for k, v in env.items() if k not in {"AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER",
@@ -50,6 +52,7 @@ def devstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
             elif key in env:
                 os.environ[key] = value
         leftovers = stack.stop(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
         assert not leftovers, f"devstack left behind: {leftovers}"
 
 

@@ -543,6 +543,9 @@ class MigrationEngine:
         with conn, conn.cursor() as cur:
             # pg_stat_activity then shows who runs migrations on this database.
             cur.execute("SELECT set_config('application_name', %s, false)", [f"omni-migrate {self.applied_by}"[:63]])
+            # If this process dies mid-migration, the server notices within a second, rolls the migration back and
+            # frees the migration lock, instead of running on until the statement ends.
+            cur.execute("SELECT set_config('client_connection_check_interval', '1s', false)")
         return _Closing(conn)
 
     def _ensure_history(self, conn: Any) -> None:
