@@ -382,6 +382,11 @@ class EcsDeploymentSimulator:
         key = f"{service.cluster_name}:{service.name}"
         sims = self._deployments_of(key)
         if not sims:
+            # A service created with CreateService: ECS would have started its tasks by now.
+            for entry in service.deployments:
+                entry.update(runningCount=service.desired_count, pendingCount=0, rolloutState="COMPLETED",
+                             rolloutStateReason="ECS deployment completed.")
+            service.running_count, service.pending_count = service.desired_count, 0
             return
         sim = sims[-1]
         rollout = {"SUCCESSFUL": "COMPLETED", "ROLLBACK_SUCCESSFUL": "FAILED", "ROLLBACK_IN_PROGRESS": "FAILED",

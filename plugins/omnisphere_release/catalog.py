@@ -93,6 +93,12 @@ class MigrationSettings(_Record):
     lock_retries: int = Field(default=5, ge=0, le=50)
 
 
+class IntegrityPolicy(_Record):
+    # Share of a touched table's rows that may disappear during a release (the application keeps writing
+    # meanwhile); growth is always fine. A migration that deletes rows on purpose raises this for its service.
+    max_row_loss: float = Field(default=0.01, ge=0, le=1)
+
+
 class Service(_Record):
     name: str
     description: str = ""
@@ -106,6 +112,8 @@ class Service(_Record):
     monitoring: MonitoringThresholds
     maintenance_window: MaintenanceWindow
     migrations: MigrationSettings = MigrationSettings()
+    integrity: IntegrityPolicy = IntegrityPolicy()
+    smoke_deadline_seconds: float = Field(default=30, gt=0, le=3600)
     depends_on: tuple[str, ...] = ()
 
     @field_validator("name")

@@ -75,3 +75,49 @@ class PostgresApplyMigrationsOperator(BaseOperator):
             "versions": result.versions,
             "seconds": round(result.seconds, 3),
         }
+
+
+class PostgresRevertReleaseMigrationsOperator(BaseOperator):
+    """rollback_schema: revert what this release applied, down to the version preflight recorded.
+
+    It reads the database rather than schema_up's output, because a schema_up that failed on its 2nd file still
+    applied the 1st. Idempotent: at the recorded version already, it does nothing. A failure here (a down file fails,
+    an irreversible migration) fails the task, which sends the release to restore_backup.
+    """
+
+    template_fields: Sequence[str] = ("service",)
+    ui_color = "#f8e0d8"
+
+    def __init__(self, *, service: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from omnisphere_release.operators.common import PREFLIGHT, stage_output
+        from omnisphere_release.operators.preflight import migration_engine
+
+        before = stage_output(context, PREFLIGHT)
+        if not before:
+            self.log.info("Nothing to revert: preflight recorded no state, so this run changed no schema.")
+            return {"reverted": [], "schema_version": None}
+        catalog = load_catalog()
+        service = catalog.get(self.service)
+        engine = migration_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']} rollback", self.log)
+        current = engine.status().current_version
+        target = before["schema_version"]
+        if current == target:
+            self.log.info("Nothing to revert: %s is at version %d, as before the release.", service.name, current)
+            return {"reverted": [], "schema_version": current}
+        if current < target:
+            raise AirflowFailException(f"{service.name} is at version {current}, below the {target} recorded before "
+                                       f"the release: someone else changed it; not touching it.")
+        self.log.info("Reverting %s from version %d to %d (what this release applied), in reverse order.",
+                      service.name, current, target)
+        try:
+            result = engine.migrate("down", target, reason=f"rollback of {context['run_id']}")
+        except (InvalidMigrationInput, MigrationFailed) as exc:
+            raise AirflowFailException(f"Schema rollback of {service.name} failed: {exc}. Next: restore_backup "
+                                       f"restores the database from this run's backup.") from None
+        self.log.info("Reverted %s to version %d (%s) in %.1fs. Next: restore_backup only if the policy says always.",
+                      service.name, result.to_version, ", ".join(str(v) for v in result.versions), result.seconds)
+        return {"reverted": result.versions, "schema_version": result.to_version}

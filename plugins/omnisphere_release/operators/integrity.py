@@ -1,0 +1,82 @@
+"""integrity_check: the service's SQL checks, and row counts against the "before" state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from omnisphere_release.catalog import load_catalog
+from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.operators.common import PREFLIGHT, stage_output
+from omnisphere_release.operators.preflight import count_rows
+
+SHOWN_ROWS = 10
+
+
+def check_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.sql")) if folder.is_dir() else []
+
+
+class PostgresIntegrityCheckOperator(BaseOperator):
+    """Run every ``checks/*.sql`` of the service (a check passes when it returns no row), then compare the row counts
+    of the tables the migrations touched with those preflight recorded.
+
+    Like common-sql's SQLCheckOperator, a failure carries its evidence: which check, its query and the rows. It does
+    not retry: a violated invariant will not heal by running the query again.
+    """
+
+    template_fields = ("service",)
+
+    def __init__(self, *, service: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        catalog = load_catalog()
+        service = catalog.get(self.service)
+        before = stage_output(context, PREFLIGHT) or {}
+        files = check_files(catalog.checks_dir(service.name))
+        self.log.info("Checking %s: %d SQL check(s) from %s, then row counts of %d table(s).", service.name,
+                      len(files), catalog.checks_dir(service.name), len(before.get("row_counts", {})))
+        conn = ServiceDatabaseHook(service.postgres_conn_id).get_conn()
+        results, failures = [], []
+        try:
+            for path in files:
+                query = path.read_text(encoding="utf-8")
+                with conn, conn.cursor() as cur:
+                    cur.execute(query)
+                    rows = cur.fetchmany(SHOWN_ROWS + 1)
+                    columns = [c.name for c in cur.description or []]
+                results.append({"check": path.stem, "rows": len(rows)})
+                if rows:
+                    shown = [dict(zip(columns, row)) for row in rows[:SHOWN_ROWS]]
+                    more = " (and more)" if len(rows) > SHOWN_ROWS else ""
+                    failures.append(f"check {path.stem} ({path}) returned {len(rows[:SHOWN_ROWS])} row(s){more}:\n"
+                                    f"    query: {' '.join(query.split())}\n    rows: {shown}")
+                else:
+                    self.log.info("Check %s passed (no violating row).", path.stem)
+            counts_after = count_rows(conn, list(before.get("row_counts", {})))
+        finally:
+            conn.close()
+        tolerance = service.integrity.max_row_loss
+        counts = []
+        for table, was in before.get("row_counts", {}).items():
+            now = counts_after.get(table)
+            counts.append({"table": table, "before": was, "after": now})
+            if now is None:
+                failures.append(f"table {table} had {was} rows before the release and no longer exists")
+            elif was and (was - now) / was > tolerance:
+                failures.append(f"table {table} lost {was - now} of {was} rows ({(was - now) / was:.1%}), more than "
+                                f"the {tolerance:.1%} the catalog allows (integrity.max_row_loss)")
+            else:
+                self.log.info("Row count of %s: %s before, %s after (within %.1f%%).", table, was, now,
+                              tolerance * 100)
+        if failures:
+            raise AirflowFailException(f"Integrity check of {service.name} failed; the release rolls back:\n"
+                                       + "\n".join(f"  - {f}" for f in failures))
+        self.log.info("Integrity of %s holds: %d check(s) and %d row count(s) passed. Next: ecs_deploy.",
+                      service.name, len(results), len(counts))
+        return {"checks": results, "row_counts": counts}

@@ -1,0 +1,124 @@
+"""The factory of ``release_<service>``: the stages of a release and its rollback branch, wired once for every service.
+
+```
+preflight > backup > schema_up > integrity_check > ecs_deploy > smoke_test > monitoring_gate > finalize
+                 any failure > rollback_ecs > rollback_schema > restore_backup > verify_rollback
+                 release_failed (fails the run whenever a stage failed)        report (always)
+```
+
+Each stage returns what it changed; each rollback step reads that (or the "before" state preflight recorded) and
+undoes exactly it, and does nothing when there is nothing to undo, so every step can run twice.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import DAG, Param, TriggerRule
+
+from omnisphere_release.catalog import Catalog, Service
+from omnisphere_release.operators import common as stage
+from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
+from omnisphere_release.operators.ecs import EcsDeployServiceOperator, EcsRollbackServiceOperator
+from omnisphere_release.operators.integrity import PostgresIntegrityCheckOperator
+from omnisphere_release.operators.migrations import (PostgresApplyMigrationsOperator,
+                                                     PostgresRevertReleaseMigrationsOperator)
+from omnisphere_release.operators.monitoring import CloudWatchMonitoringGateOperator
+from omnisphere_release.operators.preflight import ReleasePreflightOperator
+from omnisphere_release.operators.release import (ReleaseFailedOperator, ReleaseFinalizeOperator,
+                                                  ReleaseReportOperator, VerifyRollbackOperator)
+from omnisphere_release.operators.smoke import HttpSmokeTestOperator
+
+IMAGE_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
+
+
+def release_params(service: Service) -> dict[str, Param]:
+    return {
+        "image_tag": Param(type="string", pattern=IMAGE_TAG_PATTERN, title="Image tag",
+                           description="The tag of the image to release (same repository as the running image)."),
+        "strategy": Param(service.deploy.strategy, type="string", enum=STRATEGIES,
+                          description="ECS deployment strategy; rolling uses the circuit breaker."),
+        "migrate": Param(True, type="boolean", description="Apply pending schema migrations before deploying."),
+        "target_version": Param(None, type=["null", "integer"], minimum=0,
+                                description="Apply migrations up to this version (default: all pending)."),
+        "bake_minutes": Param(service.deploy.bake_minutes, type="number", minimum=0, maximum=1440,
+                              description="How long the monitoring gate watches the new version."),
+        "restore_policy": Param("when_needed", type="string", enum=["when_needed", "always"],
+                                description="Restore the backup on rollback only when the schema cannot be rolled "
+                                            "back by its down files, or always."),
+        "dry_run": Param(False, type="boolean", description="Run preflight only: print the plan, change nothing."),
+        "reason": Param("", type="string", maxLength=500, description="Why this release; kept in the report."),
+    }
+
+
+def doc_for(service: Service) -> str:
+    return f"""
+### release_{service.name}
+
+Releases **{service.name}** ({service.description}) to a new image: back up the database, apply the schema
+migrations, check data integrity, deploy to ECS ({service.ecs.cluster}/{service.ecs.service}), smoke-test, watch
+CloudWatch for the bake period, finalize. On any failure after preflight, the rollback branch undoes what this run
+did, in reverse: `rollback_ecs`, `rollback_schema`, `restore_backup` (only when needed, or always by policy),
+`verify_rollback`; then `release_failed` fails the run. `report` writes the release report whatever happens.
+
+Default strategy `{service.deploy.strategy}`, bake {service.deploy.bake_minutes} min, deploy timeout
+{service.deploy.timeout_minutes} min. Owner team: {service.team or 'platform'}.
+"""
+
+
+def build_release_dag(service: Service) -> DAG:
+    name = service.name
+    with DAG(
+        dag_id=f"release_{name}",
+        description=f"Back up, migrate, check, deploy, smoke-test and watch {name}, with automatic rollback",
+        doc_md=doc_for(service),
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,  # two triggers of one release never overlap; the second finds nothing left to release
+        render_template_as_native_obj=True,
+        tags=["omnisphere", "release", name],
+        params=release_params(service),
+        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
+    ) as dag:
+        preflight = ReleasePreflightOperator(
+            task_id=stage.PREFLIGHT, service=name, image_tag="{{ params.image_tag }}",
+            strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
+            target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
+            backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason }}")
+        backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name)
+        schema_up = PostgresApplyMigrationsOperator(
+            task_id=stage.SCHEMA_UP, service=name, direction="up",
+            target_version="{{ ti.xcom_pull(task_ids='preflight')['target_version'] }}",
+            reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ params.reason }}", retries=0)
+        integrity = PostgresIntegrityCheckOperator(task_id=stage.INTEGRITY_CHECK, service=name, retries=0)
+        deploy = EcsDeployServiceOperator(task_id=stage.ECS_DEPLOY, service=name, strategy="{{ params.strategy }}",
+                                          bake_minutes="{{ params.bake_minutes }}")
+        smoke = HttpSmokeTestOperator(task_id=stage.SMOKE_TEST, service=name, retries=0)
+        gate = CloudWatchMonitoringGateOperator(task_id=stage.MONITORING_GATE, service=name,
+                                                bake_minutes="{{ params.bake_minutes }}", retries=0)
+        finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name)
+        main = [preflight, backup, schema_up, integrity, deploy, smoke, gate, finalize]
+        for upstream, downstream in zip(main, main[1:]):
+            upstream >> downstream
+
+        rollback_ecs = EcsRollbackServiceOperator(task_id=stage.ROLLBACK_ECS, service=name,
+                                                  trigger_rule=TriggerRule.ONE_FAILED)
+        rollback_schema = PostgresRevertReleaseMigrationsOperator(task_id=stage.ROLLBACK_SCHEMA, service=name)
+        restore = PostgresRestoreFromS3Operator(task_id=stage.RESTORE_BACKUP, service=name,
+                                                restore_policy="{{ params.restore_policy }}",
+                                                trigger_rule=TriggerRule.ALL_DONE)
+        verify = VerifyRollbackOperator(task_id=stage.VERIFY_ROLLBACK, service=name, trigger_rule=TriggerRule.ALL_DONE)
+        main[1:] >> rollback_ecs  # type: ignore[operator]
+        rollback_ecs >> rollback_schema >> restore >> verify
+
+        # Two leaves: the run is FAILED whenever release_failed fails, whatever the report does.
+        failed = ReleaseFailedOperator(task_id=stage.RELEASE_FAILED, trigger_rule=TriggerRule.ALL_DONE, retries=0)
+        report = ReleaseReportOperator(task_id=stage.REPORT, service=name, trigger_rule=TriggerRule.ALL_DONE)
+        [finalize, verify] >> failed  # type: ignore[operator]
+        [finalize, verify] >> report  # type: ignore[operator]
+    return dag
+
+
+def build_release_dags(catalog: Catalog) -> list[DAG]:
+    return [build_release_dag(service) for service in catalog.services]

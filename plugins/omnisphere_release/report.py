@@ -1,0 +1,116 @@
+"""The release report: what was asked, what happened at each stage, what was undone, and where things stand now."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+OUTCOME_TEXT = {
+    "released": "RELEASED: every stage passed",
+    "rolled_back": "FAILED and ROLLED BACK: the service and the schema are as before the release",
+    "rollback_incomplete": "FAILED, ROLLBACK INCOMPLETE: a person must act (see the rollback section)",
+    "refused": "REFUSED in preflight: nothing was changed",
+    "dry_run": "DRY RUN: preflight printed the plan; nothing was changed",
+    "failed": "FAILED",
+}
+
+
+def outcome_of(states: dict[str, str], before: dict[str, Any] | None) -> str:
+    if states.get("finalize") == "success":
+        return "released"
+    if before and before.get("dry_run") and states.get("preflight") == "success":
+        return "dry_run"
+    if states.get("preflight") == "failed" or not before:
+        return "refused"
+    if states.get("verify_rollback") == "success":
+        return "rolled_back"
+    return "rollback_incomplete"
+
+
+def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: dict[str, Any],
+                 states: dict[str, str], durations: dict[str, float | None], outputs: dict[str, Any],
+                 after: dict[str, Any], stage_order: list[str]) -> dict[str, Any]:
+    before = outputs.get("preflight") or {}
+    outcome = outcome_of(states, outputs.get("preflight"))
+    stages = [{"stage": task_id, "state": states.get(task_id, "none"),
+               "seconds": round(durations[task_id], 2) if durations.get(task_id) is not None else None}
+              for task_id in stage_order]
+    return {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "service": params.get("service") or before.get("service"),
+        "outcome": outcome,
+        "summary": OUTCOME_TEXT[outcome],
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "triggered_by": triggered_by,
+        "reason": params.get("reason") or "",
+        "params": params,
+        "before": {"image": before.get("previous_image"), "task_definition": before.get("previous_task_definition"),
+                   "schema_version": before.get("schema_version")},
+        "target": {"image": before.get("target_image"), "schema_version": before.get("target_version")},
+        "after": after,
+        "stages": stages,
+        "backup": outputs.get("backup"),
+        "migrations_applied": (outputs.get("schema_up") or {}).get("versions", []),
+        "migration_plan": before.get("plan"),
+        "lint": before.get("lint", []),
+        "integrity": outputs.get("integrity_check"),
+        "deployment": outputs.get("ecs_deploy"),
+        "smoke_test": outputs.get("smoke_test"),
+        "monitoring": outputs.get("monitoring_gate"),
+        "rollback": {task_id: {"state": states.get(task_id, "none"), "result": outputs.get(task_id)}
+                     for task_id in ("rollback_ecs", "rollback_schema", "restore_backup", "verify_rollback")},
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    b, t, a = report["before"], report["target"], report["after"]
+    lines = [
+        f"# Release report: {report['service']} ({report['run_id']})",
+        "",
+        f"**{report['summary']}**",
+        "",
+        f"- Triggered by: {report.get('triggered_by') or 'unknown'}; reason: {report.get('reason') or '(none given)'}",
+        f"- Params: `{json.dumps(report['params'], sort_keys=True, default=str)}`",
+        "",
+        "| | image | task definition | schema version |",
+        "| --- | --- | --- | --- |",
+        f"| before | {b.get('image')} | {_short(b.get('task_definition'))} | {b.get('schema_version')} |",
+        f"| target | {t.get('image')} | | {t.get('schema_version')} |",
+        f"| after | {a.get('image')} | {_short(a.get('task_definition'))} | {a.get('schema_version')} |",
+        "",
+        "## Stages",
+        "",
+        "| stage | outcome | seconds |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {s['stage']} | {s['state']} | {s['seconds'] if s['seconds'] is not None else ''} |"
+              for s in report["stages"]]
+    backup = report.get("backup")
+    lines += ["", "## Backup", "",
+              f"{backup['uri']} ({backup['size_bytes']} bytes, sha256 `{backup['sha256']}`, encrypted at rest)"
+              if backup else "No backup was taken by this run."]
+    lines += ["", "## Migrations", "", f"Applied: {report['migrations_applied'] or 'none'}", "",
+              "```", str(report.get("migration_plan") or ""), "```"]
+    if report.get("integrity"):
+        checks = report["integrity"].get("checks", [])
+        lines += ["", "## Integrity", ""] + [f"- check {c['check']}: {c['rows']} violating row(s)" for c in checks]
+        lines += [f"- rows of {c['table']}: {c['before']} -> {c['after']}" for c in report["integrity"]["row_counts"]]
+    if report.get("monitoring"):
+        lines += ["", "## Metrics observed during the bake", ""]
+        lines += [f"- {line}" for line in report["monitoring"].get("observations", [])]
+    lines += ["", "## Rollback", ""]
+    for task_id, entry in report["rollback"].items():
+        lines.append(f"- {task_id}: {entry['state']}" + (f" — {_describe(entry['result'])}" if entry["result"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _short(arn: Any) -> str:
+    return str(arn).rsplit("/", 1)[-1] if arn else ""
+
+
+def _describe(result: Any) -> str:
+    if isinstance(result, dict):
+        return ", ".join(f"{k}: {v}" for k, v in result.items() if v not in (None, [], ""))
+    return str(result)
