@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -51,6 +52,7 @@ def run(state_dir: Path) -> None:
     from moto.server import ThreadedMotoServer
     from omnisphere_release.catalog import load_catalog
 
+    from devstack import s3_faults
     from devstack.ecs_simulator import EcsDeploymentSimulator
     from devstack.postgres import LocalPostgres
     from devstack.sample_services import MetricsPublisher, SampleService
@@ -77,13 +79,16 @@ def run(state_dir: Path) -> None:
         )
         simulator.install()
         simulator.start()
+        s3_faults.install()
         parts.append(simulator)
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         moto.start()
         parts.append(moto)
         aws_port = moto._server.server_port  # type: ignore[union-attr]
         endpoint = f"http://127.0.0.1:{aws_port}"
-        session = boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+        # moto accepts any key; a random one per stack lets tests prove that no secret reaches a log.
+        aws_key, aws_secret = f"AKIADEVSTACK{secrets.token_hex(4).upper()}", secrets.token_urlsafe(24)
+        session = boto3.session.Session(aws_access_key_id=aws_key, aws_secret_access_key=aws_secret,
                                         region_name=REGION)
         seed_aws(session, endpoint, catalog)
 
@@ -105,7 +110,8 @@ def run(state_dir: Path) -> None:
         parts.append(publisher)
 
         sample_ports = {sample.name: sample.port for sample, _ in samples}
-        env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), endpoint, sample_ports)
+        env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), endpoint, sample_ports,
+                        (aws_key, aws_secret))
         write_env(state_dir / "env", env)
         (state_dir / "state.json").write_text(json.dumps({
             "pid": os.getpid(), "pgdata": str(postgres.data_dir), "ports": {
@@ -158,13 +164,15 @@ def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
             launchType="FARGATE",
         )
     s3 = session.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket=BACKUP_BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-    s3.put_bucket_encryption(Bucket=BACKUP_BUCKET, ServerSideEncryptionConfiguration={
-        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    # The second bucket answers HeadBucket but refuses writes (a devstack fault, see devstack/s3_faults.py).
+    for bucket in (BACKUP_BUCKET, f"{BACKUP_BUCKET}-unwritable"):
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+        s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
 
 
 def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: str, endpoint: str,
-              sample_ports: dict[str, int]) -> dict[str, str]:
+              sample_ports: dict[str, int], aws_credentials: tuple[str, str]) -> dict[str, str]:
     """Return the environment that points Airflow, the tests and any script at this stack."""
     airflow_home = Path(os.environ.get("OMNI_AIRFLOW_HOME") or (REPO / ".airflow"))
     env = {
@@ -175,11 +183,11 @@ def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: st
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AWS_DEFAULT_REGION": REGION,
-        "AWS_ACCESS_KEY_ID": "testing",  # moto accepts any key; these are not credentials
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ACCESS_KEY_ID": aws_credentials[0],
+        "AWS_SECRET_ACCESS_KEY": aws_credentials[1],
         "AWS_ENDPOINT_URL": endpoint,
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
-            "conn_type": "aws", "login": "testing", "password": "testing",
+            "conn_type": "aws", "login": aws_credentials[0], "password": aws_credentials[1],
             "extra": {"region_name": REGION, "endpoint_url": endpoint},
         }),
         "AIRFLOW_VAR_OMNI_BACKUP_BUCKET": BACKUP_BUCKET,

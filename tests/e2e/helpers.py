@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class RunOutcome:
+    dag_id: str
+    run_id: str
     state: str
     tasks: dict[str, str]  # "task_id" or "task_id[map_index]" -> state
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     def task(self, task_id: str) -> str | None:
         return self.tasks.get(task_id)
@@ -25,6 +29,16 @@ def get_dag(dag_id: str):
     return bag.dags[dag_id]
 
 
+def xcom_values(dag_id: str, run_id: str) -> dict[str, Any]:
+    """Return the return value of every task of a run, by task id."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(XComModel.get_many(run_id=run_id, dag_ids=dag_id, key="return_value")).all()
+        return {row.task_id: XComModel.deserialize_value(row) for row in rows if row.map_index < 0}
+
+
 def run_dag(dag_id: str, conf: dict) -> RunOutcome:
     """Run the DAG to the end; ``dag.test()`` does not raise when a task fails, so return every state."""
     dag = get_dag(dag_id)
@@ -34,4 +48,5 @@ def run_dag(dag_id: str, conf: dict) -> RunOutcome:
         key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
         tasks[key] = str(ti.state.value if hasattr(ti.state, "value") else ti.state)
     state = run.state.value if hasattr(run.state, "value") else str(run.state)
-    return RunOutcome(state=state, tasks=tasks)
+    return RunOutcome(dag_id=dag_id, run_id=run.run_id, state=state, tasks=tasks,
+                      outputs=xcom_values(dag_id, run.run_id))

@@ -149,9 +149,43 @@ class BackupHook:
             _run([pg_program("pg_restore"), "--no-owner", "--no-privileges", f"--file={script}", str(path)], env,
                  "pg_restore (script)", self.timeout)
             wrapper = Path(tmp) / "wrapper.sql"
-            quoted = '"' + schema.replace('"', '""') + '"'
-            wrapper.write_text(f"DROP SCHEMA IF EXISTS {quoted} CASCADE;\nCREATE SCHEMA {quoted};\n\\i {script}\n")
+            wrapper.write_text(f"{self._recreate_schema_sql(schema)}\n\\i {script}\n")
             started = time.monotonic()
             _run([pg_program("psql"), "--no-psqlrc", "--quiet", "--single-transaction", "-v", "ON_ERROR_STOP=1",
                   "--no-password", "--file", str(wrapper)], env, "restore (psql --single-transaction)", self.timeout)
             return time.monotonic() - started
+
+    def _recreate_schema_sql(self, schema: str) -> str:
+        """Return SQL that drops ``schema`` and creates it again with the same owner, privileges and comment.
+
+        Dropping the schema is what removes the objects created after the backup; recreating it as it was keeps
+        ``pg_dump --schema-only`` of the restored database identical to the one before the release.
+        """
+        import psycopg2
+        from psycopg2 import sql
+
+        conn = psycopg2.connect(**self.connect_kwargs)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT nspowner::regrole::text, coalesce(nspacl::text[], '{}'), "
+                            "obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = %s", [schema])
+                row = cur.fetchone()
+                owner, acl, comment = row if row else (None, [], None)
+                name = sql.Identifier(schema)
+                statements = [sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(name),
+                              sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(name, sql.Identifier(owner))
+                              if owner else sql.SQL("CREATE SCHEMA {}").format(name)]
+                rights = {"U": "USAGE", "C": "CREATE"}
+                for item in acl:  # e.g. "=U/pg_database_owner": USAGE granted to PUBLIC
+                    grantee, _, rest = item.partition("=")
+                    letters = rest.split("/", 1)[0]
+                    if grantee == owner:
+                        continue
+                    privileges = sql.SQL(", ").join(sql.SQL(rights[c]) for c in letters if c in rights)
+                    target = sql.SQL("PUBLIC") if not grantee else sql.Identifier(grantee.strip('"'))
+                    statements.append(sql.SQL("GRANT {} ON SCHEMA {} TO {}").format(privileges, name, target))
+                if comment is not None:
+                    statements.append(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(name, sql.Literal(comment)))
+                return "\n".join(statement.as_string(conn) + ";" for statement in statements)
+        finally:
+            conn.close()

@@ -1,0 +1,240 @@
+"""release_<service> end to end on the devstack: a good release, and a failure injected at every stage.
+
+Every failure must end the same way: the run FAILED, the service on its previous task definition, the schema as
+before (pg_dump --schema-only), the data as before where a restore ran, and a report that says what was undone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import boto3
+import psycopg2
+import pytest
+import yaml
+
+from tests.e2e.helpers import RunOutcome, run_dag
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+SERVICE = "auth-service"
+DSN_VAR = "OMNI_PG_DSN_AUTH_SERVICE"
+BASE_VERSION = 3
+ALL_LOGS: list[str] = []  # every run's output, for the secrets test at the end of this module
+
+
+@pytest.fixture()
+def release_env(devstack, airflow_db, sql_dir, tmp_path, monkeypatch, capfd):
+    """A catalog with short deadlines, auth-service at schema version 3 with some users, and its "before" state."""
+    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
+    for service in catalog["services"]:
+        service["smoke_deadline_seconds"] = 4
+        service["monitoring"]["missing_data_minutes"] = 1
+    catalog_path = tmp_path / "services.yaml"
+    catalog_path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(catalog_path))
+    from omnisphere_release.migrations.__main__ import main as migrate
+
+    dsn = os.environ[DSN_VAR]
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('users') IS NOT NULL")
+        if cur.fetchone()[0]:
+            cur.execute("TRUNCATE users CASCADE")
+    assert migrate([SERVICE, "down", "--to", "0", "--reason", "test reset"]) == 0
+    assert migrate([SERVICE, "up", "--to", str(BASE_VERSION), "--reason", "test reset"]) == 0
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO users (email, password_hash) VALUES (%s, %s)",
+                        [(f"user{i}@example.com", f"hash-{i}") for i in range(40)])
+    state = {"sql_dir": sql_dir, "migrations": sql_dir / SERVICE / "migrations", "checks": sql_dir / SERVICE / "checks",
+             "before": snapshot()}
+    yield state
+    ALL_LOGS.append("".join(capfd.readouterr()))
+
+
+def snapshot() -> dict:
+    dsn = os.environ[DSN_VAR]
+    pg_dump = Path(os.environ["OMNI_PG_BIN_DIR"]) / "pg_dump"
+    schema = subprocess.run([str(pg_dump), "--schema-only", "--no-owner", dsn], capture_output=True, text=True,
+                            check=True).stdout
+    schema = "\n".join(l for l in schema.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, email, password_hash FROM users ORDER BY id")
+        users = cur.fetchall()
+        cur.execute("SELECT max(version) FROM omnisphere_schema_history WHERE state = 'applied'")
+        version = cur.fetchone()[0]
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    service = ecs.describe_services(cluster="omnisphere", services=[SERVICE])["services"][0]
+    return {"schema": schema, "users": users, "version": version, "task_definition": service["taskDefinition"]}
+
+
+def release(tag_suffix: str = "", **conf) -> RunOutcome:
+    tag = f"2.{uuid.uuid4().hex[:6]}{tag_suffix}"
+    return run_dag(f"release_{SERVICE}", {"image_tag": tag, "bake_minutes": 0.1, "reason": "e2e", **conf})
+
+
+def assert_rolled_back(outcome: RunOutcome, before: dict, failed_stage: str, restored: bool = False) -> None:
+    assert outcome.state == "failed", outcome.tasks
+    assert outcome.task(failed_stage) == "failed", outcome.tasks
+    assert outcome.task("release_failed") == "failed"
+    assert outcome.task("report") == "success"
+    assert outcome.task("verify_rollback") == "success", outcome.tasks
+    assert outcome.task("restore_backup") == ("success" if restored else "skipped"), outcome.tasks
+    after = snapshot()
+    assert after["task_definition"] == before["task_definition"]
+    assert after["version"] == before["version"]
+    assert after["schema"] == before["schema"]
+    assert after["users"] == before["users"]
+    report = outcome.outputs["report"]
+    assert report["outcome"] == "rolled_back"
+    assert report["after"]["task_definition"] == before["task_definition"]
+    assert report["rollback"]["verify_rollback"]["state"] == "success"
+    stages = {s["stage"]: s["state"] for s in report["stages"]}
+    assert stages[failed_stage] == "failed"
+
+
+def test_good_release_updates_image_and_schema_and_reports(release_env):
+    outcome = release(strategy="rolling")
+    assert outcome.state == "success", outcome.tasks
+    for stage in ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test",
+                  "monitoring_gate", "finalize", "report"):
+        assert outcome.task(stage) == "success", stage
+    assert outcome.task("rollback_ecs") == "skipped" and outcome.task("release_failed") == "skipped"
+    after = snapshot()
+    assert after["version"] == 4 and after["task_definition"] != release_env["before"]["task_definition"]
+    report = outcome.outputs["report"]
+    assert report["outcome"] == "released"
+    assert report["after"]["image"].endswith(outcome.outputs["preflight"]["image_tag"])
+    assert report["migrations_applied"] == [4]
+    assert report["backup"]["sha256"] and report["backup"]["uri"].startswith("s3://")
+    assert report["monitoring"]["observations"]
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket, key = report["stored_at"].removeprefix("s3://").split("/", 1)
+    assert b'"outcome": "released"' in s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_dry_run_changes_nothing(release_env):
+    outcome = release(dry_run=True)
+    assert outcome.state == "success"
+    assert outcome.task("preflight") == "success" and outcome.task("backup") == "skipped"
+    assert outcome.outputs["report"]["outcome"] == "dry_run"
+    after = snapshot()
+    assert (after["version"], after["task_definition"]) == (BASE_VERSION, release_env["before"]["task_definition"])
+
+
+def test_preflight_refusal_changes_nothing(release_env):
+    (release_env["migrations"] / "005_index_emails.up.sql").write_text("CREATE INDEX users_lower_email ON users (lower(email));")
+    (release_env["migrations"] / "005_index_emails.down.sql").write_text("DROP INDEX users_lower_email;")
+    outcome = release()
+    assert outcome.state == "failed"
+    assert outcome.task("preflight") == "failed" and outcome.task("backup") == "upstream_failed"
+    assert outcome.outputs["report"]["outcome"] == "refused"
+    after = snapshot()
+    assert after["schema"] == release_env["before"]["schema"]
+    assert after["task_definition"] == release_env["before"]["task_definition"]
+
+
+def _fail_schema_up(env):
+    m = env["migrations"]
+    (m / "005_audit.up.sql").write_text("CREATE TABLE IF NOT EXISTS audit_events (id bigint PRIMARY KEY, what text);")
+    (m / "005_audit.down.sql").write_text("DROP TABLE audit_events;")
+    (m / "006_broken.up.sql").write_text("INSERT INTO no_such_table (id) VALUES (1);")
+    (m / "006_broken.down.sql").write_text("SELECT 1;")
+    (m / "007_later.up.sql").write_text("CREATE TABLE IF NOT EXISTS later (id bigint PRIMARY KEY);")
+    (m / "007_later.down.sql").write_text("DROP TABLE later;")
+
+
+def _fail_integrity(env):
+    m = env["migrations"]
+    (m / "005_import_users.up.sql").write_text(
+        "INSERT INTO users (email, password_hash) VALUES ('Dup@example.com', 'x'), ('dup@example.com', 'y');")
+    (m / "005_import_users.down.sql").write_text("DELETE FROM users WHERE lower(email) = 'dup@example.com';")
+
+
+FAULTS = {
+    "backup": ({}, "", "backup"),
+    "schema_up": ({}, "", "schema_up"),
+    "integrity_check": ({}, "", "integrity_check"),
+    "ecs_deploy": ({}, "-crashloop", "ecs_deploy"),
+    "smoke_test": ({}, "-unhealthy", "smoke_test"),
+    "monitoring_gate": ({}, "-errors", "monitoring_gate"),
+}
+
+
+@pytest.mark.parametrize("strategy", ["rolling", "canary"])
+@pytest.mark.parametrize("stage", list(FAULTS))
+def test_failure_at_each_stage_is_rolled_back_completely(release_env, monkeypatch, stage, strategy):
+    conf, suffix, failed_stage = FAULTS[stage]
+    if stage == "backup":
+        monkeypatch.setenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET", "omnisphere-backups-local-unwritable")
+    elif stage == "schema_up":
+        _fail_schema_up(release_env)
+    elif stage == "integrity_check":
+        _fail_integrity(release_env)
+    outcome = release(suffix, strategy=strategy, **conf)
+    assert_rolled_back(outcome, release_env["before"], failed_stage)
+    undone = outcome.outputs["report"]["rollback"]
+    if stage in ("smoke_test", "monitoring_gate"):
+        assert undone["rollback_ecs"]["result"]["action"] != "none"
+    if stage in ("schema_up", "integrity_check"):
+        assert undone["rollback_schema"]["result"]["reverted"]
+
+
+def test_failing_down_file_leads_to_restore_and_a_consistent_database(release_env):
+    m = release_env["migrations"]
+    (m / "005_tokens_note.up.sql").write_text("ALTER TABLE api_tokens ADD COLUMN note text;")
+    (m / "005_tokens_note.down.sql").write_text("ALTER TABLE api_tokens DROP COLUMN no_such_column;")
+    outcome = release("-unhealthy")
+    assert outcome.task("rollback_schema") == "failed"
+    assert_rolled_back(outcome, release_env["before"], "smoke_test", restored=True)
+    assert outcome.outputs["report"]["rollback"]["restore_backup"]["result"]["reason"] == "the schema rollback failed"
+
+
+def test_irreversible_migration_is_undone_by_restoring_the_backup(release_env):
+    m = release_env["migrations"]
+    (m / "005_drop_sessions_agent.up.sql").write_text(
+        "-- omni:irreversible the user agents are dropped\n"
+        "-- omni:lint-ignore ban-drop-column no reader left since 1.0\n"
+        "ALTER TABLE sessions DROP COLUMN user_agent;")
+    outcome = release("-errors")
+    assert_rolled_back(outcome, release_env["before"], "monitoring_gate", restored=True)
+
+
+def test_restore_policy_always_restores_after_the_schema_rollback(release_env):
+    outcome = release("-crashloop", restore_policy="always")
+    assert outcome.task("rollback_schema") == "success"
+    assert_rolled_back(outcome, release_env["before"], "ecs_deploy", restored=True)
+
+
+def test_second_trigger_of_the_same_release_touches_nothing(release_env):
+    first = release()
+    assert first.state == "success"
+    after_first = snapshot()
+    tag = first.outputs["preflight"]["image_tag"]
+    second = run_dag(f"release_{SERVICE}", {"image_tag": tag, "bake_minutes": 0.1, "reason": "duplicate"})
+    assert second.state == "failed" and second.task("preflight") == "failed"
+    assert second.task("backup") == "upstream_failed"
+    assert snapshot() == after_first
+
+
+def test_invalid_params_are_rejected_before_a_run_exists(airflow_db):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    for conf, field in (({"image_tag": "bad tag!"}, "image_tag"), ({}, "image_tag"),
+                        ({"image_tag": "1.0", "strategy": "big_bang"}, "strategy"),
+                        ({"image_tag": "1.0", "restore_policy": "never"}, "restore_policy")):
+        with pytest.raises(ParamValidationError, match=field):
+            run_dag(f"release_{SERVICE}", conf)
+
+
+def test_zz_no_secret_in_any_log_of_the_matrix(devstack):
+    logs = "\n".join(ALL_LOGS)
+    assert "Release report" in logs, "the matrix's logs were not captured"
+    secrets = [devstack["AWS_SECRET_ACCESS_KEY"], devstack["OMNI_PG_ADMIN_DSN"].split(":")[2].split("@")[0]]
+    for name, value in devstack.items():
+        if name.startswith("OMNI_PG_DSN_"):
+            secrets.append(value.split(":")[2].split("@")[0])
+    for secret in secrets:
+        assert len(secret) >= 12 and secret not in logs
