@@ -21,7 +21,8 @@ MIGRATIONS_POOL = ("omnisphere_migrations", "2", "How many services migrate thei
 ADMIN_USER = "admin"
 
 
-def airflow_env(devstack_env: dict[str, str], home: Path, port: int) -> dict[str, str]:
+def airflow_env(devstack_env: dict[str, str], home: Path, port: int,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, **devstack_env}
     env.update({
@@ -37,9 +38,12 @@ def airflow_env(devstack_env: dict[str, str], home: Path, port: int) -> dict[str
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        # Locally a DAG is usable as soon as it is parsed; production keeps new DAGs paused.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "plugins"), str(REPO), env.get("PYTHONPATH")])),
     })
+    env.update(extra or {})
     return env
 
 
@@ -55,9 +59,11 @@ def admin_password(home: Path) -> str:
     return password
 
 
-def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: float = 240) -> dict[str, str]:
+def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: float = 240,
+          extra_env: dict[str, str] | None = None) -> dict[str, str]:
     """Start Airflow in the background; return when its API answers. Return url, username and password."""
-    env = airflow_env(devstack_env, home, port)
+    home.mkdir(parents=True, exist_ok=True)
+    env = airflow_env(devstack_env, home, port, extra_env)
     password = admin_password(home)
     airflow = [sys.executable, "-m", "airflow"]
     subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)

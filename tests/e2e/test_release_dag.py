@@ -238,3 +238,34 @@ def test_zz_no_secret_in_any_log_of_the_matrix(devstack):
             secrets.append(value.split(":")[2].split("@")[0])
     for secret in secrets:
         assert len(secret) >= 12 and secret not in logs
+
+
+def test_manual_rollback_after_a_good_release(release_env):
+    released = release()
+    assert released.state == "success"
+    before = release_env["before"]
+    backup_uri = released.outputs["backup"]["uri"]
+    with psycopg2.connect(os.environ[DSN_VAR]) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO users (email, password_hash) VALUES ('late@example.com', 'z')")
+    outcome = run_dag(f"rollback_{SERVICE}", {"task_definition": before["task_definition"],
+                                             "schema_version": BASE_VERSION, "reason": "e2e: bad release"})
+    assert outcome.state == "success", outcome.tasks
+    assert outcome.task("rollback_restore") == "skipped"
+    after = snapshot()
+    assert (after["task_definition"], after["version"], after["schema"]) == (
+        before["task_definition"], BASE_VERSION, before["schema"])
+    assert len(after["users"]) == len(before["users"]) + 1  # no restore: the late row stays
+    restored = run_dag(f"rollback_{SERVICE}", {"restore_backup_uri": backup_uri, "reason": "e2e: restore"})
+    assert restored.state == "success", restored.tasks
+    assert [restored.task(t) for t in ("rollback_ecs", "rollback_schema", "rollback_restore")] == [
+        "skipped", "skipped", "success"]
+    assert snapshot()["users"] == before["users"]
+
+
+def test_manual_rollback_refuses_contradictory_params(release_env):
+    outcome = run_dag(f"rollback_{SERVICE}", {"image_tag": "1.0.0", "task_definition": "x", "reason": "e2e"})
+    assert outcome.state == "failed" and outcome.task("plan") == "failed"
+    assert outcome.task("rollback_ecs") == "upstream_failed"
+    outcome = run_dag(f"rollback_{SERVICE}", {"reason": "e2e"})
+    assert outcome.state == "failed" and outcome.task("plan") == "failed"
+    assert snapshot() == release_env["before"]

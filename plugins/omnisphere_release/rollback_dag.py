@@ -1,0 +1,58 @@
+"""The factory of ``rollback_<service>``: the manual way back, each step optional, in the release's rollback order."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import DAG, Param, TriggerRule
+
+from omnisphere_release.catalog import Catalog, Service
+from omnisphere_release.operators.manual_rollback import PLAN, ManualRollbackPlanOperator, ManualRollbackStepOperator
+from omnisphere_release.release_dag import IMAGE_TAG_PATTERN
+
+
+def build_rollback_dag(service: Service) -> DAG:
+    name = service.name
+    with DAG(
+        dag_id=f"rollback_{name}",
+        description=f"Manually roll {name} back: task definition or image, schema version, backup restore",
+        doc_md=f"""
+### rollback_{name}
+
+The manual way back for **{name}**, for when a release succeeded but should not have, or a rollback needs a person.
+Each step is optional and runs in this order: ECS (`task_definition` ARN, or `image_tag` of the same repository),
+schema (`schema_version`: revert every migration above it), restore (`restore_backup_uri`: an `s3://` backup taken by a
+release; its sha256 is checked before anything is restored). `plan` checks everything first and changes nothing.
+""",
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        tags=["omnisphere", "rollback", name],
+        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
+        params={
+            "task_definition": Param(None, type=["null", "string"], description="Task definition ARN to run again."),
+            "image_tag": Param(None, type=["null", "string"], pattern=IMAGE_TAG_PATTERN,
+                               description="Or: an image tag to deploy (same repository)."),
+            "schema_version": Param(None, type=["null", "integer"], minimum=0,
+                                    description="Revert every migration above this version."),
+            "restore_backup_uri": Param(None, type=["null", "string"], pattern=r"^s3://[^/]+/.+$",
+                                        description="Restore the database from this backup."),
+            "reason": Param("", type="string", minLength=0, maxLength=500, description="Why (required)."),
+        },
+    ) as dag:
+        plan = ManualRollbackPlanOperator(
+            task_id=PLAN, service=name, task_definition="{{ params.task_definition }}",
+            image_tag="{{ params.image_tag }}", schema_version="{{ params.schema_version }}",
+            restore_backup_uri="{{ params.restore_backup_uri }}", reason="{{ params.reason }}", retries=0)
+        previous = plan
+        for step in ("ecs", "schema", "restore"):
+            task = ManualRollbackStepOperator(task_id=f"rollback_{step}", service=name, step=step,
+                                              trigger_rule=TriggerRule.NONE_FAILED)
+            previous >> task
+            previous = task
+    return dag
+
+
+def build_rollback_dags(catalog: Catalog) -> list[DAG]:
+    return [build_rollback_dag(service) for service in catalog.services]

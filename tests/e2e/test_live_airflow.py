@@ -1,0 +1,104 @@
+"""The DAGs under a real Airflow (API server, scheduler, DAG processor, triggerer) on the devstack, driven through the
+REST API as CI and the UI do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def live_airflow(devstack):
+    from devstack import airflow_server, stack
+
+    home = Path(tempfile.mkdtemp(prefix="omni-live-airflow-"))
+    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
+    for service in catalog["services"]:
+        service["deploy"]["bake_minutes"] = 0.1
+        service["smoke_deadline_seconds"] = 4
+    (home / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
+    port = stack.free_port()
+    extra = {"OMNISPHERE_CATALOG": str(home / "services.yaml"),
+             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(stack.free_port()),
+             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(stack.free_port())}
+    info = airflow_server.start(devstack, home, port, extra_env=extra)
+    token = httpx.post(f"{info['url']}/auth/token", json={"username": info["username"],
+                                                          "password": info["password"]}).json()["access_token"]
+    client = httpx.Client(base_url=f"{info['url']}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    deadline = time.monotonic() + 120
+    while client.get("/dags/release_all").status_code != 200:
+        assert time.monotonic() < deadline, "the DAG processor did not parse the DAGs in time"
+        time.sleep(2)
+    try:
+        yield client
+    finally:
+        client.close()
+        airflow_server.stop(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def wait_for_run(client: httpx.Client, dag_id: str, run_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
+        if run["state"] in ("success", "failed"):
+            return run
+        time.sleep(3)
+    raise AssertionError(f"{dag_id} {run_id} still {run['state']} after {timeout}s")
+
+
+def task_states(client: httpx.Client, dag_id: str, run_id: str) -> dict[str, str]:
+    tis = client.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    return {ti["task_id"]: ti["state"] for ti in tis}
+
+
+def test_release_all_stops_at_the_first_failure_and_says_so(live_airflow):
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    td_before = {s: ecs.describe_services(cluster="omnisphere", services=[s])["services"][0]["taskDefinition"]
+                 for s in ("auth-service", "billing-service", "notification-service")}
+    suffix = str(int(time.time()))
+    manifest = {"auth-service": f"5.0.{suffix}", "billing-service": f"5.0.{suffix}-crashloop",
+                "notification-service": f"5.0.{suffix}"}
+    response = live_airflow.post("/dags/release_all/dagRuns", json={
+        "logical_date": None, "conf": {"manifest": manifest, "reason": "live e2e"}})
+    assert response.status_code == 200, response.text
+    run_id = response.json()["dag_run_id"]
+    run = wait_for_run(live_airflow, "release_all", run_id)
+    states = task_states(live_airflow, "release_all", run_id)
+    assert run["state"] == "failed"
+    assert states["release_auth-service"] == "success"
+    assert states["release_billing-service"] == "failed"
+    assert states["release_notification-service"] in ("upstream_failed", "skipped")
+    assert states["summary"] == "failed"
+    billing_run = wait_for_run(live_airflow, "release_billing-service", f"{run_id}__billing-service")
+    assert billing_run["state"] == "failed"
+    billing_states = task_states(live_airflow, "release_billing-service", f"{run_id}__billing-service")
+    assert billing_states["ecs_deploy"] == "failed" and billing_states["verify_rollback"] == "success"
+    td_after = {s: ecs.describe_services(cluster="omnisphere", services=[s])["services"][0]["taskDefinition"]
+                for s in td_before}
+    assert td_after["auth-service"] != td_before["auth-service"]  # released, and stays released
+    assert td_after["billing-service"] == td_before["billing-service"]  # rolled back
+    assert td_after["notification-service"] == td_before["notification-service"]  # not attempted
+
+
+def test_invalid_release_params_are_refused_by_the_api(live_airflow):
+    response = live_airflow.post("/dags/release_auth-service/dagRuns", json={
+        "logical_date": None, "conf": {"image_tag": "not a tag!"}})
+    assert response.status_code == 400
+    assert "image_tag" in response.text
+    response = live_airflow.post("/dags/release_all/dagRuns", json={
+        "logical_date": None, "conf": {"manifest": {"payments-service": "1.0"}}})
+    run_id = response.json()["dag_run_id"]
+    assert wait_for_run(live_airflow, "release_all", run_id)["state"] == "failed"
+    assert task_states(live_airflow, "release_all", run_id)["check_manifest"] == "failed"
