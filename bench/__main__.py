@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import dag_parse, migrations
+from bench import dag_parse, migrations, release
 
 
 def main() -> int:
-    for module in (dag_parse, migrations):
+    for module in (dag_parse, migrations, release):
         print(f"== {module.__name__} ==", flush=True)
         module.main([])
     return 0

@@ -43,7 +43,8 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all", schedul
         schedule=schedule,
         catchup=False,
         max_active_runs=1,
-        render_template_as_native_obj=True,
+        # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
+        render_template_as_native_obj=False,
         tags=["omnisphere", "release"],
         default_args={"owner": "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
         params={

@@ -76,7 +76,8 @@ def build_release_dag(service: Service) -> DAG:
         schedule=None,
         catchup=False,
         max_active_runs=1,  # two triggers of one release never overlap; the second finds nothing left to release
-        render_template_as_native_obj=True,
+        # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
+        render_template_as_native_obj=False,
         tags=["omnisphere", "release", name],
         params=release_params(service),
         default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
@@ -89,7 +90,7 @@ def build_release_dag(service: Service) -> DAG:
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name)
         schema_up = PostgresApplyMigrationsOperator(
             task_id=stage.SCHEMA_UP, service=name, direction="up",
-            target_version="{{ ti.xcom_pull(task_ids='preflight')['target_version'] }}",
+            target_version="{{ ti.xcom_pull(task_ids='preflight')['target_version'] }}", dry_run=False,
             reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ params.reason }}", retries=0)
         integrity = PostgresIntegrityCheckOperator(task_id=stage.INTEGRITY_CHECK, service=name, retries=0)
         deploy = EcsDeployServiceOperator(task_id=stage.ECS_DEPLOY, service=name, strategy="{{ params.strategy }}",

@@ -27,7 +27,8 @@ release; its sha256 is checked before anything is restored). `plan` checks every
         schedule=None,
         catchup=False,
         max_active_runs=1,
-        render_template_as_native_obj=True,
+        # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
+        render_template_as_native_obj=False,
         tags=["omnisphere", "rollback", name],
         default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
         params={

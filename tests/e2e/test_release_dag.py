@@ -96,7 +96,8 @@ def assert_rolled_back(outcome: RunOutcome, before: dict, failed_stage: str, res
 
 
 def test_good_release_updates_image_and_schema_and_reports(release_env):
-    outcome = release(strategy="rolling")
+    # A tag that looks like a number must stay text: "3.10", not the float 3.1.
+    outcome = run_dag(f"release_{SERVICE}", {"image_tag": "3.10", "bake_minutes": 0.1, "reason": "e2e"})
     assert outcome.state == "success", outcome.tasks
     for stage in ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test",
                   "monitoring_gate", "finalize", "report"):
@@ -106,7 +107,7 @@ def test_good_release_updates_image_and_schema_and_reports(release_env):
     assert after["version"] == 4 and after["task_definition"] != release_env["before"]["task_definition"]
     report = outcome.outputs["report"]
     assert report["outcome"] == "released"
-    assert report["after"]["image"].endswith(outcome.outputs["preflight"]["image_tag"])
+    assert report["after"]["image"].endswith(":3.10")
     assert report["migrations_applied"] == [4]
     assert report["backup"]["sha256"] and report["backup"]["uri"].startswith("s3://")
     assert report["monitoring"]["observations"]

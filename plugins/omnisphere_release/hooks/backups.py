@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,61 +100,127 @@ class BackupHook:
                               f"omni_backup_bucket and the AWS connection's permissions") from None
 
     def dump_to_s3(self, bucket: str, key: str, kms_key_id: str | None = None) -> BackupRecord:
+        """pg_dump into S3 while it runs: the dump streams to a local file (for verification), a sha256 and the
+        upload at once, so the stage costs little more than pg_dump itself. The sha256 is stored as an object tag."""
         env = libpq_env(self.connect_kwargs)
+        extra: dict[str, Any] = ({"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id
+                                 else {"ServerSideEncryption": "AES256"})
         with tempfile.TemporaryDirectory(prefix="omni-backup-") as tmp:
             path = Path(tmp) / "backup.dump"
             started = time.monotonic()
-            _run([pg_program("pg_dump"), "--format=custom", "--no-password", f"--file={path}"], env,
-                 "pg_dump", self.timeout)
+            digest, size = hashlib.sha256(), 0
+            read_end, write_end = os.pipe()
+            upload_error: list[BaseException] = []
+
+            def upload() -> None:
+                with os.fdopen(read_end, "rb") as stream:
+                    try:
+                        self.s3.upload_fileobj(stream, bucket, key, ExtraArgs=extra)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                        upload_error.append(exc)
+                        stream.read()  # drain, so pg_dump is never blocked on a full pipe
+
+            uploader = threading.Thread(target=upload, name="backup-upload")
+            uploader.start()
+            process = subprocess.Popen([pg_program("pg_dump"), "--format=custom", "--no-password"], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                with open(path, "wb") as local, os.fdopen(write_end, "wb") as upstream:
+                    for chunk in iter(lambda: process.stdout.read(1 << 20), b""):
+                        local.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+                        if not upload_error:
+                            upstream.write(chunk)
+                stderr = process.stderr.read().decode(errors="replace")
+                process.wait(timeout=self.timeout)
+            finally:
+                uploader.join()
             dump_seconds = time.monotonic() - started
+            if process.returncode != 0:
+                raise BackupError(f"pg_dump failed (exit {process.returncode}): {stderr.strip()[-1500:]}")
+            if upload_error:
+                raise BackupError(f"upload of the backup to s3://{bucket}/{key} failed: {upload_error[0]}")
             listing = _run([pg_program("pg_restore"), "--list", str(path)], env, "pg_restore --list (verification)",
                            self.timeout)
             objects = sum(1 for line in listing.stdout.splitlines() if line and not line.startswith(";"))
-            checksum = sha256_of(path)
-            extra: dict[str, Any] = {"Metadata": {"sha256": checksum}}
-            extra.update({"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id
-                         else {"ServerSideEncryption": "AES256"})
-            started = time.monotonic()
-            try:
-                self.s3.upload_file(str(path), bucket, key, ExtraArgs=extra)
-                head = self.s3.head_object(Bucket=bucket, Key=key)
-            except (ClientError, BotoCoreError) as exc:
-                raise BackupError(f"upload of the backup to s3://{bucket}/{key} failed: {exc}") from None
-            upload_seconds = time.monotonic() - started
-            size = path.stat().st_size
-            if head.get("ContentLength") != size or head.get("Metadata", {}).get("sha256") != checksum:
-                raise BackupError(f"s3://{bucket}/{key} does not match the dump (size {head.get('ContentLength')} "
-                                  f"vs {size}); the upload is not trustworthy")
-            if not head.get("ServerSideEncryption"):
-                raise BackupError(f"s3://{bucket}/{key} is not encrypted at rest; refusing to rely on it")
-        return BackupRecord(bucket, key, checksum, size, dump_seconds, upload_seconds, objects)
+        checksum = digest.hexdigest()
+        started = time.monotonic()
+        try:
+            self.s3.put_object_tagging(Bucket=bucket, Key=key, Tagging={"TagSet": [{"Key": "sha256", "Value": checksum}]})
+            head = self.s3.head_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise BackupError(f"s3://{bucket}/{key} could not be tagged or read back: {exc}") from None
+        if head.get("ContentLength") != size:
+            raise BackupError(f"s3://{bucket}/{key} has {head.get('ContentLength')} bytes, the dump {size}: the upload "
+                              f"is not trustworthy")
+        if not head.get("ServerSideEncryption"):
+            raise BackupError(f"s3://{bucket}/{key} is not encrypted at rest; refusing to rely on it")
+        return BackupRecord(bucket, key, checksum, size, dump_seconds, time.monotonic() - started, objects)
+
+    def recorded_sha256(self, bucket: str, key: str) -> str | None:
+        """Return the sha256 a backup was tagged with when it was taken (None if it has none)."""
+        tags = self.s3.get_object_tagging(Bucket=bucket, Key=key).get("TagSet", [])
+        return next((t["Value"] for t in tags if t["Key"] == "sha256"), None)
 
     def restore_from_s3(self, bucket: str, key: str, expected_sha256: str, schema: str = "public") -> float:
         """Replace ``schema`` with the backup's content in one transaction; return the seconds it took.
 
         Objects created after the backup (tables of the migrations being undone) are dropped with the schema, and
-        the whole restore is one transaction: it either completes or leaves the database as it was.
+        the whole restore is one transaction: it either completes or leaves the database as it was. The checksum is
+        verified while downloading, before anything is restored.
         """
         env = libpq_env(self.connect_kwargs)
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="omni-restore-") as tmp:
             path = Path(tmp) / "backup.dump"
+            digest = hashlib.sha256()
             try:
-                self.s3.download_file(bucket, key, str(path))
+                body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+                with open(path, "wb") as local:
+                    for chunk in iter(lambda: body.read(1 << 20), b""):
+                        local.write(chunk)
+                        digest.update(chunk)
             except (ClientError, BotoCoreError) as exc:
                 raise BackupError(f"download of s3://{bucket}/{key} failed: {exc}") from None
-            actual = sha256_of(path)
+            actual = digest.hexdigest()
             if actual != expected_sha256:
                 raise BackupError(f"s3://{bucket}/{key} has sha256 {actual[:16]}..., expected "
                                   f"{expected_sha256[:16]}...: the backup changed since it was taken; not restoring")
-            script = Path(tmp) / "restore.sql"
-            _run([pg_program("pg_restore"), "--no-owner", "--no-privileges", f"--file={script}", str(path)], env,
-                 "pg_restore (script)", self.timeout)
-            wrapper = Path(tmp) / "wrapper.sql"
-            wrapper.write_text(f"{self._recreate_schema_sql(schema)}\n\\i {script}\n")
-            started = time.monotonic()
-            _run([pg_program("psql"), "--no-psqlrc", "--quiet", "--single-transaction", "-v", "ON_ERROR_STOP=1",
-                  "--no-password", "--file", str(wrapper)], env, "restore (psql --single-transaction)", self.timeout)
-            return time.monotonic() - started
+            # pg_restore writes the SQL while psql runs it, inside one transaction that starts by recreating the
+            # schema. COMMIT is sent only once pg_restore has finished cleanly: a truncated stream, an error, or a
+            # crash ends the session without it, and PostgreSQL rolls everything back.
+            restore = subprocess.Popen([pg_program("pg_restore"), "--no-owner", "--no-privileges", "--file=-",
+                                        str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            psql = subprocess.Popen([pg_program("psql"), "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1",
+                                     "--no-password", "--file=-"], env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                psql.stdin.write(b"BEGIN;\n" + self._recreate_schema_sql(schema).encode() + b"\n")
+                shutil.copyfileobj(restore.stdout, psql.stdin, 1 << 20)
+                restore.wait(timeout=self.timeout)
+                if restore.returncode == 0:
+                    psql.stdin.write(b"COMMIT;\n")
+            except BrokenPipeError:
+                restore.kill()  # psql stopped at an error; its exit code and message say which
+            finally:
+                try:
+                    psql.stdin.close()
+                except BrokenPipeError:
+                    pass
+                psql_err = psql.stderr.read().decode(errors="replace")
+                psql.wait(timeout=self.timeout)
+                if restore.poll() is None:
+                    restore.kill()
+                restore_err = restore.stderr.read().decode(errors="replace")
+                restore.wait(timeout=self.timeout)
+            if psql.returncode != 0:
+                raise BackupError(f"restore failed (psql exit {psql.returncode}): {psql_err.strip()[-1500:]}; the "
+                                  f"transaction was rolled back, the database is as it was")
+            if restore.returncode != 0:
+                raise BackupError(f"pg_restore failed (exit {restore.returncode}): {restore_err.strip()[-1500:]}; "
+                                  f"the restore transaction was not committed, the database is as it was")
+        return time.monotonic() - started
 
     def _recreate_schema_sql(self, schema: str) -> str:
         """Return SQL that drops ``schema`` and creates it again with the same owner, privileges and comment.

@@ -45,3 +45,15 @@ def failed_stages(states: dict[str, str]) -> list[str]:
 def safe_key(text: str) -> str:
     """Make a run id usable in an S3 key."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:120]
+
+
+def as_bool(value: Any) -> bool:
+    """Read a rendered template as a boolean ("True", "false", True...)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in {"true", "1", "yes"}
+
+
+def as_optional_int(value: Any) -> int | None:
+    """Read a rendered template as an optional integer ("None" and "" mean none)."""
+    if value is None or str(value).strip() in {"", "None", "null"}:
+        return None
+    return int(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -46,10 +47,15 @@ class PostgresIntegrityCheckOperator(BaseOperator):
         try:
             for path in files:
                 query = path.read_text(encoding="utf-8")
-                with conn, conn.cursor() as cur:
-                    cur.execute(query)
-                    rows = cur.fetchmany(SHOWN_ROWS + 1)
-                    columns = [c.name for c in cur.description or []]
+                try:
+                    with conn, conn.cursor() as cur:
+                        cur.execute(query)
+                        rows = cur.fetchmany(SHOWN_ROWS + 1)
+                        columns = [c.name for c in cur.description or []]
+                except psycopg2.Error as exc:
+                    failures.append(f"check {path.stem} ({path}) could not run: {str(exc).strip()}\n"
+                                    f"    query: {' '.join(query.split())}")
+                    continue
                 results.append({"check": path.stem, "rows": len(rows)})
                 if rows:
                     shown = [dict(zip(columns, row)) for row in rows[:SHOWN_ROWS]]

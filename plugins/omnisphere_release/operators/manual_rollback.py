@@ -14,6 +14,7 @@ from omnisphere_release.hooks.ecs import (EcsDeploymentError, EcsDeploymentHook,
                                           summarize, with_image)
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
+from omnisphere_release.operators.common import as_optional_int
 from omnisphere_release.operators.preflight import migration_engine
 
 PLAN = "plan"
@@ -46,6 +47,11 @@ class ManualRollbackPlanOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         catalog = load_catalog()
         service = catalog.get(self.service)
+        # Params arrive as rendered text; "None" is an unset optional param.
+        self.task_definition, self.image_tag, self.restore_backup_uri = (
+            None if str(v) in {"None", ""} else str(v)
+            for v in (self.task_definition, self.image_tag, self.restore_backup_uri))
+        self.schema_version = as_optional_int(self.schema_version)
         if not (self.reason or "").strip():
             raise AirflowFailException("param 'reason' is required: say why this manual rollback happens")
         if self.task_definition and self.image_tag:
@@ -73,13 +79,15 @@ class ManualRollbackPlanOperator(BaseOperator):
             plan["schema_version"] = int(self.schema_version)
         if self.restore_backup_uri:
             bucket, key = parse_s3_uri(self.restore_backup_uri)
+            hook = BackupHook({}, _s3(service.aws_conn_id))
             try:
-                head = _s3(service.aws_conn_id).head_object(Bucket=bucket, Key=key)
+                checksum = hook.recorded_sha256(bucket, key)
             except Exception as exc:  # noqa: BLE001 - the message matters, not the type
                 raise AirflowFailException(f"param restore_backup_uri: cannot read {self.restore_backup_uri}: {exc}")
-            if "sha256" not in head.get("Metadata", {}):
-                raise AirflowFailException(f"{self.restore_backup_uri} carries no sha256: not a backup of this tool")
-            plan["restore"] = {"bucket": bucket, "key": key, "sha256": head["Metadata"]["sha256"]}
+            if not checksum:
+                raise AirflowFailException(f"{self.restore_backup_uri} carries no sha256 tag: not a backup taken by "
+                                           f"a release, so its integrity cannot be checked")
+            plan["restore"] = {"bucket": bucket, "key": key, "sha256": checksum}
         self.log.info("Manual rollback plan for %s: %s", service.name, plan)
         return plan
 

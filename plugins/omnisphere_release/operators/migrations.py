@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.operators.common import as_bool, as_optional_int
 from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine, MigrationFailed
 
 
@@ -37,8 +38,8 @@ class PostgresApplyMigrationsOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         catalog = load_catalog()
         service = catalog.get(self.service)
-        target = None if self.target_version in (None, "", "None") else int(self.target_version)
-        dry_run = self.dry_run if isinstance(self.dry_run, bool) else str(self.dry_run).lower() == "true"
+        target = as_optional_int(self.target_version)
+        dry_run = as_bool(self.dry_run)
         run_id = context["run_id"]
         database = ServiceDatabaseHook(service.postgres_conn_id)
         engine = MigrationEngine(

@@ -15,6 +15,7 @@ from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of, with_image
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine
+from omnisphere_release.operators.common import as_bool, as_optional_int
 
 TOUCHED_TABLE = re.compile(
     r"\b(?:ALTER\s+TABLE(?:\s+IF\s+EXISTS)?(?:\s+ONLY)?|INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?)"
@@ -70,7 +71,8 @@ class ReleasePreflightOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         catalog = load_catalog()
         service = catalog.get(self.service)
-        target = None if self.target_version in (None, "", "None") else int(self.target_version)
+        target = as_optional_int(self.target_version)
+        self.migrate, self.dry_run = as_bool(self.migrate), as_bool(self.dry_run)
         problems: list[str] = []
         self.log.info("Preflight of the release of %s to image tag %s (%s%s): checking the migration plan, ECS, "
                       "the backup destination; nothing will change.", service.name, self.image_tag, self.strategy,
