@@ -19,6 +19,7 @@ from airflow.sdk import DAG, Param, TriggerRule
 from omnisphere_release.catalog import Catalog, Service
 from omnisphere_release.operators import common as stage
 from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
+from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
 from omnisphere_release.operators.ecs import EcsDeployServiceOperator, EcsRollbackServiceOperator
 from omnisphere_release.operators.integrity import PostgresIntegrityCheckOperator
 from omnisphere_release.operators.migrations import (PostgresApplyMigrationsOperator,
@@ -67,7 +68,7 @@ Default strategy `{service.deploy.strategy}`, bake {service.deploy.bake_minutes}
 """
 
 
-def build_release_dag(service: Service) -> DAG:
+def build_release_dag(service: Service, has_data_migrations: bool = False) -> DAG:
     name = service.name
     with DAG(
         dag_id=f"release_{name}",
@@ -92,6 +93,8 @@ def build_release_dag(service: Service) -> DAG:
             task_id=stage.SCHEMA_UP, service=name, direction="up",
             target_version="{{ ti.xcom_pull(task_ids='preflight')['target_version'] }}", dry_run=False,
             reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ params.reason }}", retries=0)
+        data_migrate = (PostgresDataMigrateOperator(task_id=stage.DATA_MIGRATE, service=name, retries=3)
+                        if has_data_migrations else None)
         integrity = PostgresIntegrityCheckOperator(task_id=stage.INTEGRITY_CHECK, service=name, retries=0)
         deploy = EcsDeployServiceOperator(task_id=stage.ECS_DEPLOY, service=name, strategy="{{ params.strategy }}",
                                           bake_minutes="{{ params.bake_minutes }}")
@@ -99,7 +102,7 @@ def build_release_dag(service: Service) -> DAG:
         gate = CloudWatchMonitoringGateOperator(task_id=stage.MONITORING_GATE, service=name,
                                                 bake_minutes="{{ params.bake_minutes }}", retries=0)
         finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name)
-        main = [preflight, backup, schema_up, integrity, deploy, smoke, gate, finalize]
+        main = [t for t in (preflight, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
         for upstream, downstream in zip(main, main[1:]):
             upstream >> downstream
 
@@ -122,4 +125,6 @@ def build_release_dag(service: Service) -> DAG:
 
 
 def build_release_dags(catalog: Catalog) -> list[DAG]:
-    return [build_release_dag(service) for service in catalog.services]
+    # Listing data/ reads local files only; the stage exists for the services that have data migrations.
+    return [build_release_dag(service, any((catalog.sql_dir / service.name / "data").glob("*.yaml")))
+            for service in catalog.services]

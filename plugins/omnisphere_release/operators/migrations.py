@@ -103,12 +103,13 @@ class PostgresRevertReleaseMigrationsOperator(BaseOperator):
             return {"reverted": [], "schema_version": None}
         catalog = load_catalog()
         service = catalog.get(self.service)
+        data_reverted = self._revert_data_migrations(service, catalog, context)
         engine = migration_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']} rollback", self.log)
         current = engine.status().current_version
         target = before["schema_version"]
         if current == target:
             self.log.info("Nothing to revert: %s is at version %d, as before the release.", service.name, current)
-            return {"reverted": [], "schema_version": current}
+            return {"reverted": [], "schema_version": current, "data_reverted": data_reverted}
         if current < target:
             raise AirflowFailException(f"{service.name} is at version {current}, below the {target} recorded before "
                                        f"the release: someone else changed it; not touching it.")
@@ -121,4 +122,25 @@ class PostgresRevertReleaseMigrationsOperator(BaseOperator):
                                        f"restores the database from this run's backup.") from None
         self.log.info("Reverted %s to version %d (%s) in %.1fs. Next: restore_backup only if the policy says always.",
                       service.name, result.to_version, ", ".join(str(v) for v in result.versions), result.seconds)
-        return {"reverted": result.versions, "schema_version": result.to_version}
+        return {"reverted": result.versions, "schema_version": result.to_version, "data_reverted": data_reverted}
+
+    def _revert_data_migrations(self, service: Any, catalog: Any, context: Any) -> list[str]:
+        """Revert the data migrations this run ran, newest first; an irreversible one sends the release to restore."""
+        from omnisphere_release.datamigrate import DataMigrationEngine, discover_specs
+        from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+        from omnisphere_release.operators.common import DATA_MIGRATE, stage_output
+
+        ran = [m for m in (stage_output(context, DATA_MIGRATE) or {}).get("migrations", []) if m["state"] == "done"]
+        if not ran:
+            return []
+        specs = {s.name: s for s in discover_specs(catalog.sql_dir / service.name / "data")}
+        reverted = []
+        for entry in reversed(ran):
+            spec = specs[entry["name"]]
+            if not spec.reversible:
+                raise AirflowFailException(f"Data migration {spec.name} ran in this release and is irreversible; "
+                                           f"only the backup can undo it. Next: restore_backup.")
+            DataMigrationEngine(spec, ServiceDatabaseHook(service.postgres_conn_id).get_conn,
+                                run_by=f"rollback {context['run_id']}", log=self.log).run("revert")
+            reverted.append(spec.name)
+        return reverted

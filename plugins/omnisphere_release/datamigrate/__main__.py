@@ -1,0 +1,61 @@
+"""Command line: ``python -m omnisphere_release.datamigrate <service> <name> <run|revert|pause|status>``.
+
+The database comes from ``OMNI_PG_DSN_<SERVICE>``. Exit codes: 0 done (or paused on request), 1 failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+
+import psycopg2
+
+from omnisphere_release.catalog import CatalogError, load_catalog
+from omnisphere_release.datamigrate.engine import DataMigrationEngine
+from omnisphere_release.datamigrate.spec import load_spec
+from omnisphere_release.migrations.errors import InvalidMigrationInput, MigrationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m omnisphere_release.datamigrate", description=__doc__)
+    parser.add_argument("service")
+    parser.add_argument("name", help="the spec's file name in include/sql/<service>/data/, without .yaml")
+    parser.add_argument("action", choices=["run", "revert", "pause", "status"])
+    parser.add_argument("--max-batches", type=int, help="stop after this many batches (resume later)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        catalog = load_catalog()
+        service = catalog.get(args.service)
+        path = catalog.sql_dir / service.name / "data" / f"{args.name}.yaml"
+        if not path.exists():
+            raise InvalidMigrationInput(f"{path}: no such data migration")
+        dsn = os.environ.get(f"OMNI_PG_DSN_{service.env_suffix}")
+        if not dsn:
+            raise InvalidMigrationInput(f"OMNI_PG_DSN_{service.env_suffix} is not set (locally: . .devstack/env)")
+        engine = DataMigrationEngine(load_spec(path), lambda: psycopg2.connect(dsn),
+                                     run_by=f"cli:{getpass.getuser()}")
+        if args.action == "status":
+            checkpoint = engine.status()
+            print(checkpoint.describe() if checkpoint else f"{args.name}: never run")
+        elif args.action == "pause":
+            engine.request_pause()
+            print(f"{args.name}: pause requested; it stops after its current batch")
+        else:
+            result = engine.run("forward" if args.action == "run" else "revert", max_batches=args.max_batches)
+            print(f"{result.name} {result.direction}: {result.state}, {result.rows} rows in {result.batches} "
+                  f"batches, {result.seconds:.1f}s")
+    except (CatalogError, InvalidMigrationInput) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    except (MigrationError, psycopg2.Error) as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

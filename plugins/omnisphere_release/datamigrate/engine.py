@@ -1,0 +1,335 @@
+"""Run a data migration in keyset batches, one transaction each, with a checkpoint that makes it resumable.
+
+Each batch: find the next upper key with an index-only scan (``SELECT key ... WHERE key > last ORDER BY key LIMIT n``),
+run the spec's statement for ``last < key <= upper``, and advance the checkpoint row in the same transaction. After any
+crash the next run continues from the last committed batch: no row is processed twice or skipped. Rows never travel
+through Python: the statement runs in the server, so memory does not grow with the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+from psycopg2 import sql
+
+from omnisphere_release.datamigrate.spec import DataMigrationSpec
+from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+
+CHECKPOINT_TABLE = "omnisphere_data_migrations"
+ADVISORY_LOCK_NAMESPACE = 0x4F4D4E49
+DATA_MIGRATION_LOCK = 2
+
+_DDL = f"""
+CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (
+    name          text        NOT NULL,
+    direction     text        NOT NULL CHECK (direction IN ('forward', 'revert')),
+    spec_checksum text        NOT NULL,
+    last_key      bigint,
+    end_key       bigint,
+    rows_done     bigint      NOT NULL DEFAULT 0,
+    batches       bigint      NOT NULL DEFAULT 0,
+    state         text        NOT NULL DEFAULT 'running'
+                  CHECK (state IN ('running', 'pause_requested', 'paused', 'done', 'failed')),
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    finished_at   timestamptz,
+    run_by        text        NOT NULL,
+    error         text,
+    PRIMARY KEY (name, direction)
+)
+"""
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    direction: str
+    last_key: int | None
+    end_key: int | None
+    rows_done: int
+    batches: int
+    state: str
+    error: str | None
+
+    def describe(self) -> str:
+        return (f"{self.name} ({self.direction}): {self.state}, {self.rows_done} rows in {self.batches} batches, "
+                f"last key {self.last_key} of {self.end_key}" + (f", error: {self.error}" if self.error else ""))
+
+
+@dataclass
+class DataRunResult:
+    name: str
+    direction: str
+    state: str  # done, paused, or already_done
+    rows: int
+    batches: int
+    seconds: float
+    resumed_from: int | None
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+class DataMigrationEngine:
+    def __init__(self, spec: DataMigrationSpec, connect: Callable[[], Any], run_by: str = "cli",
+                 log: logging.Logger | logging.LoggerAdapter | None = None, progress_seconds: float = 5.0,
+                 lock_retries: int = 5) -> None:
+        self.spec = spec
+        self._connect = connect
+        self.run_by = run_by
+        self.log = log or logging.getLogger("omnisphere_release.datamigrate")
+        self.progress_seconds = progress_seconds
+        self.lock_retries = lock_retries
+
+    # ---- public API --------------------------------------------------------------------------------------------------
+    def run(self, direction: str = "forward", max_batches: int | None = None) -> DataRunResult:
+        """Run (or resume) the migration to its end, then verify; stop early on a pause request or ``max_batches``."""
+        if direction not in {"forward", "revert"}:
+            raise InvalidMigrationInput(f"direction must be 'forward' or 'revert', not {direction!r}")
+        if direction == "revert" and not self.spec.reversible:
+            raise InvalidMigrationInput(f"{self.spec.path}: data migration {self.spec.name} is not reversible "
+                                        f"(reversible: false); restore the backup taken before it instead")
+        statement = self.spec.bind(self.spec.statement if direction == "forward" else self.spec.revert or "")
+        conn = self._connect()
+        conn.autocommit = False
+        started = time.monotonic()
+        try:
+            self._prepare_session(conn)
+            self._lock(conn)
+            checkpoint = self._checkpoint(conn, direction)
+            if checkpoint.state == "done":
+                self.log.info("%s: already done (%s); nothing to do.", self.spec.name, checkpoint.describe())
+                return DataRunResult(self.spec.name, direction, "already_done", 0, 0, 0.0, checkpoint.last_key)
+            resumed_from = checkpoint.last_key if checkpoint.batches else None
+            self._set_state(conn, direction, "running")
+            total = self._estimate_remaining(conn, checkpoint)
+            self.log.info("%s %s: %s from key %s to %s, about %d rows to go, batches of %d%s.", self.spec.name,
+                          direction, "resuming" if resumed_from is not None else "starting", checkpoint.last_key,
+                          checkpoint.end_key, total, self.spec.batch_size,
+                          f", throttled to {self.spec.rows_per_second:.0f} rows/s" if self.spec.rows_per_second else "")
+            rows = batches = 0
+            last_report = time.monotonic()
+            last_key = checkpoint.last_key
+            while True:
+                if max_batches is not None and batches >= max_batches:
+                    return DataRunResult(self.spec.name, direction, "paused", rows, batches,
+                                         time.monotonic() - started, resumed_from)
+                if self._pause_requested(conn, direction):
+                    self._set_state(conn, direction, "paused")
+                    self.log.info("%s: paused at key %s after %d rows; run it again to resume.", self.spec.name,
+                                  last_key, rows)
+                    return DataRunResult(self.spec.name, direction, "paused", rows, batches,
+                                         time.monotonic() - started, resumed_from)
+                batch_started = time.monotonic()
+                done, last_key, count = self._batch(conn, statement, direction, last_key, checkpoint.end_key)
+                if done:
+                    break
+                rows += count
+                batches += 1
+                self._throttle(count, time.monotonic() - batch_started)
+                if time.monotonic() - last_report >= self.progress_seconds:
+                    self._progress(rows, total, started)
+                    last_report = time.monotonic()
+            self._verify(conn, direction)
+            if direction == "revert":
+                # Reverted means "never ran": forget both checkpoints, so a later release runs it again from the start.
+                with conn, conn.cursor() as cur:
+                    cur.execute(sql.SQL("DELETE FROM {} WHERE name = %s").format(sql.Identifier(CHECKPOINT_TABLE)),
+                                [self.spec.name])
+            else:
+                self._set_state(conn, direction, "done")
+            seconds = time.monotonic() - started
+            self.log.info("%s %s done: %d rows in %d batches, %.1fs (%.0f rows/s); verification passed.",
+                          self.spec.name, direction, rows, batches, seconds, rows / seconds if seconds else 0)
+            return DataRunResult(self.spec.name, direction, "done", rows, batches, seconds, resumed_from)
+        except (InvalidMigrationInput, MigrationFailed):
+            raise
+        except psycopg2.Error as exc:
+            conn.rollback()
+            message = str(exc).strip()
+            self._record_failure(conn, direction, message)
+            raise MigrationFailed(f"{self.spec.name} failed after key {self._last_key(conn, direction)}: {message}. "
+                                  f"Committed batches stay; fix the cause and run it again to resume.") from None
+        finally:
+            conn.close()
+
+    def request_pause(self) -> None:
+        """Ask a running migration to stop after its current batch (it checks between batches)."""
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(_DDL)
+                cur.execute(sql.SQL("UPDATE {} SET state = 'pause_requested', updated_at = now() WHERE name = %s "
+                                    "AND state = 'running'").format(sql.Identifier(CHECKPOINT_TABLE)),
+                            [self.spec.name])
+        finally:
+            conn.close()
+
+    def status(self, direction: str = "forward") -> Checkpoint | None:
+        conn = self._connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT to_regclass(%s) IS NOT NULL", [CHECKPOINT_TABLE])
+                if not cur.fetchone()[0]:
+                    return None
+                return self._read(cur, direction)
+        finally:
+            conn.close()
+
+    # ---- batches -----------------------------------------------------------------------------------------------------
+    def _batch(self, conn: Any, statement: str, direction: str, last_key: int, end_key: int) -> tuple[bool, int, int]:
+        """Run one batch; return (finished, new last key, rows affected)."""
+        table = sql.Identifier(*self.spec.table.split("."))
+        key = sql.Identifier(self.spec.key)
+        attempt = 0
+        while True:
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(sql.SQL("SELECT max(k) FROM (SELECT {key} AS k FROM {table} WHERE {key} > %s "
+                                        "AND {key} <= %s ORDER BY {key} LIMIT %s) batch").format(key=key, table=table),
+                                [last_key, end_key, self.spec.batch_size])
+                    upper = cur.fetchone()[0]
+                    if upper is None:
+                        return True, last_key, 0
+                    cur.execute(statement, {"last_key": last_key, "upper_key": upper,
+                                            "batch_size": self.spec.batch_size})
+                    count = max(cur.rowcount, 0)
+                    cur.execute(sql.SQL("UPDATE {} SET last_key = %s, rows_done = rows_done + %s, "
+                                        "batches = batches + 1, updated_at = now() WHERE name = %s AND direction = %s")
+                                .format(sql.Identifier(CHECKPOINT_TABLE)), [upper, count, self.spec.name, direction])
+                return False, upper, count
+            except psycopg2.errors.LockNotAvailable:
+                attempt += 1
+                if attempt > self.lock_retries:
+                    raise
+                delay = min(10.0, 0.5 * 2 ** attempt)
+                self.log.warning("%s: batch after key %s waited %d ms for a lock; retry %d of %d in %.1fs",
+                                 self.spec.name, last_key, self.spec.lock_timeout_ms, attempt, self.lock_retries, delay)
+                time.sleep(delay)
+
+    def _throttle(self, rows: int, batch_seconds: float) -> None:
+        wait = self.spec.pause_ms / 1000
+        if self.spec.rows_per_second:
+            wait = max(wait, rows / self.spec.rows_per_second - batch_seconds)
+        if wait > 0:
+            time.sleep(wait)
+
+    def _progress(self, rows: int, total: int, started: float) -> None:
+        elapsed = time.monotonic() - started
+        rate = rows / elapsed if elapsed else 0
+        remaining = max(total - rows, 0)
+        eta = remaining / rate if rate else float("inf")
+        self.log.info("%s: %d / ~%d rows (%.0f%%), %.0f rows/s, ETA %s", self.spec.name, rows, total,
+                      100 * rows / total if total else 100, rate,
+                      f"{eta:.0f}s" if eta != float("inf") else "unknown")
+
+    def _verify(self, conn: Any, direction: str) -> None:
+        if direction == "revert":
+            return
+        with conn, conn.cursor() as cur:
+            cur.execute(self.spec.verify)
+            row = cur.fetchone()
+        if not row or row[0] is not True:
+            message = f"verification returned {row!r}, expected a first column of true: {' '.join(self.spec.verify.split())}"
+            self._record_failure(conn, direction, message)
+            raise MigrationFailed(f"{self.spec.name}: {message}. Every batch ran; inspect the data, then fix and "
+                                  f"revert or rerun.")
+
+    # ---- session, lock and checkpoint -------------------------------------------------------------------------------
+    def _prepare_session(self, conn: Any) -> None:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT set_config('application_name', %s, false)",
+                        [f"omni-datamigrate {self.spec.name} {self.run_by}"[:63]])
+            cur.execute("SELECT set_config('lock_timeout', %s, false)", [f"{self.spec.lock_timeout_ms}ms"])
+            cur.execute("SELECT set_config('statement_timeout', %s, false)", [f"{self.spec.statement_timeout_ms}ms"])
+            cur.execute("SELECT set_config('client_connection_check_interval', '1s', false)")
+            cur.execute(_DDL)
+
+    def _lock(self, conn: Any) -> None:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", [ADVISORY_LOCK_NAMESPACE, self.spec.name])
+            if not cur.fetchone()[0]:
+                cur.execute("SELECT a.application_name, a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                            "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = hashtext(%s)::oid "
+                            "AND l.granted", [ADVISORY_LOCK_NAMESPACE, self.spec.name])
+                holder = cur.fetchone()
+                raise LockBusy(f"{self.spec.name} is already running: {holder[0] if holder else 'another session'} "
+                               f"(pid {holder[1] if holder else '?'}); let it finish or pause it")
+
+    def _checkpoint(self, conn: Any, direction: str) -> Checkpoint:
+        table = sql.Identifier(*self.spec.table.split("."))
+        key = sql.Identifier(self.spec.key)
+        with conn, conn.cursor() as cur:
+            existing = self._read(cur, direction)
+            if existing is not None:
+                if existing.state == "done" or existing.batches:
+                    return existing
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", [self.spec.table])
+            if not cur.fetchone()[0]:
+                raise InvalidMigrationInput(f"{self.spec.path}: field table: {self.spec.table} does not exist")
+            cur.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s::regclass "
+                        "AND attname = %s AND NOT attisdropped", [self.spec.table, self.spec.key])
+            key_type = cur.fetchone()
+            if not key_type or key_type[0] not in {"bigint", "integer", "smallint"}:
+                raise InvalidMigrationInput(f"{self.spec.path}: field key: {self.spec.table}.{self.spec.key} must be "
+                                            f"an integer column (found {key_type[0] if key_type else 'no column'})")
+            # The range is fixed when the migration starts: rows inserted later are the application's business.
+            cur.execute(sql.SQL("SELECT min({key}) - 1, max({key}) FROM {table}").format(key=key, table=table))
+            start, end = cur.fetchone()
+            cur.execute(sql.SQL("INSERT INTO {} (name, direction, spec_checksum, last_key, end_key, run_by) "
+                                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name, direction) DO UPDATE SET "
+                                "last_key = EXCLUDED.last_key, end_key = EXCLUDED.end_key, state = 'running', "
+                                "error = NULL").format(sql.Identifier(CHECKPOINT_TABLE)),
+                        [self.spec.name, direction, self.spec.checksum, start if start is not None else 0,
+                         end if end is not None else 0, self.run_by])
+            return self._read(cur, direction)
+
+    def _read(self, cur: Any, direction: str) -> Checkpoint | None:
+        cur.execute(sql.SQL("SELECT name, direction, last_key, end_key, rows_done, batches, state, error FROM {} "
+                            "WHERE name = %s AND direction = %s").format(sql.Identifier(CHECKPOINT_TABLE)),
+                    [self.spec.name, direction])
+        row = cur.fetchone()
+        return Checkpoint(*row) if row else None
+
+    def _estimate_remaining(self, conn: Any, checkpoint: Checkpoint) -> int:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT count(*) FROM {table} WHERE {key} > %s AND {key} <= %s").format(
+                table=sql.Identifier(*self.spec.table.split(".")), key=sql.Identifier(self.spec.key)),
+                [checkpoint.last_key, checkpoint.end_key])
+            return cur.fetchone()[0]
+
+    def _pause_requested(self, conn: Any, direction: str) -> bool:
+        with conn, conn.cursor() as cur:
+            return (self._read(cur, direction) or Checkpoint("", "", 0, 0, 0, 0, "running", None)).state \
+                == "pause_requested"
+
+    def _set_state(self, conn: Any, direction: str, state: str) -> None:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("UPDATE {} SET state = %s, updated_at = now(), finished_at = CASE WHEN %s = 'done' "
+                                "THEN now() END, error = CASE WHEN %s = 'failed' THEN error END WHERE name = %s AND "
+                                "direction = %s").format(sql.Identifier(CHECKPOINT_TABLE)),
+                        [state, state, state, self.spec.name, direction])
+
+    def _record_failure(self, conn: Any, direction: str, message: str) -> None:
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("UPDATE {} SET state = 'failed', error = %s, updated_at = now() WHERE name = %s "
+                                    "AND direction = %s").format(sql.Identifier(CHECKPOINT_TABLE)),
+                            [message[:2000], self.spec.name, direction])
+        except psycopg2.Error:
+            self.log.warning("%s: could not record the failure in %s", self.spec.name, CHECKPOINT_TABLE)
+
+    def _last_key(self, conn: Any, direction: str) -> Any:
+        try:
+            with conn, conn.cursor() as cur:
+                checkpoint = self._read(cur, direction)
+                return checkpoint.last_key if checkpoint else None
+        except psycopg2.Error:
+            return "?"

@@ -1,0 +1,67 @@
+"""data_migrate: run a service's data migrations (all pending ones, or one by name) with the batched engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from omnisphere_release.catalog import load_catalog
+from omnisphere_release.datamigrate import DataMigrationEngine, discover_specs
+from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+
+
+class PostgresDataMigrateOperator(BaseOperator):
+    """Run data migrations of include/sql/<service>/data/ in name order; each resumes from its checkpoint.
+
+    An Airflow retry resumes where the failed try stopped: committed batches are never run again. ``action`` is
+    ``run``, ``revert`` or ``pause`` (a pause request; the running migration stops after its current batch).
+    """
+
+    template_fields = ("service", "migration", "action")
+
+    def __init__(self, *, service: str, migration: str | None = None, action: str = "run", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+        self.migration = migration
+        self.action = action
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        catalog = load_catalog()
+        service = catalog.get(self.service)
+        try:
+            specs = discover_specs(catalog.sql_dir / service.name / "data")
+        except InvalidMigrationInput as exc:
+            raise AirflowFailException(str(exc)) from None
+        wanted = None if self.migration in (None, "", "None", "all") else self.migration
+        if wanted:
+            specs = [s for s in specs if s.name == wanted]
+            if not specs:
+                raise AirflowFailException(f"{service.name} has no data migration {wanted!r} in "
+                                           f"{catalog.sql_dir / service.name / 'data'}")
+        database = ServiceDatabaseHook(service.postgres_conn_id)
+        results = []
+        for spec in specs:
+            engine = DataMigrationEngine(spec, database.get_conn, run_by=f"dag={self.dag_id} run={context['run_id']}",
+                                         log=self.log)
+            if self.action == "pause":
+                engine.request_pause()
+                self.log.info("Pause requested for %s: it stops after its current batch.", spec.name)
+                continue
+            try:
+                result = engine.run("forward" if self.action == "run" else "revert")
+            except InvalidMigrationInput as exc:
+                raise AirflowFailException(f"Refused: {exc}") from None
+            except LockBusy as exc:
+                raise AirflowException(str(exc)) from None
+            except MigrationFailed as exc:
+                # Committed batches stay: a retry of this task resumes from the checkpoint.
+                raise AirflowException(str(exc)) from None
+            results.append({"name": result.name, "direction": result.direction, "state": result.state,
+                            "rows": result.rows, "batches": result.batches, "seconds": round(result.seconds, 2),
+                            "reversible": spec.reversible})
+        self.log.info("Data migrations of %s: %s", service.name,
+                      "; ".join(f"{r['name']} {r['state']} ({r['rows']} rows)" for r in results) or "none to run")
+        return {"migrations": results}
