@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import dag_parse, migrations, release
+from bench import dag_parse, data_migration, migrations, release
 
 
 def main() -> int:
-    for module in (dag_parse, migrations, release):
+    for module in (dag_parse, migrations, release, data_migration):
         print(f"== {module.__name__} ==", flush=True)
         module.main([])
     return 0
