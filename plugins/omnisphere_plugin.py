@@ -2,6 +2,9 @@
 
 from airflow.plugins_manager import AirflowPlugin
 
+from omnisphere_release.timetables import MaintenanceWindowTimetable
+
 
 class OmniSpherePlugin(AirflowPlugin):
     name = "omnisphere_release"
+    timetables = [MaintenanceWindowTimetable]

@@ -92,7 +92,8 @@ def main() -> int:
                 migrate_cli([service, "down", "--reason", "make demo: leave 004 to the release"])
         release = bag.dags["release_auth-service"]
         with output_to(log_path):
-            good = release.test(run_conf={"image_tag": "1.1.0", "bake_minutes": 0.1, "reason": "make demo"})
+            good = release.test(run_conf={"image_tag": "1.1.0", "bake_minutes": 0.1, "reason": "make demo",
+                                          "window": "now", "force_reason": "make demo on the local stack"})
         say("6/6 Releasing auth-service 1.2.0-errors: its 5xx rate breaks the monitoring gate...")
         # The failing release also brings a new migration (in a scratch copy of include/sql), so that its rollback
         # has schema work to undo as well.
@@ -106,7 +107,8 @@ def main() -> int:
         try:
             with output_to(log_path):
                 bad = release.test(run_conf={"image_tag": "1.2.0-errors", "bake_minutes": 0.2,
-                                             "reason": "make demo"})
+                                             "reason": "make demo", "window": "now",
+                                             "force_reason": "make demo on the local stack"})
         finally:
             os.environ.pop("OMNISPHERE_SQL_DIR")
             shutil.rmtree(scratch, ignore_errors=True)

@@ -45,6 +45,8 @@ class DeployPolicy(_Record):
     strategy: DeployStrategy = "rolling"
     timeout_minutes: int = Field(default=20, ge=1, le=24 * 60)
     bake_minutes: float = Field(default=5, ge=0, le=24 * 60)
+    # How long a release takes, until earlier releases' reports tell better; a window with less room left is refused.
+    estimated_minutes: float = Field(default=20, gt=0, le=24 * 60)
 
 
 class SmokeTest(_Record):

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import DAG, Param, TriggerRule, task
+from airflow.sdk import DAG, Param, TriggerRule, Variable, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import Catalog
@@ -50,17 +50,21 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all", schedul
         params={
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "reason": Param("", type="string", maxLength=500, description="Why; passed to every release."),
+            "staging_rehearsed": Param(False, type="boolean", description="The manifest went through staging."),
         },
     ) as dag:
 
         @task(retries=0)
         def check_manifest(params: dict[str, Any] | None = None) -> list[str]:
-            """Refuse an unknown service or a bad tag before any release starts; return the release order."""
+            """Refuse an unknown service, a bad tag or a skipped staging rehearsal before any release starts."""
             assert params is not None
             try:
                 manifest = validate_manifest(params["manifest"], order)
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
+            if Variable.get("omni_environment", default="production") == "production" and not params.get("staging_rehearsed"):
+                raise AirflowFailException("the checklist requires a staging rehearsal in production: release the "
+                                           "manifest on staging first, then set param staging_rehearsed")
             chosen = [name for name in order if name in manifest]
             print(f"Releasing in this order: {', '.join(f'{s} {manifest[s]}' for s in chosen)}")
             return chosen
@@ -82,7 +86,9 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all", schedul
                 trigger_dag_id=f"release_{name}",
                 trigger_run_id=f"{{{{ run_id }}}}__{name}",
                 conf={"image_tag": f"{{{{ params.manifest['{name}'] }}}}",
-                      "reason": "{{ 'release_all ' ~ run_id ~ ': ' ~ params.reason }}"},
+                      "reason": "{{ 'release_all ' ~ run_id ~ ': ' ~ params.reason }}",
+                      # release_all itself runs in its window (or was started by a person): its releases go now.
+                      "window": "now", "force_reason": "{{ 'part of release_all ' ~ run_id }}"},
                 wait_for_completion=True,
                 deferrable=True,
                 poke_interval=5,

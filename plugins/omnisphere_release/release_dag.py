@@ -1,7 +1,7 @@
 """The factory of ``release_<service>``: the stages of a release and its rollback branch, wired once for every service.
 
 ```
-preflight > backup > schema_up > integrity_check > ecs_deploy > smoke_test > monitoring_gate > finalize
+wait_for_window > preflight > backup > schema_up > integrity_check > ecs_deploy > smoke_test > monitoring_gate > finalize
                  any failure > rollback_ecs > rollback_schema > restore_backup > verify_rollback
                  release_failed (fails the run whenever a stage failed)        report (always)
 ```
@@ -29,6 +29,7 @@ from omnisphere_release.operators.preflight import ReleasePreflightOperator
 from omnisphere_release.operators.release import (ReleaseFailedOperator, ReleaseFinalizeOperator,
                                                   ReleaseReportOperator, VerifyRollbackOperator)
 from omnisphere_release.operators.smoke import HttpSmokeTestOperator
+from omnisphere_release.operators.window import WINDOW_PATTERN, WaitForMaintenanceWindowOperator, schedule_of
 
 IMAGE_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
@@ -48,6 +49,14 @@ def release_params(service: Service) -> dict[str, Param]:
         "restore_policy": Param("when_needed", type="string", enum=["when_needed", "always"],
                                 description="Restore the backup on rollback only when the schema cannot be rolled "
                                             "back by its down files, or always."),
+        "window": Param("next", type="string", pattern=WINDOW_PATTERN,
+                        description="next: wait for the service's maintenance window "
+                                    f"({schedule_of(service).summary()}); an ISO 8601 start time; or now "
+                                    "(needs force_reason)."),
+        "force_reason": Param("", type="string", maxLength=500,
+                              description="Why this release cannot wait for its window (required with window=now)."),
+        "staging_rehearsed": Param(False, type="boolean",
+                                   description="The same release went through staging (required in production)."),
         "dry_run": Param(False, type="boolean", description="Run preflight only: print the plan, change nothing."),
         "reason": Param("", type="string", maxLength=500, description="Why this release; kept in the report."),
     }
@@ -83,11 +92,16 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         params=release_params(service),
         default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
     ) as dag:
+        wait = WaitForMaintenanceWindowOperator(task_id=stage.WAIT_FOR_WINDOW, service=name,
+                                                window="{{ params.window }}", force_reason="{{ params.force_reason }}",
+                                                retries=0)
         preflight = ReleasePreflightOperator(
             task_id=stage.PREFLIGHT, service=name, image_tag="{{ params.image_tag }}",
             strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
             target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
-            backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason }}")
+            backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason }}",
+            staging_rehearsed="{{ params.staging_rehearsed }}",
+            environment="{{ var.value.get('omni_environment', 'production') }}")
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name)
         schema_up = PostgresApplyMigrationsOperator(
             task_id=stage.SCHEMA_UP, service=name, direction="up",
@@ -102,7 +116,7 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         gate = CloudWatchMonitoringGateOperator(task_id=stage.MONITORING_GATE, service=name,
                                                 bake_minutes="{{ params.bake_minutes }}", retries=0)
         finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name)
-        main = [t for t in (preflight, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
+        main = [t for t in (wait, preflight, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
         for upstream, downstream in zip(main, main[1:]):
             upstream >> downstream
 
@@ -113,7 +127,7 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
                                                 restore_policy="{{ params.restore_policy }}",
                                                 trigger_rule=TriggerRule.ALL_DONE)
         verify = VerifyRollbackOperator(task_id=stage.VERIFY_ROLLBACK, service=name, trigger_rule=TriggerRule.ALL_DONE)
-        main[1:] >> rollback_ecs  # type: ignore[operator]
+        main[2:] >> rollback_ecs  # type: ignore[operator]  # from backup on: what preflight may not refuse
         rollback_ecs >> rollback_schema >> restore >> verify
 
         # Two leaves: the run is FAILED whenever release_failed fails, whatever the report does.

@@ -45,6 +45,7 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "triggered_by": triggered_by,
         "reason": params.get("reason") or "",
+        "window": before.get("window") or outputs.get("wait_for_window"),
         "params": params,
         "before": {"image": before.get("previous_image"), "task_definition": before.get("previous_task_definition"),
                    "schema_version": before.get("schema_version")},
@@ -73,6 +74,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- Triggered by: {report.get('triggered_by') or 'unknown'}; reason: {report.get('reason') or '(none given)'}",
         f"- Params: `{json.dumps(report['params'], sort_keys=True, default=str)}`",
+        f"- Window: {_window(report.get('window'))}",
         "",
         "| | image | task definition | schema version |",
         "| --- | --- | --- | --- |",
@@ -104,6 +106,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     for task_id, entry in report["rollback"].items():
         lines.append(f"- {task_id}: {entry['state']}" + (f" — {_describe(entry['result'])}" if entry["result"] else ""))
     return "\n".join(lines) + "\n"
+
+
+def _window(window: Any) -> str:
+    if not window:
+        return "not reached"
+    if window.get("mode") == "now":
+        return f"forced outside the maintenance window: {window.get('force_reason')}"
+    return f"{window.get('window_start')} to {window.get('window_end')}"
 
 
 def _short(arn: Any) -> str:

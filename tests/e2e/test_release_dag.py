@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE = "auth-service"
 DSN_VAR = "OMNI_PG_DSN_AUTH_SERVICE"
 BASE_VERSION = 3
-ALL_LOGS: list[str] = []  # every run's output, for the secrets test at the end of this module
+ALL_LOGS: list[str] = []
+# The tests release at once; the maintenance-window wait has tests of its own.
+NOW = {"bake_minutes": 0.1, "reason": "e2e", "window": "now", "force_reason": "e2e test"}  # every run's output, for the secrets test at the end of this module
 
 
 @pytest.fixture()
@@ -72,7 +74,7 @@ def snapshot() -> dict:
 
 def release(tag_suffix: str = "", **conf) -> RunOutcome:
     tag = f"2.{uuid.uuid4().hex[:6]}{tag_suffix}"
-    return run_dag(f"release_{SERVICE}", {"image_tag": tag, "bake_minutes": 0.1, "reason": "e2e", **conf})
+    return run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW, **conf})
 
 
 def assert_rolled_back(outcome: RunOutcome, before: dict, failed_stage: str, restored: bool = False) -> None:
@@ -97,7 +99,7 @@ def assert_rolled_back(outcome: RunOutcome, before: dict, failed_stage: str, res
 
 def test_good_release_updates_image_and_schema_and_reports(release_env):
     # A tag that looks like a number must stay text: "3.10", not the float 3.1.
-    outcome = run_dag(f"release_{SERVICE}", {"image_tag": "3.10", "bake_minutes": 0.1, "reason": "e2e"})
+    outcome = run_dag(f"release_{SERVICE}", {"image_tag": "3.10", **NOW})
     assert outcome.state == "success", outcome.tasks
     for stage in ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test",
                   "monitoring_gate", "finalize", "report"):
@@ -214,7 +216,7 @@ def test_second_trigger_of_the_same_release_touches_nothing(release_env):
     assert first.state == "success"
     after_first = snapshot()
     tag = first.outputs["preflight"]["image_tag"]
-    second = run_dag(f"release_{SERVICE}", {"image_tag": tag, "bake_minutes": 0.1, "reason": "duplicate"})
+    second = run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW, "reason": "duplicate"})
     assert second.state == "failed" and second.task("preflight") == "failed"
     assert second.task("backup") == "upstream_failed"
     assert snapshot() == after_first
@@ -270,3 +272,62 @@ def test_manual_rollback_refuses_contradictory_params(release_env):
     outcome = run_dag(f"rollback_{SERVICE}", {"reason": "e2e"})
     assert outcome.state == "failed" and outcome.task("plan") == "failed"
     assert snapshot() == release_env["before"]
+
+
+def _iso(seconds_from_now: float) -> str:
+    from datetime import datetime, timedelta, timezone
+
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)).isoformat(timespec="seconds")
+
+
+def test_window_a_few_seconds_ahead_defers_then_releases(release_env):
+    import time as _time
+
+    opens = _iso(20)  # dag.test needs a few seconds to reach its first task
+    started = _time.monotonic()
+    outcome = release(window=opens, force_reason="")
+    assert outcome.state == "success", outcome.tasks
+    assert _time.monotonic() - started >= 20
+    assert outcome.outputs["wait_for_window"]["window_start"].startswith(opens[:19])
+    assert outcome.outputs["wait_for_window"]["waited_deferred"] is True  # resumed by its trigger
+
+
+def test_window_now_without_a_reason_is_refused_and_changes_nothing(release_env):
+    outcome = release(force_reason="")
+    assert outcome.state == "failed" and outcome.task("wait_for_window") == "failed"
+    assert outcome.task("preflight") == "upstream_failed"
+    assert snapshot() == release_env["before"]
+
+
+def _fresh_backup_bucket(monkeypatch) -> None:
+    """A bucket with no earlier release reports: the duration estimate is then the catalog's."""
+    import boto3 as _boto3
+
+    bucket = f"omni-window-{uuid.uuid4().hex[:8]}"
+    s3 = _boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    monkeypatch.setenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET", bucket)
+
+
+def test_window_without_room_for_the_release_is_refused_before_schema_up(release_env, monkeypatch):
+    _fresh_backup_bucket(monkeypatch)  # estimate: the catalog's 20 minutes
+    # auth-service windows last 120 min (catalog); this one opened 118 min ago and closes in two minutes.
+    outcome = release(window=_iso(-118 * 60), force_reason="")
+    assert outcome.state == "failed" and outcome.task("preflight") == "failed"
+    assert outcome.task("schema_up") == "upstream_failed"
+    assert snapshot()["version"] == BASE_VERSION
+
+
+def test_window_closing_during_the_bake_fails_the_gate_and_rolls_back(release_env, monkeypatch, tmp_path):
+    # The estimate is the catalog's (no earlier reports in a fresh bucket); make it small enough to start.
+    catalog = yaml.safe_load(Path(os.environ["OMNISPHERE_CATALOG"]).read_text())
+    catalog["services"][0]["deploy"]["estimated_minutes"] = 0.1
+    path = tmp_path / "services-window.yaml"
+    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(path))
+    _fresh_backup_bucket(monkeypatch)
+    outcome = release(window=_iso(-120 * 60 + 45), force_reason="", bake_minutes=3)
+    assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
+    assert outcome.outputs["report"]["window"]["window_end"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -33,6 +33,8 @@ class CloudWatchMonitoringGateOperator(BaseOperator):
         bake = float(self.bake_minutes) * 60
         m = service.monitoring
         now = time.time()
+        window = context["ti"].xcom_pull(task_ids="wait_for_window") or {}
+        closes_at = datetime.fromisoformat(window["window_end"]).timestamp() if window.get("window_end") else None
         self.log.info("Baking %s for %.0fs: failing on 5xx rate > %.2f%%, p99 > %d ms, alarms %s, or no data for "
                       "%.0fs (target group %s).", service.name, bake, m.max_error_rate * 100, m.max_p99_latency_ms,
                       list(m.alarms) or "none", m.missing_data_minutes * 60, m.target_group)
@@ -42,7 +44,7 @@ class CloudWatchMonitoringGateOperator(BaseOperator):
                 max_p99_ms=m.max_p99_latency_ms, missing_data_seconds=m.missing_data_minutes * 60,
                 alarms=list(m.alarms), aws_conn_id=service.aws_conn_id,
                 poll_seconds=min(self.poll_seconds, max(1.0, bake / 3)),
-                window_seconds=max(60.0, min(300.0, bake))),
+                window_seconds=max(60.0, min(300.0, bake)), window_closes_at=closes_at),
             method_name="execute_complete",
             timeout=timedelta(seconds=bake + 600),
         )

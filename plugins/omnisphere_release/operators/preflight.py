@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -15,7 +16,8 @@ from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of, with_image
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine
-from omnisphere_release.operators.common import as_bool, as_optional_int
+from omnisphere_release.operators.common import WAIT_FOR_WINDOW, as_bool, as_optional_int, stage_output
+from omnisphere_release.operators.window import estimate_minutes
 
 TOUCHED_TABLE = re.compile(
     r"\b(?:ALTER\s+TABLE(?:\s+IF\s+EXISTS)?(?:\s+ONLY)?|INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?)"
@@ -58,12 +60,13 @@ class ReleasePreflightOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("service", "image_tag", "strategy", "migrate", "target_version", "dry_run",
-                                      "backup_bucket", "reason")
+                                      "backup_bucket", "reason", "staging_rehearsed", "environment")
 
     def __init__(self, *, service: str, image_tag: str, strategy: str, migrate: Any = True,
                  target_version: Any = None, dry_run: Any = False, backup_bucket: str = "", reason: str = "",
-                 **kwargs: Any) -> None:
+                 staging_rehearsed: Any = False, environment: str = "production", **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.staging_rehearsed, self.environment = staging_rehearsed, environment
         self.service, self.image_tag, self.strategy = service, image_tag, strategy
         self.migrate, self.target_version, self.dry_run = migrate, target_version, dry_run
         self.backup_bucket, self.reason = backup_bucket, reason
@@ -115,6 +118,9 @@ class ReleasePreflightOperator(BaseOperator):
         except BackupError as exc:
             problems.append(str(exc))
 
+        window = stage_output(context, WAIT_FOR_WINDOW) or {}
+        problems += self._checklist(service, window, s3)
+
         if problems:
             raise AirflowFailException(
                 f"Preflight refused the release of {service.name} to {self.image_tag}; nothing was changed:\n"
@@ -143,6 +149,8 @@ class ReleasePreflightOperator(BaseOperator):
             "lint": [f.describe() for f in plan.findings] if plan else [],
             "row_counts": row_counts,
             "backup_bucket": self.backup_bucket,
+            "window": window,
+            "staging_rehearsed": as_bool(self.staging_rehearsed),
         }
         self.log.info(
             "Preflight passed for %s: %s -> %s, schema %d -> %s (%d pending), row counts of %d touched table(s) "
@@ -150,6 +158,30 @@ class ReleasePreflightOperator(BaseOperator):
             before["target_version"], len(pending), len(row_counts),
             "nothing (dry run)" if self.dry_run else "backup")
         return before
+
+
+    def _checklist(self, service: Any, window: dict[str, Any], s3: Any) -> list[str]:
+        """The team's pre-migration checklist, checked by the run itself; return what is not satisfied."""
+        problems = []
+        rehearsed = as_bool(self.staging_rehearsed)
+        self.log.info("Checklist: backup before any change: the backup stage; rollback plan: the migration plan above, "
+                      "reversed; staging rehearsal: %s.", "done" if rehearsed else "NOT declared")
+        if not rehearsed and self.environment == "production" and window.get("mode") != "now":
+            problems.append("the checklist requires a staging rehearsal in production: release the same image on "
+                            "staging first, then set param staging_rehearsed (or force with window=now and a reason)")
+        if window.get("window_end"):
+            end = datetime.fromisoformat(window["window_end"])
+            left = (end - datetime.now(timezone.utc)).total_seconds() / 60
+            needed, source = estimate_minutes(service, s3, self.backup_bucket, self.log)
+            self.log.info("Maintenance window closes at %s: %.0f min left; this release needs about %.1f min (%s).",
+                          end.isoformat(), left, needed, source)
+            if left < needed:
+                problems.append(f"the maintenance window closes at {end.isoformat()} ({left:.0f} min left) and this "
+                                f"release needs about {needed:.0f} min ({source}): not starting it; trigger it for "
+                                f"the next window")
+        elif window.get("mode") == "now":
+            self.log.info("Outside the maintenance window by choice: %s", window.get("force_reason"))
+        return problems
 
 
 def _s3_client(aws_conn_id: str | None) -> Any:
