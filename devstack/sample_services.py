@@ -4,7 +4,7 @@ Each answers /health, /ready and /version as the image that the simulated ECS se
 canary, some requests reach the new image and some the old), and publishes the load balancer's metrics
 (RequestCount, HTTPCode_Target_5XX_Count, TargetResponseTime) to the local CloudWatch every few seconds.
 Faults come from the image tag: ``-unhealthy`` fails /health and /ready, ``-errors`` answers 5xx to a share of
-traffic well above any catalog threshold.
+its application traffic (not its health endpoints) well above any catalog threshold.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from devstack.ecs_simulator import image_tag
 log = logging.getLogger("devstack.sample_services")
 
 ERROR_SHARE = 0.25  # of requests answered 5xx by an ``-errors`` image
+HEALTH_PATHS = ("/health", "/ready", "/version")
 BACKGROUND_REQUESTS = 120  # synthetic requests per publishing interval, so that metrics exist without real traffic
 
 
@@ -52,7 +53,9 @@ def respond(path: str, image: str | None) -> tuple[int, dict[str, Any], float]:
     """Return (status, body, simulated latency in seconds) for one request served by ``image``."""
     tag = image_tag(image or "none:unknown")
     latency = random.uniform(0.01, 0.06)
-    if tag.endswith("-errors") and random.random() < ERROR_SHARE:
+    # An "-errors" image keeps its health endpoints green (as a broken release often does) and fails a share of its
+    # real traffic: only the metrics reveal it, which is what the monitoring gate is for.
+    if tag.endswith("-errors") and path not in HEALTH_PATHS and random.random() < ERROR_SHARE:
         return 500, {"error": "internal error"}, latency
     unhealthy = tag.endswith("-unhealthy")
     if path == "/health":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ def live_airflow(devstack):
     while client.get("/dags/release_all").status_code != 200:
         assert time.monotonic() < deadline, "the DAG processor did not parse the DAGs in time"
         time.sleep(2)
+    client.info = info  # type: ignore[attr-defined]  # url, username, password for the CLI tests
     try:
         yield client
     finally:
@@ -102,3 +105,51 @@ def test_invalid_release_params_are_refused_by_the_api(live_airflow):
     run_id = response.json()["dag_run_id"]
     assert wait_for_run(live_airflow, "release_all", run_id)["state"] == "failed"
     assert task_states(live_airflow, "release_all", run_id)["check_manifest"] == "failed"
+
+
+def omni_release(live_airflow, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
+    info = live_airflow.info
+    env = {**os.environ, "OMNI_AIRFLOW_URL": info["url"], "OMNI_AIRFLOW_USERNAME": info["username"],
+           "OMNI_AIRFLOW_PASSWORD": password or info["password"], "PYTHONPATH": str(REPO / "plugins")}
+    return subprocess.run([sys.executable, "-m", "omnisphere_release.client", *args], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
+    from datetime import datetime, timedelta, timezone
+
+    opens = (datetime.now(timezone.utc) + timedelta(seconds=30)).isoformat(timespec="seconds")
+    result = omni_release(live_airflow, "trigger", "auth-service", "--image-tag", f"6.0.{int(time.time())}",
+                          "--window", opens, "--reason", "CI release", "--wait", "--poll", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Triggered release_auth-service/" in result.stdout and "/dags/release_auth-service/runs/" in result.stdout
+    assert "wait_for_window: deferred" in result.stdout  # waiting held no worker slot
+    assert "monitoring_gate: success" in result.stdout
+    assert "RELEASED: every stage passed" in result.stdout
+
+
+def test_cli_failed_release_exits_1_with_the_report_and_the_failed_task_log(live_airflow):
+    result = omni_release(live_airflow, "trigger", "notification-service", "--image-tag",
+                          f"6.1.{int(time.time())}-unhealthy", "--window", "now", "--force-reason", "CI hotfix",
+                          "--wait", "--poll", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED and ROLLED BACK" in result.stdout
+    assert "---- log of failed task smoke_test" in result.stdout
+    assert "Smoke test of notification-service failed" in result.stdout  # the cause, from the task log via the API
+    assert "GET /health -> 503" in result.stdout
+    run = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("Triggered "))
+    logs = omni_release(live_airflow, "logs", run)
+    assert logs.returncode == 0 and "rollback_ecs" in logs.stdout
+
+
+def test_cli_bad_param_exits_2_with_the_api_message(live_airflow):
+    result = omni_release(live_airflow, "trigger", "auth-service", "--image-tag", "not a tag!", "--window", "now",
+                          "--force-reason", "x")
+    assert result.returncode == 2
+    assert "image_tag" in result.stderr
+
+
+def test_cli_wrong_password_exits_4(live_airflow):
+    result = omni_release(live_airflow, "status", "release_auth-service/whatever", password="wrong-password")
+    assert result.returncode == 4
+    assert "refused the credentials" in result.stderr

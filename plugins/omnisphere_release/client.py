@@ -1,0 +1,243 @@
+"""``omni-release``: trigger and follow releases from CI through Airflow's REST API v2.
+
+    omni-release trigger <service> --image-tag T [--strategy S] [--window now --force-reason R] [--wait]
+    omni-release status|logs|report <dag_id>/<run_id>
+
+The Airflow URL and credentials come from the environment, never the command line (CI logs and `ps` show it):
+``OMNI_AIRFLOW_URL`` (e.g. https://airflow.example.com), and ``OMNI_AIRFLOW_TOKEN`` or ``OMNI_AIRFLOW_USERNAME`` +
+``OMNI_AIRFLOW_PASSWORD``.
+
+Exit codes: 0 released (or the run succeeded), 1 failed or rolled back, 2 bad input or refused (the API's message is
+shown), 3 timeout, 4 Airflow cannot be reached or refuses the credentials.
+
+httpx rather than apache-airflow-client: one small, typed dependency that CI images already tend to have, and the
+few endpoints used here are stable parts of API v2; the generated client pins its own urllib3 and pydantic versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from omnisphere_release.report import render_markdown
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+FINAL = {"success", "failed"}
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class AirflowApi:
+    def __init__(self, url: str, token: str | None = None, username: str | None = None,
+                 password: str | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=f"{self.url}/api/v2", timeout=timeout)
+        try:
+            if not token:
+                if not username or not password:
+                    raise ClientError("set OMNI_AIRFLOW_TOKEN, or OMNI_AIRFLOW_USERNAME and OMNI_AIRFLOW_PASSWORD",
+                                      EXIT_UNREACHABLE)
+                response = httpx.post(f"{self.url}/auth/token", json={"username": username, "password": password},
+                                      timeout=timeout)
+                if response.status_code in (401, 403):
+                    raise ClientError(f"Airflow at {self.url} refused the credentials of {username!r} "
+                                      f"(HTTP {response.status_code})", EXIT_UNREACHABLE)
+                response.raise_for_status()
+                token = response.json()["access_token"]
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
+        self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
+        if response.status_code in (401, 403):
+            raise ClientError(f"Airflow refused the request {method} {path} (HTTP {response.status_code})",
+                              EXIT_UNREACHABLE)
+        if response.status_code in (400, 404, 409, 422):
+            raise ClientError(f"Airflow refused {method} {path} (HTTP {response.status_code}): "
+                              f"{_api_message(response)}", EXIT_BAD_INPUT)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances",
+                            params={"limit": 100})["task_instances"]
+
+    def report(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        try:
+            entry = self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/report/"
+                                        f"xcomEntries/return_value", params={"deserialize": True})
+        except ClientError:
+            return None
+        value = entry.get("value")
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        return value if isinstance(value, dict) else None
+
+    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
+        body = self.request("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/logs/"
+                                   f"{try_number}", params={"full_content": True},
+                            headers={"Accept": "application/json"})
+        lines = []
+        for item in body.get("content", []) if isinstance(body, dict) else []:
+            if isinstance(item, dict):
+                event = item.get("event", "")
+                if event.startswith("::"):
+                    continue
+                lines.append(f"{item.get('timestamp', '')} {item.get('level', '')} {event}".strip())
+                for error in item.get("error_detail") or []:  # the exception that failed the task: the cause
+                    if isinstance(error, dict):
+                        lines.append(f"    {error.get('exc_type', 'Exception')}: {error.get('exc_value', '')}")
+            else:
+                lines.append(str(item))
+        return "\n".join(lines)
+
+    def run_url(self, dag_id: str, run_id: str) -> str:
+        return f"{self.url}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
+
+
+def _api_message(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        return response.text[:500]
+    if isinstance(detail, list):
+        return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    return str(detail)
+
+
+def follow(api: AirflowApi, dag_id: str, run_id: str, timeout: float, poll: float, out: Any) -> str:
+    """Print each task's state as it changes until the run ends; return the final run state."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    while True:
+        for ti in api.task_instances(dag_id, run_id):
+            label = ti["task_id"] + (f"[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else "")
+            state = ti.get("state") or "none"
+            if seen.get(label) != state and state != "none":
+                print(f"  {time.strftime('%H:%M:%S')} {label}: {state}", file=out, flush=True)
+                seen[label] = state
+        state = api.run(dag_id, run_id)["state"]
+        if state in FINAL:
+            return state
+        if time.monotonic() > deadline:
+            raise ClientError(f"{dag_id} run {run_id} still {state} after {timeout:.0f}s; it goes on in Airflow: "
+                              f"{api.run_url(dag_id, run_id)}", EXIT_TIMEOUT)
+        time.sleep(poll)
+
+
+def print_outcome(api: AirflowApi, dag_id: str, run_id: str, out: Any) -> None:
+    report = api.report(dag_id, run_id)
+    print("", file=out)
+    print(render_markdown(report) if report else "(no release report: the report task did not run)", file=out)
+    for ti in api.task_instances(dag_id, run_id):
+        if ti.get("state") == "failed" and ti["task_id"] != "release_failed":
+            print(f"---- log of failed task {ti['task_id']} (try {ti.get('try_number', 1)}) ----", file=out)
+            print(api.log(dag_id, run_id, ti["task_id"], max(1, ti.get("try_number") or 1)), file=out)
+
+
+def parse_run(value: str) -> tuple[str, str]:
+    if "/" not in value:
+        raise ClientError(f"{value!r}: give the run as <dag_id>/<run_id>, as `trigger` prints it", EXIT_BAD_INPUT)
+    dag_id, run_id = value.split("/", 1)
+    return dag_id, run_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni-release", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    trigger = commands.add_parser("trigger", help="start release_<service>")
+    trigger.add_argument("service")
+    trigger.add_argument("--image-tag", required=True)
+    trigger.add_argument("--strategy", choices=["rolling", "blue_green", "canary", "linear"])
+    trigger.add_argument("--window", default=None, help="next (default), now, or an ISO 8601 start time")
+    trigger.add_argument("--force-reason", default=None, help="required with --window now")
+    trigger.add_argument("--bake-minutes", type=float)
+    trigger.add_argument("--reason", default=None)
+    trigger.add_argument("--staging-rehearsed", action="store_true")
+    trigger.add_argument("--dry-run", action="store_true")
+    trigger.add_argument("--wait", action="store_true", help="follow the run and print its report")
+    trigger.add_argument("--timeout", type=float, default=3600)
+    trigger.add_argument("--poll", type=float, default=5)
+    for name in ("status", "logs", "report"):
+        sub = commands.add_parser(name)
+        sub.add_argument("run", help="<dag_id>/<run_id>")
+    return parser
+
+
+def main(argv: list[str] | None = None, out: Any = None) -> int:
+    out = out or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_BAD_INPUT if exc.code else EXIT_OK
+    try:
+        url = os.environ.get("OMNI_AIRFLOW_URL")
+        if not url:
+            raise ClientError("set OMNI_AIRFLOW_URL to the Airflow base URL", EXIT_UNREACHABLE)
+        api = AirflowApi(url, os.environ.get("OMNI_AIRFLOW_TOKEN"), os.environ.get("OMNI_AIRFLOW_USERNAME"),
+                         os.environ.get("OMNI_AIRFLOW_PASSWORD"))
+        if args.command == "trigger":
+            dag_id = f"release_{args.service}"
+            conf: dict[str, Any] = {"image_tag": args.image_tag}
+            for key, value in (("strategy", args.strategy), ("window", args.window),
+                               ("force_reason", args.force_reason), ("bake_minutes", args.bake_minutes),
+                               ("reason", args.reason)):
+                if value is not None:
+                    conf[key] = value
+            if args.staging_rehearsed:
+                conf["staging_rehearsed"] = True
+            if args.dry_run:
+                conf["dry_run"] = True
+            run = api.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+            run_id = run["dag_run_id"]
+            print(f"Triggered {dag_id}/{run_id}", file=out)
+            print(f"  {api.run_url(dag_id, run_id)}", file=out, flush=True)
+            if not args.wait:
+                return EXIT_OK
+            state = follow(api, dag_id, run_id, args.timeout, args.poll, out)
+        else:
+            dag_id, run_id = parse_run(args.run)
+            state = api.run(dag_id, run_id)["state"]
+            if args.command == "status":
+                print(f"{dag_id}/{run_id}: {state}", file=out)
+                for ti in api.task_instances(dag_id, run_id):
+                    print(f"  {ti['task_id']}: {ti.get('state')}", file=out)
+                return EXIT_OK if state == "success" else EXIT_FAILED if state == "failed" else EXIT_OK
+            if args.command == "logs":
+                for ti in api.task_instances(dag_id, run_id):
+                    if ti.get("state") in ("success", "failed"):
+                        print(f"---- {ti['task_id']} ({ti['state']}) ----", file=out)
+                        print(api.log(dag_id, run_id, ti["task_id"], max(1, ti.get("try_number") or 1)), file=out)
+                return EXIT_OK
+        print(f"\n{dag_id}/{run_id}: {state.upper()}", file=out)
+        print_outcome(api, dag_id, run_id, out)
+        return EXIT_OK if state == "success" else EXIT_FAILED
+    except ClientError as exc:
+        print(f"omni-release: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
