@@ -7,7 +7,7 @@ instead of one per DAG. Parsing reads local files only: no database, no AWS.
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.data_migration_dag import build_data_migrations_dag
 from omnisphere_release.migration_dag import build_schema_migrations_dag
-from omnisphere_release.release_all_dag import build_release_all_dag
+from omnisphere_release.release_all_dag import build_queue_release_dag, build_release_all_dag
 from omnisphere_release.release_dag import build_release_dags
 from omnisphere_release.rollback_dag import build_rollback_dags
 
@@ -18,3 +18,4 @@ release_dags = build_release_dags(catalog)
 rollback_dags = build_rollback_dags(catalog)
 release_all = build_release_all_dag(catalog)
 data_migrations = build_data_migrations_dag(catalog)
+queue_release = build_queue_release_dag(catalog)

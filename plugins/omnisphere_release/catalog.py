@@ -135,6 +135,8 @@ class Catalog(_Record):
     path: Path
     sql_dir: Path
     services: tuple[Service, ...]
+    # When release_all releases the queued manifest; None: release_all runs only when triggered.
+    release_all_window: MaintenanceWindow | None = None
 
     @property
     def names(self) -> list[str]:
@@ -233,9 +235,10 @@ def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
         raise CatalogError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or set(raw) != {"services"}:
+    if not isinstance(raw, dict) or "services" not in raw or set(raw) - {"services", "release_all_window"}:
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise CatalogError(f"{path}: the top level must be a mapping with exactly one key, 'services' (found {found})")
+        raise CatalogError(f"{path}: the top level must be a mapping of 'services' and optionally "
+                           f"'release_all_window' (found {found})")
     raw_services = raw["services"]
     if not isinstance(raw_services, list) or not raw_services:
         raise CatalogError(f"{path}: field 'services' must be a non-empty list of service entries")
@@ -277,7 +280,15 @@ def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
                 f"{path}: field services[{i}] ({service.name}): missing SQL folder {folder}; "
                 f"create it (it may be empty) or fix the service name"
             )
-    return Catalog(path=path, sql_dir=sql_dir, services=services)
+    release_all_window = None
+    if raw.get("release_all_window") is not None:
+        try:
+            release_all_window = MaintenanceWindow.model_validate(raw["release_all_window"])
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise CatalogError(f"{path}: field release_all_window.{'.'.join(map(str, err['loc']))}: "
+                               f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+    return Catalog(path=path, sql_dir=sql_dir, services=services, release_all_window=release_all_window)
 
 
 def _is_valid(entry: object) -> bool:

@@ -29,6 +29,8 @@ def live_airflow(devstack):
     for service in catalog["services"]:
         service["deploy"]["bake_minutes"] = 0.1
         service["smoke_deadline_seconds"] = 4
+    # A release_all window every minute, so that a test sees scheduled runs take (or not) a queued manifest.
+    catalog["release_all_window"] = {"cron": "* * * * *", "duration_minutes": 1, "timezone": "UTC"}
     (home / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
     port = stack.free_port()
     extra = {"OMNISPHERE_CATALOG": str(home / "services.yaml"),
@@ -153,3 +155,33 @@ def test_cli_wrong_password_exits_4(live_airflow):
     result = omni_release(live_airflow, "status", "release_auth-service/whatever", password="wrong-password")
     assert result.returncode == 4
     assert "refused the credentials" in result.stderr
+
+
+def test_scheduled_release_all_releases_the_queued_manifest_and_nothing_otherwise(live_airflow):
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    tag = f"7.0.{int(time.time())}"
+    queued = live_airflow.post("/dags/queue_release/dagRuns", json={
+        "logical_date": None, "conf": {"manifest": {"auth-service": tag}, "window": "next", "reason": "queued"}})
+    assert queued.status_code == 200, queued.text
+    queue_run = wait_for_run(live_airflow, "queue_release", queued.json()["dag_run_id"], timeout=120)
+    assert queue_run["state"] == "success"
+    deadline = time.monotonic() + 300
+    taken = idle = None
+    while time.monotonic() < deadline and not (taken and idle):
+        runs = live_airflow.get("/dags/release_all/dagRuns", params={"run_type": ["scheduled"], "limit": 20,
+                                                                       "order_by": "-run_after"}).json()["dag_runs"]
+        for run in runs:
+            if run["state"] not in ("success", "failed"):
+                continue
+            states = task_states(live_airflow, "release_all", run["dag_run_id"])
+            if states.get("release_auth-service") == "success":
+                taken = run
+            elif states.get("check_manifest") == "skipped" and run["state"] == "success":
+                idle = run
+        time.sleep(5)
+    assert taken, "no scheduled release_all run released the queued manifest"
+    assert idle, "no scheduled release_all run was seen doing nothing for an empty window"
+    service = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]
+    image = ecs.describe_task_definition(taskDefinition=service["taskDefinition"])["taskDefinition"][
+        "containerDefinitions"][0]["image"]
+    assert image.endswith(f":{tag}")
