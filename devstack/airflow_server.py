@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -95,27 +94,10 @@ def healthy(url: str) -> bool:
 
 
 def stop(home: Path, timeout: float = 30) -> None:
+    """Stop Airflow's whole process group (standalone starts its parts as children)."""
+    from devstack.stack import stop_process_group
+
     pid_file = home / "standalone.pid"
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.3)
-        else:
-            continue
-        break
-    pid_file.unlink(missing_ok=True)
+    if pid_file.exists():
+        stop_process_group(int(pid_file.read_text()), timeout)
+        pid_file.unlink(missing_ok=True)

@@ -269,15 +269,7 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30) -> list[str]:
     pid_file = state_dir / "pid"
     state = json.loads((state_dir / "state.json").read_text()) if (state_dir / "state.json").exists() else {}
     if pid_file.exists():
-        pid = int(pid_file.read_text())
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            _signal_group(pid, sig)
-            deadline = time.monotonic() + wait
-            while _group_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if not _group_alive(pid):
-                break
-            log.warning("devstack process group %d still alive %.0fs after %s", pid, wait, sig.name)
+        stop_process_group(int(pid_file.read_text()), timeout)
         pid_file.unlink(missing_ok=True)
     pgdata = Path(state.get("pgdata", state_dir / "pgdata"))
     if (pgdata / "postmaster.pid").exists():  # the runner was killed before it could stop PostgreSQL
@@ -288,6 +280,18 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30) -> list[str]:
     leftovers = [f"port {port} ({name})" for name, port in state.get("ports", {}).items()
                  if _wait_closed(port)]
     return leftovers
+
+
+def stop_process_group(pid: int, timeout: float = 30) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left; return when the group is gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        _signal_group(pid, sig)
+        deadline = time.monotonic() + wait
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _group_alive(pid):
+            return
+        log.warning("process group %d still alive %.0fs after %s", pid, wait, sig.name)
 
 
 def _wait_closed(port: int, timeout: float = 10) -> bool:

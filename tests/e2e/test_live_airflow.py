@@ -68,33 +68,60 @@ def task_states(client: httpx.Client, dag_id: str, run_id: str) -> dict[str, str
     return {ti["task_id"]: ti["state"] for ti in tis}
 
 
-def test_release_all_stops_at_the_first_failure_and_says_so(live_airflow):
+def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_first_failure(live_airflow):
+    """Queue a manifest for the next release_all window (every minute here); the scheduled run takes it, releases
+    auth-service, fails on billing-service (which rolls itself back) and does not attempt notification-service.
+    Scheduled runs with nothing queued do nothing."""
     ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     td_before = {s: ecs.describe_services(cluster="omnisphere", services=[s])["services"][0]["taskDefinition"]
                  for s in ("auth-service", "billing-service", "notification-service")}
     suffix = str(int(time.time()))
     manifest = {"auth-service": f"5.0.{suffix}", "billing-service": f"5.0.{suffix}-crashloop",
                 "notification-service": f"5.0.{suffix}"}
-    response = live_airflow.post("/dags/release_all/dagRuns", json={
-        "logical_date": None, "conf": {"manifest": manifest, "reason": "live e2e"}})
-    assert response.status_code == 200, response.text
-    run_id = response.json()["dag_run_id"]
-    run = wait_for_run(live_airflow, "release_all", run_id)
-    states = task_states(live_airflow, "release_all", run_id)
+    queued = live_airflow.post("/dags/queue_release/dagRuns", json={
+        "logical_date": None, "conf": {"manifest": manifest, "window": "next", "reason": "live e2e"}})
+    assert queued.status_code == 200, queued.text
+    assert wait_for_run(live_airflow, "queue_release", queued.json()["dag_run_id"], timeout=120)["state"] == "success"
+    window = client_xcom(live_airflow, "queue_release", queued.json()["dag_run_id"], "queue")["window_start"]
+    deadline = time.monotonic() + 600
+    taken = idle = None
+    while time.monotonic() < deadline and not (taken and idle):
+        runs = live_airflow.get("/dags/release_all/dagRuns", params={"run_type": ["scheduled"], "limit": 50,
+                                                                       "order_by": "-run_after"}).json()["dag_runs"]
+        for run in runs:
+            if run["state"] not in ("success", "failed"):
+                continue
+            states = task_states(live_airflow, "release_all", run["dag_run_id"])
+            if states.get("check_manifest") == "success":
+                taken = (run, states)
+            elif states.get("check_manifest") == "skipped" and run["state"] == "success":
+                idle = run
+        time.sleep(5)
+    assert idle, "no scheduled release_all run was seen doing nothing for an empty window"
+    assert taken, f"no scheduled release_all run took the manifest queued for {window}"
+    run, states = taken
+    assert run["data_interval_start"].startswith(window[:16])
     assert run["state"] == "failed"
     assert states["release_auth-service"] == "success"
     assert states["release_billing-service"] == "failed"
     assert states["release_notification-service"] in ("upstream_failed", "skipped")
     assert states["summary"] == "failed"
-    billing_run = wait_for_run(live_airflow, "release_billing-service", f"{run_id}__billing-service")
-    assert billing_run["state"] == "failed"
-    billing_states = task_states(live_airflow, "release_billing-service", f"{run_id}__billing-service")
+    billing_run_id = f"{run['dag_run_id']}__billing-service"
+    assert wait_for_run(live_airflow, "release_billing-service", billing_run_id)["state"] == "failed"
+    billing_states = task_states(live_airflow, "release_billing-service", billing_run_id)
     assert billing_states["ecs_deploy"] == "failed" and billing_states["verify_rollback"] == "success"
     td_after = {s: ecs.describe_services(cluster="omnisphere", services=[s])["services"][0]["taskDefinition"]
                 for s in td_before}
     assert td_after["auth-service"] != td_before["auth-service"]  # released, and stays released
     assert td_after["billing-service"] == td_before["billing-service"]  # rolled back
     assert td_after["notification-service"] == td_before["notification-service"]  # not attempted
+
+
+def client_xcom(client: httpx.Client, dag_id: str, run_id: str, task_id: str) -> dict:
+    entry = client.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+                       params={"deserialize": True}).json()
+    value = entry["value"]
+    return value if isinstance(value, dict) else __import__("json").loads(value)
 
 
 def test_invalid_release_params_are_refused_by_the_api(live_airflow):
@@ -120,7 +147,7 @@ def omni_release(live_airflow, *args: str, password: str | None = None) -> subpr
 def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
     from datetime import datetime, timedelta, timezone
 
-    opens = (datetime.now(timezone.utc) + timedelta(seconds=30)).isoformat(timespec="seconds")
+    opens = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat(timespec="seconds")
     result = omni_release(live_airflow, "trigger", "auth-service", "--image-tag", f"6.0.{int(time.time())}",
                           "--window", opens, "--reason", "CI release", "--wait", "--poll", "1")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -155,33 +182,3 @@ def test_cli_wrong_password_exits_4(live_airflow):
     result = omni_release(live_airflow, "status", "release_auth-service/whatever", password="wrong-password")
     assert result.returncode == 4
     assert "refused the credentials" in result.stderr
-
-
-def test_scheduled_release_all_releases_the_queued_manifest_and_nothing_otherwise(live_airflow):
-    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    tag = f"7.0.{int(time.time())}"
-    queued = live_airflow.post("/dags/queue_release/dagRuns", json={
-        "logical_date": None, "conf": {"manifest": {"auth-service": tag}, "window": "next", "reason": "queued"}})
-    assert queued.status_code == 200, queued.text
-    queue_run = wait_for_run(live_airflow, "queue_release", queued.json()["dag_run_id"], timeout=120)
-    assert queue_run["state"] == "success"
-    deadline = time.monotonic() + 300
-    taken = idle = None
-    while time.monotonic() < deadline and not (taken and idle):
-        runs = live_airflow.get("/dags/release_all/dagRuns", params={"run_type": ["scheduled"], "limit": 20,
-                                                                       "order_by": "-run_after"}).json()["dag_runs"]
-        for run in runs:
-            if run["state"] not in ("success", "failed"):
-                continue
-            states = task_states(live_airflow, "release_all", run["dag_run_id"])
-            if states.get("release_auth-service") == "success":
-                taken = run
-            elif states.get("check_manifest") == "skipped" and run["state"] == "success":
-                idle = run
-        time.sleep(5)
-    assert taken, "no scheduled release_all run released the queued manifest"
-    assert idle, "no scheduled release_all run was seen doing nothing for an empty window"
-    service = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]
-    image = ecs.describe_task_definition(taskDefinition=service["taskDefinition"])["taskDefinition"][
-        "containerDefinitions"][0]["image"]
-    assert image.endswith(f":{tag}")

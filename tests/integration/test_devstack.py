@@ -229,6 +229,6 @@ def test_make_style_start_and_stop_leave_no_process_or_port():
     assert not any(stack.port_is_open(port) for port in state["ports"].values())
     ps = subprocess.run(["ps", "-eo", "pid,pgid,stat,args"], capture_output=True, text=True, check=True).stdout
     left = [line for line in ps.splitlines()[1:] if line.split()[1] == str(pid) or str(tmp_path) in line]
-    assert left == [], f"processes of the stopped stack still exist:\n" + "\n".join(left)
+    assert left == [], "processes of the stopped stack still exist:\n" + "\n".join(left)
     assert env["OMNI_PG_DSN_AUTH_SERVICE"].startswith("postgresql://auth_service:")
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from airflow.sdk import BaseOperator
+
 WAIT_FOR_WINDOW = "wait_for_window"
 PREFLIGHT = "preflight"
 BACKUP = "backup"
@@ -58,3 +60,13 @@ def as_optional_int(value: Any) -> int | None:
     if value is None or str(value).strip() in {"", "None", "null"}:
         return None
     return int(value)
+
+
+class ServiceStageOperator(BaseOperator):
+    """A release stage that acts on one catalog service, named by ``service`` (templated)."""
+
+    template_fields: tuple[str, ...] = ("service",)
+
+    def __init__(self, *, service: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service

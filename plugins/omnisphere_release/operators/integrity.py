@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
-from omnisphere_release.operators.common import PREFLIGHT, stage_output
+from omnisphere_release.operators.common import PREFLIGHT, ServiceStageOperator, stage_output
 from omnisphere_release.operators.preflight import count_rows
 
 SHOWN_ROWS = 10
@@ -21,19 +20,13 @@ def check_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.sql")) if folder.is_dir() else []
 
 
-class PostgresIntegrityCheckOperator(BaseOperator):
+class PostgresIntegrityCheckOperator(ServiceStageOperator):
     """Run every ``checks/*.sql`` of the service (a check passes when it returns no row), then compare the row counts
     of the tables the migrations touched with those preflight recorded.
 
     Like common-sql's SQLCheckOperator, a failure carries its evidence: which check, its query and the rows. It does
     not retry: a violated invariant will not heal by running the query again.
     """
-
-    template_fields = ("service",)
-
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
 
     def execute(self, context: Any) -> dict[str, Any]:
         catalog = load_catalog()

@@ -11,21 +11,15 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of
 from omnisphere_release.operators.common import (BACKUP, ECS_DEPLOY, FINALIZE, MAIN_STAGES, PREFLIGHT, RELEASE_FAILED,
-                                                 REPORT, ROLLBACK_ECS, ROLLBACK_STAGES, failed_stages, run_task_states,
-                                                 safe_key, stage_output)
+                                                 REPORT, ROLLBACK_ECS, ROLLBACK_STAGES, ServiceStageOperator,
+                                                 failed_stages, run_task_states, safe_key, stage_output)
 from omnisphere_release.operators.preflight import migration_engine
 from omnisphere_release.operators.smoke import smoke_until_deadline
 from omnisphere_release.report import build_report, render_markdown
 
 
-class ReleaseFinalizeOperator(BaseOperator):
+class ReleaseFinalizeOperator(ServiceStageOperator):
     """finalize: wait for ECS to finish the deployment (blue/green clean-up) and mark the release done."""
-
-    template_fields = ("service",)
-
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
 
     def execute(self, context: Any) -> dict[str, Any]:
         service = load_catalog().get(self.service)
@@ -44,16 +38,11 @@ class ReleaseFinalizeOperator(BaseOperator):
         return {"deployment_status": settled["status"]}
 
 
-class VerifyRollbackOperator(BaseOperator):
+class VerifyRollbackOperator(ServiceStageOperator):
     """verify_rollback: the service is on its previous task definition, the schema at its previous version, and the
     smoke tests pass on the old version. Skipped when nothing failed."""
 
-    template_fields = ("service",)
     ui_color = "#f8e0d8"
-
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
 
     def execute(self, context: Any) -> dict[str, Any]:
         states = run_task_states(context)
@@ -99,14 +88,8 @@ class ReleaseFailedOperator(BaseOperator):
                                    f"{rollback}. See the report task's log.")
 
 
-class ReleaseReportOperator(BaseOperator):
+class ReleaseReportOperator(ServiceStageOperator):
     """report: build the release report (JSON and Markdown), store it beside the backup, print it. Runs always."""
-
-    template_fields = ("service",)
-
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
 
     def execute(self, context: Any) -> dict[str, Any]:
         catalog = load_catalog()

@@ -6,11 +6,11 @@ import time
 from typing import Any
 
 import httpx
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.hooks.http import ProbeResult, base_url_of, probe
+from omnisphere_release.operators.common import ServiceStageOperator
 
 
 def smoke_until_deadline(service: Service, log: Any, deadline_seconds: float | None = None) -> list[ProbeResult]:
@@ -35,14 +35,8 @@ def smoke_until_deadline(service: Service, log: Any, deadline_seconds: float | N
             delay = min(delay * 2, 8.0)
 
 
-class HttpSmokeTestOperator(BaseOperator):
+class HttpSmokeTestOperator(ServiceStageOperator):
     """Probe the service's smoke_tests (status, JSON fields, latency budget); fail if they never all pass."""
-
-    template_fields = ("service",)
-
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
 
     def execute(self, context: Any) -> dict[str, Any]:
         service = load_catalog().get(self.service)
