@@ -24,6 +24,8 @@ class ReleaseFinalizeOperator(ServiceStageOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         service = load_catalog().get(self.service)
         deployment = stage_output(context, ECS_DEPLOY) or {}
+        self.log.info("Finalizing the release of %s: waiting for ECS to finish deployment %s (clean-up of the old "
+                      "revision).", service.name, deployment.get("deployment_arn"))
         ecs = EcsDeploymentHook(service.aws_conn_id)
         try:
             settled = ecs.wait_until_settled(deployment["deployment_arn"], service.deploy.timeout_minutes * 60, 2.0)
@@ -53,6 +55,9 @@ class VerifyRollbackOperator(ServiceStageOperator):
             raise AirflowSkipException("Nothing to verify: preflight refused the release, nothing was changed.")
         catalog = load_catalog()
         service = catalog.get(self.service)
+        self.log.info("Verifying that %s is back to its state before the release: task definition %s, schema version "
+                      "%s, smoke tests on the old version.", service.name, before["previous_task_definition"],
+                      before["schema_version"])
         problems = []
         live = EcsDeploymentHook(service.aws_conn_id).describe_service(service.ecs.cluster, service.ecs.service)
         if live["taskDefinition"] != before["previous_task_definition"]:
