@@ -7,7 +7,6 @@ before (pg_dump --schema-only), the data as before where a restore ran, and a re
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from tests.e2e.helpers import RunOutcome, run_dag
+from tests.pg import schema_dump
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -58,10 +58,7 @@ def release_env(devstack, airflow_db, sql_dir, tmp_path, monkeypatch, capfd):
 
 def snapshot() -> dict:
     dsn = os.environ[DSN_VAR]
-    pg_dump = Path(os.environ["OMNI_PG_BIN_DIR"]) / "pg_dump"
-    schema = subprocess.run([str(pg_dump), "--schema-only", "--no-owner", dsn], capture_output=True, text=True,
-                            check=True).stdout
-    schema = "\n".join(l for l in schema.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
+    schema = schema_dump(dsn, os.environ["OMNI_PG_BIN_DIR"])
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT id, email, password_hash FROM users ORDER BY id")
         users = cur.fetchall()

@@ -15,6 +15,7 @@ import pytest
 
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.migrations import EngineSettings, LockBusy, MigrationEngine
+from tests.pg import schema_dump as shared_schema_dump
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -26,10 +27,7 @@ def engine_for(dsn: str, folder: Path, **settings) -> MigrationEngine:
 
 
 def schema_dump(dsn: str, pg_bin: str) -> str:
-    result = subprocess.run([str(Path(pg_bin) / "pg_dump"), "--schema-only", "--no-owner", "--no-privileges",
-                             "--exclude-table=omnisphere_schema_*", dsn], capture_output=True, text=True, check=True)
-    # pg_dump 18 writes a random \restrict key on each run; it is not part of the schema.
-    return "\n".join(line for line in result.stdout.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
+    return shared_schema_dump(dsn, pg_bin, exclude="omnisphere_schema_*", privileges=False)
 
 
 def history(dsn: str) -> list[tuple]:
