@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +42,9 @@ def measure(admin_dsn: str, rows: int, offset_budget_s: float, state: Path) -> d
     from psycopg2 import sql
     from psycopg2.extras import execute_batch
 
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    conn = psycopg2.connect(admin_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conn.close()
-    dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+    from devstack.postgres import create_scratch_database
+
+    dsn = create_scratch_database(admin_dsn, "bench")
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE src (id bigint PRIMARY KEY, account bigint NOT NULL, kind text NOT NULL, "
                     "payload text NOT NULL)")

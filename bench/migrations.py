@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +37,9 @@ def write_migrations(folder: Path, count: int) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     import psycopg2
-    from psycopg2 import sql
 
     from devstack import stack
+    from devstack.postgres import create_scratch_database
     from omnisphere_release.migrations import MigrationEngine
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -56,13 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         combined = write_migrations(folder, args.migrations)
 
         def fresh_database() -> str:
-            name = f"bench_{uuid.uuid4().hex[:10]}"
-            conn = psycopg2.connect(admin)
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            conn.close()
-            return admin.rsplit("/", 1)[0] + f"/{name}"
+            return create_scratch_database(admin, "bench")
 
         engine_times, psql_times = [], []
         for _ in range(args.rounds):

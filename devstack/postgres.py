@@ -129,3 +129,29 @@ class LocalPostgres:
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise RuntimeError(f"{program} failed (exit {result.returncode}): {result.stderr.strip()}\n{tail}")
         return result
+
+
+def create_scratch_database(admin_dsn: str, prefix: str = "scratch") -> str:
+    """Create an empty database on the devstack's server (as its superuser) and return its DSN."""
+    import uuid
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+    return admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_scratch_database(admin_dsn: str, dsn: str) -> None:
+    """Drop a database made by create_scratch_database, even with sessions still connected."""
+    conn = psycopg2.connect(admin_dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dsn.rsplit("/", 1)[1])))
+    finally:
+        conn.close()

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,21 +67,13 @@ def airflow_db() -> Path:
 @pytest.fixture()
 def scratch_database(devstack: dict[str, str]) -> Iterator[str]:
     """Create an empty database for one test and drop it afterwards; yield its DSN."""
-    import psycopg2
-    from psycopg2 import sql
+    from devstack.postgres import create_scratch_database, drop_scratch_database
 
-    admin_dsn = devstack["OMNI_PG_ADMIN_DSN"]
-    name = f"scratch_{uuid.uuid4().hex[:12]}"
-    conn = psycopg2.connect(admin_dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = create_scratch_database(devstack["OMNI_PG_ADMIN_DSN"])
     try:
-        yield admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+        yield dsn
     finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-        conn.close()
+        drop_scratch_database(devstack["OMNI_PG_ADMIN_DSN"], dsn)
 
 
 @pytest.fixture()
