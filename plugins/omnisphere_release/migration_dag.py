@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import Catalog
 from omnisphere_release.operators.migrations import PostgresApplyMigrationsOperator
+from omnisphere_release.params import optional_text
 
 MIGRATIONS_POOL = "omnisphere_migrations"
 
@@ -64,10 +65,8 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                                     description="up: apply up to this version; down: revert every version above it."),
             "dry_run": Param(True, type="boolean",
                              description="Print the plan and change nothing. Applying is a choice: turn it off."),
-            "reason": Param("", type="string", maxLength=500,
-                            description="Why this run happens; recorded in each database's migration log."),
-            "acknowledge_drift": Param("", type="string", maxLength=500,
-                                       description="Accept applied files whose content changed, for this reason."),
+            "reason": optional_text("Why this run happens; recorded in each database's migration log."),
+            "acknowledge_drift": optional_text("Accept applied files whose content changed, for this reason."),
         },
     ) as dag:
 

@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from omnisphere_release.catalog import Catalog
 from omnisphere_release.operators.common import run_task_states
-from omnisphere_release.release_dag import IMAGE_TAG_PATTERN
+from omnisphere_release.params import IMAGE_TAG_PATTERN, optional_text
 from omnisphere_release.release_queue import QUEUE_VARIABLE, queue_manifest, resolve_window, take_manifest, window_key
 from omnisphere_release.timetables import MaintenanceWindowTimetable
 
@@ -54,7 +54,7 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
         default_args={"owner": "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
         params={
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
-            "reason": Param("", type="string", maxLength=500, description="Why; passed to every release."),
+            "reason": optional_text("Why; passed to every release."),
             "staging_rehearsed": Param(False, type="boolean", description="The manifest went through staging."),
         },
     ) as dag:
@@ -64,7 +64,7 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
             """Take the manifest (queued for this window, or given as a param), refuse an unknown service, a bad tag
             or a skipped staging rehearsal before any release starts."""
             params, dag_run = context["params"], context["dag_run"]
-            entry = {"manifest": params["manifest"], "reason": params.get("reason", ""),
+            entry = {"manifest": params["manifest"], "reason": params.get("reason") or "",
                      "staging_rehearsed": params.get("staging_rehearsed", False)}
             if str(getattr(dag_run, "run_type", "")).lower().endswith("scheduled"):
                 queue = Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True)
@@ -170,7 +170,7 @@ queued releases nothing. Queuing again for the same window replaces the earlier 
         params={
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "window": Param("next", type="string", description="next, or the ISO 8601 start of a window."),
-            "reason": Param("", type="string", maxLength=500),
+            "reason": optional_text("Why; kept with the queued manifest and passed to every release."),
             "staging_rehearsed": Param(False, type="boolean"),
         },
     ) as dag:
@@ -184,7 +184,7 @@ queued releases nothing. Queuing again for the same window replaces the earlier 
                 start = resolve_window(schedule, params["window"], datetime.now(timezone.utc))
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
-            entry = {"manifest": manifest, "reason": params["reason"],
+            entry = {"manifest": manifest, "reason": params["reason"] or "",
                      "staging_rehearsed": params["staging_rehearsed"], "queued_by": context["run_id"]}
             current = Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True)
             Variable.set(QUEUE_VARIABLE, queue_manifest(current, start, entry), serialize_json=True)

@@ -30,15 +30,16 @@ from omnisphere_release.operators.release import (ReleaseFailedOperator, Release
                                                   ReleaseReportOperator, VerifyRollbackOperator)
 from omnisphere_release.operators.smoke import HttpSmokeTestOperator
 from omnisphere_release.operators.window import WINDOW_PATTERN, WaitForMaintenanceWindowOperator, schedule_of
+from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE, optional_text
 
-IMAGE_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
 
 
 def release_params(service: Service) -> dict[str, Param]:
     return {
         "image_tag": Param(type="string", pattern=IMAGE_TAG_PATTERN, title="Image tag",
-                           description="The tag of the image to release (same repository as the running image)."),
+                           description="The tag of the image to release, from the same repository as the running image: "
+                                       f"{IMAGE_TAG_RULE}."),
         "strategy": Param(service.deploy.strategy, type="string", enum=STRATEGIES,
                           description="ECS deployment strategy; rolling uses the circuit breaker."),
         "migrate": Param(True, type="boolean", description="Apply pending schema migrations before deploying."),
@@ -53,12 +54,11 @@ def release_params(service: Service) -> dict[str, Param]:
                         description="next: wait for the service's maintenance window "
                                     f"({schedule_of(service).summary()}); an ISO 8601 start time; or now "
                                     "(needs force_reason)."),
-        "force_reason": Param("", type="string", maxLength=500,
-                              description="Why this release cannot wait for its window (required with window=now)."),
+        "force_reason": optional_text("Why this release cannot wait for its window (required with window=now)."),
         "staging_rehearsed": Param(False, type="boolean",
                                    description="The same release went through staging (required in production)."),
         "dry_run": Param(False, type="boolean", description="Run preflight only: print the plan, change nothing."),
-        "reason": Param("", type="string", maxLength=500, description="Why this release; kept in the report."),
+        "reason": optional_text("Why this release; kept in the report."),
     }
 
 
@@ -93,20 +93,20 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
     ) as dag:
         wait = WaitForMaintenanceWindowOperator(task_id=stage.WAIT_FOR_WINDOW, service=name,
-                                                window="{{ params.window }}", force_reason="{{ params.force_reason }}",
+                                                window="{{ params.window }}", force_reason="{{ params.force_reason or '' }}",
                                                 retries=0)
         preflight = ReleasePreflightOperator(
             task_id=stage.PREFLIGHT, service=name, image_tag="{{ params.image_tag }}",
             strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
             target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
-            backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason }}",
+            backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason or '' }}",
             staging_rehearsed="{{ params.staging_rehearsed }}",
             environment="{{ var.value.get('omni_environment', 'production') }}")
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name)
         schema_up = PostgresApplyMigrationsOperator(
             task_id=stage.SCHEMA_UP, service=name, direction="up",
             target_version="{{ ti.xcom_pull(task_ids='preflight')['target_version'] }}", dry_run=False,
-            reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ params.reason }}", retries=0)
+            reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ (params.reason or '') }}", retries=0)
         data_migrate = (PostgresDataMigrateOperator(task_id=stage.DATA_MIGRATE, service=name, retries=3)
                         if has_data_migrations else None)
         integrity = PostgresIntegrityCheckOperator(task_id=stage.INTEGRITY_CHECK, service=name, retries=0)

@@ -8,7 +8,7 @@ from airflow.sdk import DAG, Param, TriggerRule
 
 from omnisphere_release.catalog import Catalog, Service
 from omnisphere_release.operators.manual_rollback import PLAN, ManualRollbackPlanOperator, ManualRollbackStepOperator
-from omnisphere_release.release_dag import IMAGE_TAG_PATTERN
+from omnisphere_release.params import IMAGE_TAG_PATTERN, optional_text
 
 
 def build_rollback_dag(service: Service) -> DAG:
@@ -39,13 +39,13 @@ release; its sha256 is checked before anything is restored). `plan` checks every
                                     description="Revert every migration above this version."),
             "restore_backup_uri": Param(None, type=["null", "string"], pattern=r"^s3://[^/]+/.+$",
                                         description="Restore the database from this backup."),
-            "reason": Param("", type="string", minLength=0, maxLength=500, description="Why (required)."),
+            "reason": optional_text("Why (required)."),
         },
     ) as dag:
         plan = ManualRollbackPlanOperator(
             task_id=PLAN, service=name, task_definition="{{ params.task_definition }}",
             image_tag="{{ params.image_tag }}", schema_version="{{ params.schema_version }}",
-            restore_backup_uri="{{ params.restore_backup_uri }}", reason="{{ params.reason }}", retries=0)
+            restore_backup_uri="{{ params.restore_backup_uri }}", reason="{{ params.reason or '' }}", retries=0)
         previous = plan
         for step in ("ecs", "schema", "restore"):
             task = ManualRollbackStepOperator(task_id=f"rollback_{step}", service=name, step=step,

@@ -4,68 +4,18 @@ REST API as CI and the UI do."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import boto3
-import httpx
 import pytest
-import yaml
+
+from tests.e2e.live import client_xcom, task_states, wait_for_run
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def live_airflow(devstack):
-    from devstack import airflow_server, stack
-
-    home = Path(tempfile.mkdtemp(prefix="omni-live-airflow-"))
-    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
-    for service in catalog["services"]:
-        service["deploy"]["bake_minutes"] = 0.1
-        service["smoke_deadline_seconds"] = 4
-    # A release_all window every minute, so that a test sees scheduled runs take (or not) a queued manifest.
-    catalog["release_all_window"] = {"cron": "* * * * *", "duration_minutes": 1, "timezone": "UTC"}
-    (home / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
-    port = stack.free_port()
-    extra = {"OMNISPHERE_CATALOG": str(home / "services.yaml"),
-             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(stack.free_port()),
-             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(stack.free_port())}
-    info = airflow_server.start(devstack, home, port, extra_env=extra)
-    token = httpx.post(f"{info['url']}/auth/token", json={"username": info["username"],
-                                                          "password": info["password"]}).json()["access_token"]
-    client = httpx.Client(base_url=f"{info['url']}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    deadline = time.monotonic() + 120
-    while client.get("/dags/release_all").status_code != 200:
-        assert time.monotonic() < deadline, "the DAG processor did not parse the DAGs in time"
-        time.sleep(2)
-    client.info = info  # type: ignore[attr-defined]  # url, username, password for the CLI tests
-    try:
-        yield client
-    finally:
-        client.close()
-        airflow_server.stop(home)
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def wait_for_run(client: httpx.Client, dag_id: str, run_id: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = client.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
-        if run["state"] in ("success", "failed"):
-            return run
-        time.sleep(3)
-    raise AssertionError(f"{dag_id} {run_id} still {run['state']} after {timeout}s")
-
-
-def task_states(client: httpx.Client, dag_id: str, run_id: str) -> dict[str, str]:
-    tis = client.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
-    return {ti["task_id"]: ti["state"] for ti in tis}
 
 
 def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_first_failure(live_airflow):
@@ -115,13 +65,6 @@ def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_fir
     assert td_after["auth-service"] != td_before["auth-service"]  # released, and stays released
     assert td_after["billing-service"] == td_before["billing-service"]  # rolled back
     assert td_after["notification-service"] == td_before["notification-service"]  # not attempted
-
-
-def client_xcom(client: httpx.Client, dag_id: str, run_id: str, task_id: str) -> dict:
-    entry = client.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
-                       params={"deserialize": True}).json()
-    value = entry["value"]
-    return value if isinstance(value, dict) else __import__("json").loads(value)
 
 
 def test_invalid_release_params_are_refused_by_the_api(live_airflow):

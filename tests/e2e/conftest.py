@@ -1,0 +1,48 @@
+"""The live Airflow shared by the end-to-end tests that need a real API server and scheduler (the REST API, the CLI
+and the UI tests): starting one takes about a minute, so the session starts it once."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def live_airflow(devstack):
+    from devstack import airflow_server, stack
+
+    home = Path(tempfile.mkdtemp(prefix="omni-live-airflow-"))
+    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
+    for service in catalog["services"]:
+        service["deploy"]["bake_minutes"] = 0.1
+        service["smoke_deadline_seconds"] = 4
+    # A release_all window every minute, so that a test sees scheduled runs take (or not) a queued manifest.
+    catalog["release_all_window"] = {"cron": "* * * * *", "duration_minutes": 1, "timezone": "UTC"}
+    (home / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
+    port = stack.free_port()
+    extra = {"OMNISPHERE_CATALOG": str(home / "services.yaml"),
+             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(stack.free_port()),
+             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(stack.free_port())}
+    info = airflow_server.start(devstack, home, port, extra_env=extra)
+    token = httpx.post(f"{info['url']}/auth/token", json={"username": info["username"],
+                                                          "password": info["password"]}).json()["access_token"]
+    client = httpx.Client(base_url=f"{info['url']}/api/v2", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    deadline = time.monotonic() + 120
+    while client.get("/dags/release_all").status_code != 200:
+        assert time.monotonic() < deadline, "the DAG processor did not parse the DAGs in time"
+        time.sleep(2)
+    client.info = info  # type: ignore[attr-defined]  # url, username, password for the CLI tests
+    try:
+        yield client
+    finally:
+        client.close()
+        airflow_server.stop(home)
+        shutil.rmtree(home, ignore_errors=True)
