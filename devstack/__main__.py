@@ -1,4 +1,7 @@
-"""``python -m devstack start|stop|status|run``: control the local stack (see devstack/stack.py)."""
+"""``python -m devstack start|stop|status|run``: control the local stack (see devstack/stack.py).
+
+``python -m devstack aws [--host H] [--port P] [--first-sample-port S]`` serves only its AWS side in the foreground
+(devstack/aws.py), as the docker-compose `local` profile does."""
 
 from __future__ import annotations
 
@@ -12,10 +15,17 @@ from devstack import stack
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
-    parser.add_argument("command", choices=["start", "stop", "status", "run"])
+    parser.add_argument("command", choices=["start", "stop", "status", "run", "aws"])
     parser.add_argument("--state-dir", type=Path, default=stack.DEFAULT_STATE_DIR)
+    parser.add_argument("--host", default="127.0.0.1", help="aws: the address to listen on")
+    parser.add_argument("--port", type=int, default=5000, help="aws: the AWS endpoint's port")
+    parser.add_argument("--first-sample-port", type=int, default=5001,
+                        help="aws: the sample services listen on this port and the next ones, in catalog order")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "aws":
+        serve_aws(args.host, args.port, args.first_sample_port)
+        return 0
     if args.command == "run":
         stack.run(args.state_dir.resolve())
         return 0
@@ -35,6 +45,29 @@ def main(argv: list[str] | None = None) -> int:
     running = stack.is_running(args.state_dir.resolve())
     print("devstack is running" if running else "devstack is not running")
     return 0 if running else 1
+
+
+def serve_aws(host: str, port: int, first_sample_port: int) -> None:
+    """Serve the devstack's AWS side until SIGTERM or SIGINT."""
+    import signal
+    import threading
+
+    sys.path.insert(0, str(stack.REPO / "plugins"))
+    from omnisphere_release.catalog import load_catalog
+
+    from devstack import aws as local_aws
+
+    catalog = load_catalog()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    aws = local_aws.start(catalog, host, port, first_sample_port)
+    samples = ", ".join(f"{name} on {host}:{p}" for name, p in aws.sample_ports.items())
+    print(f"local AWS ready on {host}:{aws.port} (ECS deployment simulator); sample services: {samples}", flush=True)
+    try:
+        stopping.wait()
+    finally:
+        aws.stop()
 
 
 if __name__ == "__main__":

@@ -87,11 +87,12 @@ def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffi
 
 
 class SampleService:
-    def __init__(self, name: str, serving_image: Callable[[], str | None]) -> None:
+    def __init__(self, name: str, serving_image: Callable[[], str | None], host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.name = name
         self.serving_image = serving_image
         self.traffic = ServiceTraffic()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(serving_image, self.traffic))
+        self.server = ThreadingHTTPServer((host, port), make_handler(serving_image, self.traffic))
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name=f"sample-{name}", daemon=True)

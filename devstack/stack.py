@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shlex
 import signal
 import socket
@@ -48,16 +47,11 @@ def port_is_open(port: int) -> bool:
 def run(state_dir: Path) -> None:
     """Start every part, write the env file, then serve until SIGTERM and stop every part."""
     sys.path.insert(0, str(REPO / "plugins"))
-    import boto3
-    from moto.server import ThreadedMotoServer
     from omnisphere_release.catalog import load_catalog
 
-    from devstack import s3_faults
-    from devstack.ecs_simulator import EcsDeploymentSimulator
+    from devstack import aws as local_aws
     from devstack.postgres import LocalPostgres
-    from devstack.sample_services import MetricsPublisher, SampleService
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     state_dir.mkdir(parents=True, exist_ok=True)
     catalog = load_catalog()
     stopping = threading.Event()
@@ -66,57 +60,22 @@ def run(state_dir: Path) -> None:
 
     started = time.monotonic()
     postgres = LocalPostgres(state_dir, free_port())
-    parts: list[Any] = []
+    aws = None
     try:
         postgres.start()
         postgres.wait_ready()
         dsns = {service.name: postgres.create_database(service.name.replace("-", "_")) for service in catalog.services}
         log.info("PostgreSQL ready on 127.0.0.1:%d with %d databases", postgres.port, len(dsns))
 
-        simulator = EcsDeploymentSimulator(
-            step_seconds=float(os.environ.get("OMNI_ECS_SIM_STEP_SECONDS", "0.3")),
-            minute_seconds=float(os.environ.get("OMNI_ECS_SIM_MINUTE_SECONDS", "1.0")),
-        )
-        simulator.install()
-        simulator.start()
-        s3_faults.install()
-        parts.append(simulator)
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        moto.start()
-        parts.append(moto)
-        aws_port = moto._server.server_port  # type: ignore[union-attr]
-        endpoint = f"http://127.0.0.1:{aws_port}"
-        # moto accepts any key; a random one per stack lets tests prove that no secret reaches a log.
-        aws_key, aws_secret = f"AKIADEVSTACK{secrets.token_hex(4).upper()}", secrets.token_urlsafe(24)
-        session = boto3.session.Session(aws_access_key_id=aws_key, aws_secret_access_key=aws_secret,
-                                        region_name=REGION)
-        seed_aws(session, endpoint, catalog)
-
-        samples = []
-        for service in catalog.services:
-            sample = SampleService(
-                service.name,
-                (lambda c=service.ecs.cluster, s=service.ecs.service: simulator.serving_image(c, s)),
-            )
-            sample.start()
-            parts.append(sample)
-            samples.append((sample, service.monitoring.target_group))
-        from botocore.config import Config
-
-        quick = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
-        publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=endpoint, config=quick), samples,
-                                     interval=float(os.environ.get("OMNI_METRICS_INTERVAL_SECONDS", "2")))
-        publisher.start()
-        parts.append(publisher)
-
-        sample_ports = {sample.name: sample.port for sample, _ in samples}
-        env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), endpoint, sample_ports,
-                        (aws_key, aws_secret))
+        aws = local_aws.start(catalog)
+        log.info("local AWS endpoint ready on 127.0.0.1:%d", aws.port)
+        env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), aws.endpoint, aws.sample_ports,
+                        aws.credentials)
         write_env(state_dir / "env", env)
         (state_dir / "state.json").write_text(json.dumps({
             "pid": os.getpid(), "pgdata": str(postgres.data_dir), "ports": {
-                "postgres": postgres.port, "aws": aws_port,
-                **{f"sample:{s.name}": s.port for s, _ in samples}},
+                "postgres": postgres.port, "aws": aws.port,
+                **{f"sample:{name}": port for name, port in aws.sample_ports.items()}},
         }, indent=2))
         (state_dir / "ready").write_text(f"{time.monotonic() - started:.1f}\n")
         log.info("devstack ready in %.1fs; env in %s", time.monotonic() - started, state_dir / "env")
@@ -124,13 +83,8 @@ def run(state_dir: Path) -> None:
             pass
     finally:
         log.info("devstack stopping")
-        for part in reversed(parts):
-            t0 = time.monotonic()
-            try:
-                part.stop()
-            except Exception:
-                log.exception("could not stop %s", type(part).__name__)
-            log.info("stopped %s in %.1fs", type(part).__name__, time.monotonic() - t0)
+        if aws is not None:
+            aws.stop()
         postgres.stop()
         log.info("stopped PostgreSQL")
         (state_dir / "ready").unlink(missing_ok=True)

@@ -1,43 +1,191 @@
-"""docker-compose.yaml cannot start here (no Docker engine): check what can be checked by reading it."""
+"""docker-compose.yaml cannot start here (no Docker engine): it is validated against the compose specification's JSON
+schema and read by these tests, which check what would otherwise only fail on the first `docker compose up`."""
 
 from __future__ import annotations
 
+import importlib.resources
+import json
 import re
 from pathlib import Path
 
+import jsonschema
+import pytest
 import yaml
 
+from omnisphere_release.catalog import load_catalog
+
 REPO = Path(__file__).resolve().parents[2]
+LOCAL_ENV_FILE = REPO / "compose.local.env"
+LOCAL_CONNECTIONS = REPO / "include" / "local" / "connections.yaml"
+AIRFLOW_PARTS = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                 "airflow-worker")
+ONE_SHOT = ("airflow-init", "airflow-local-setup")  # run once and exit: nothing to health-check
+SECRET_NAME = re.compile(r"PASSWORD|_SECRET$|_KEY$|TOKEN", re.IGNORECASE)
+REQUIRED_VARIABLE = re.compile(r"\$\{(\w+):\?[^}]*\}")
+# The only form a secret may take outside the local profile: a variable compose refuses to start without.
+REQUIRED_REFERENCE = re.compile(r"^\$\{\w+:\?[^}]*\}$")
+DEFAULTED_REFERENCE = re.compile(r"\$\{(\w+):?-([^}]+)\}")
 
 
 def compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yaml").read_text())
 
 
+def unshared(document: dict) -> dict:
+    """A copy in which no two services share a mapping (YAML anchors do), so that a test can change one of them."""
+    return json.loads(json.dumps(document))
+
+
+def strings_in(node) -> list[str]:
+    if isinstance(node, dict):
+        return [text for key, value in node.items() for text in strings_in(key) + strings_in(value)]
+    if isinstance(node, list):
+        return [text for item in node for text in strings_in(item)]
+    return [node] if isinstance(node, str) else []
+
+
+def compose_schema_errors(document: dict) -> list[str]:
+    schema = json.loads(importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+                        .joinpath("compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema, format_checker=jsonschema.FormatChecker())
+    return [f"{'/'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}"
+            for error in validator.iter_errors(document)]
+
+
+def plaintext_secrets(document: dict) -> list[str]:
+    """Where a secret is written in the file itself, outside the local profile's throwaway defaults."""
+    found = []
+    for name, service in document["services"].items():
+        if "local" in service.get("profiles", []):
+            continue
+        environment = service.get("environment", {})
+        for key, value in environment.items():
+            value = str(value)
+            if SECRET_NAME.search(key) and not REQUIRED_REFERENCE.match(value):
+                found.append(f"{name}: {key}")
+            # a URL's password: postgresql://user:<password>@host
+            for password in re.findall(r"://[^:/@\s]+:([^@\s]*)@", value):
+                if not REQUIRED_REFERENCE.match(password):
+                    found.append(f"{name}: the password in {key}")
+            # a secret variable with a default: production would run on the default when it is not set
+            for variable, _default in DEFAULTED_REFERENCE.findall(value):
+                if SECRET_NAME.search(variable):
+                    found.append(f"{name}: a default for {variable} in {key}")
+    return found
+
+
+def test_compose_file_follows_the_compose_specification():
+    assert compose_schema_errors(compose()) == []
+
+
+def test_the_schema_check_reports_a_broken_file():
+    broken = unshared(compose())
+    broken["services"]["airflow-worker"]["healthcheck"]["interval"] = ["30s"]
+    broken["services"]["redis"]["restart_policy"] = "always"  # not a compose key
+    errors = compose_schema_errors(broken)
+    assert any("services/airflow-worker/healthcheck/interval" in error for error in errors), errors
+    assert any("restart_policy" in error for error in errors), errors
+
+
 def test_the_airflow_3_parts_are_present_with_healthchecks():
     services = compose()["services"]
-    for name in ("postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker", "airflow-init"):
-        assert name in services, name
-    for name in ("postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker"):
-        assert "healthcheck" in services[name], f"{name} has no healthcheck"
+    for name in ("postgres", "redis", *AIRFLOW_PARTS, *ONE_SHOT, "local-aws"):
+        assert name in services, f"docker-compose.yaml has no {name} service"
+    for name, service in services.items():
+        if name not in ONE_SHOT:
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+    for name in AIRFLOW_PARTS:
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
 
 
-def test_mounted_project_paths_exist():
-    common = compose()["x-airflow-common"]
-    for volume in common["volumes"]:
-        source = volume.split(":", 1)[0]
-        assert (REPO / source).exists(), f"{source} is mounted but missing"
+def test_every_airflow_part_shares_the_jwt_secret_fernet_key_and_executor():
+    services = compose()["services"]
+    for name in (*AIRFLOW_PARTS, *ONE_SHOT):
+        environment = services[name]["environment"]
+        assert environment["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert environment["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("${AIRFLOW_JWT_SECRET:?"), name
+        assert environment["AIRFLOW__CORE__FERNET_KEY"].startswith("${AIRFLOW_FERNET_KEY:?"), name
 
 
-def test_image_pins_the_airflow_version_of_requirements():
+def test_no_secret_is_written_in_the_file_outside_the_local_profile():
+    assert plaintext_secrets(compose()) == []
+
+
+def test_the_secret_check_finds_a_written_secret():
+    leaky = unshared(compose())
+    leaky["services"]["airflow-scheduler"]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] = "hunter2"
+    leaky["services"]["airflow-worker"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
+        "postgresql+psycopg2://airflow:${AIRFLOW_DB_PASSWORD:-airflow}@postgres/airflow")
+    assert plaintext_secrets(leaky) == ["airflow-scheduler: AIRFLOW__API_AUTH__JWT_SECRET",
+                                        "airflow-worker: the password in AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                                        "airflow-worker: a default for AIRFLOW_DB_PASSWORD in "
+                                        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+
+
+def test_the_local_env_file_sets_every_variable_compose_requires():
+    required = {variable for text in strings_in(compose()) for variable in REQUIRED_VARIABLE.findall(text)}
+    assert required, "docker-compose.yaml requires no variable: the secrets check has nothing to hold on to"
+    local = dict(line.split("=", 1) for line in LOCAL_ENV_FILE.read_text().splitlines()
+                 if line and not line.startswith("#"))
+    assert sorted(required - local.keys()) == []
+    assert local["COMPOSE_PROFILES"] == "local"
+
+
+def test_mounted_and_referenced_paths_exist():
+    document = compose()
+    paths = ["Dockerfile", "requirements.txt", "constraints.txt", LOCAL_ENV_FILE.name]
+    for service in document["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                paths.append(source)
+    container_paths = {"/opt/airflow/include/": "include/"}
+    command = document["services"]["airflow-local-setup"]["command"]
+    for container_path, repo_path in container_paths.items():
+        paths += [word.replace(container_path, repo_path) for word in command.split() if word.startswith(container_path)]
+    assert "include/local/connections.yaml" in paths
+    missing = [path for path in paths if not (REPO / path).exists()]
+    assert missing == []
+
+
+def test_image_is_built_from_the_pinned_requirements():
     pinned = re.search(r"apache-airflow==([\d.]+)", (REPO / "requirements.txt").read_text()).group(1)
-    assert f"AIRFLOW_VERSION={pinned}" in (REPO / "Dockerfile").read_text()
-    assert compose()["x-airflow-common"]["image"].endswith(pinned)
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"AIRFLOW_VERSION={pinned}" in dockerfile
+    assert "-r /opt/omnisphere/requirements.txt -c /opt/omnisphere/constraints.txt" in dockerfile
+    document = compose()
+    assert document["x-airflow-common"]["image"].endswith(pinned)
+    assert document["services"]["local-aws"]["image"] == document["x-airflow-common"]["image"]
 
 
 def test_published_ports_bind_loopback_only():
     for name, service in compose()["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+
+
+def test_local_connections_reach_the_local_profile_services():
+    """Every connection the catalog names exists in the local profile and points at a service of it, with the user,
+    database and password that service was created with."""
+    services = compose()["services"]
+    connections = yaml.safe_load(LOCAL_CONNECTIONS.read_text())
+    local_aws = services["local-aws"]["entrypoint"]
+    aws_port = int(local_aws[local_aws.index("--port") + 1])
+    first_sample_port = int(local_aws[local_aws.index("--first-sample-port") + 1])
+    assert connections["aws_default"]["extra"]["endpoint_url"] == f"http://local-aws:{aws_port}"
+    for index, service in enumerate(load_catalog(REPO / "include" / "services.yaml").services):
+        database = connections[service.postgres_conn_id]
+        environment = services[database["host"]]["environment"]
+        assert "local" in services[database["host"]]["profiles"]
+        assert (database["login"], database["schema"], database["password"]) == (
+            environment["POSTGRES_USER"], environment["POSTGRES_DB"], environment["POSTGRES_PASSWORD"])
+        # the sample services listen on consecutive ports in catalog order (devstack/aws.py)
+        assert connections[service.http_conn_id]["host"] == f"http://local-aws:{first_sample_port + index}"
+
+
+@pytest.mark.parametrize("variable", ["AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "AIRFLOW_DB_PASSWORD",
+                                      "OMNI_BACKUP_BUCKET"])
+def test_a_missing_secret_stops_compose_with_a_message_that_says_what_to_set(variable):
+    messages = [message for text in strings_in(compose())
+                for message in re.findall(rf"\$\{{{variable}:\?([^}}]*)\}}", text)]
+    assert messages and all(f"set {variable}" in message for message in messages), messages
