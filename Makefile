@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv test test-fast demo devstack devstack-stop up down bench constraints clean
+.PHONY: all venv test test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
 
 all: venv
 
@@ -25,6 +25,14 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit tests/dags
+
+# Only the browser tests (Debian's chromium, headless); they start the devstack and a live Airflow.
+test-ui: venv
+	$(PY) -m pytest -q -m ui
+
+# docker-compose.yaml against the compose specification's JSON schema (the tests also do this, and more).
+compose-check: venv
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yaml
 
 demo: venv
 	$(PY) scripts/demo.py

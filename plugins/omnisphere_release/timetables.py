@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction, Timetable
-from airflow.utils.timezone import coerce_datetime, utcnow
+from airflow.sdk.timezone import coerce_datetime, utcnow
 
 from omnisphere_release.windows import WindowSchedule
 

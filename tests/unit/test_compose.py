@@ -165,22 +165,24 @@ def test_published_ports_bind_loopback_only():
 
 
 def test_local_connections_reach_the_local_profile_services():
-    """Every connection the catalog names exists in the local profile and points at a service of it, with the user,
-    database and password that service was created with."""
+    """Every connection the catalog names is in the file airflow-local-setup imports, read as Airflow reads it, and
+    points at a service of the local profile, with the user, database and password that service was created with."""
+    from airflow.secrets.local_filesystem import load_connections_dict
+
     services = compose()["services"]
-    connections = yaml.safe_load(LOCAL_CONNECTIONS.read_text())
+    connections = load_connections_dict(str(LOCAL_CONNECTIONS))
     local_aws = services["local-aws"]["entrypoint"]
     aws_port = int(local_aws[local_aws.index("--port") + 1])
     first_sample_port = int(local_aws[local_aws.index("--first-sample-port") + 1])
-    assert connections["aws_default"]["extra"]["endpoint_url"] == f"http://local-aws:{aws_port}"
+    assert connections["aws_default"].extra_dejson["endpoint_url"] == f"http://local-aws:{aws_port}"
     for index, service in enumerate(load_catalog(REPO / "include" / "services.yaml").services):
         database = connections[service.postgres_conn_id]
-        environment = services[database["host"]]["environment"]
-        assert "local" in services[database["host"]]["profiles"]
-        assert (database["login"], database["schema"], database["password"]) == (
+        assert "local" in services[database.host]["profiles"]
+        environment = services[database.host]["environment"]
+        assert (database.login, database.schema, database.password) == (
             environment["POSTGRES_USER"], environment["POSTGRES_DB"], environment["POSTGRES_PASSWORD"])
         # the sample services listen on consecutive ports in catalog order (devstack/aws.py)
-        assert connections[service.http_conn_id]["host"] == f"http://local-aws:{first_sample_port + index}"
+        assert connections[service.http_conn_id].host == f"http://local-aws:{first_sample_port + index}"
 
 
 @pytest.mark.parametrize("variable", ["AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "AIRFLOW_DB_PASSWORD",
