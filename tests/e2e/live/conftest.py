@@ -1,5 +1,6 @@
-"""The live Airflow shared by the end-to-end tests that need a real API server and scheduler (the REST API, the CLI
-and the UI tests): starting one takes about a minute, so the session starts it once."""
+"""The live Airflow shared by the tests of this package (the REST API, the CLI and the UI): starting one takes about a
+minute, so it starts once for the package, and stops when the package is done so that its scheduler does not run
+beside the other tests."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import httpx
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def live_airflow(devstack):
     from devstack import airflow_server, stack
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.e2e.live import client_xcom, task_states, wait_for_run
+from tests.e2e.live.helpers import client_xcom, task_states, wait_for_run
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_first_failure(live_airflow):

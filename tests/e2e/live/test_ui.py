@@ -1,5 +1,5 @@
 """The Airflow UI in a real browser: Debian's chromium, driven by Playwright (no browser download), against the live
-Airflow of tests/e2e/conftest.py. What a release manager does from the UI: log in, open release_<service>, fill the
+Airflow of tests/e2e/live/conftest.py. What a release manager does from the UI: log in, open release_<service>, fill the
 trigger form, trigger, watch the run succeed; and a bad image tag is refused by the form before anything runs.
 
 The graph of the released run is kept as a test artifact in artifacts/ui/."""
@@ -18,10 +18,10 @@ from urllib.parse import unquote
 import boto3
 import pytest
 
-from tests.e2e.live import wait_for_run
+from tests.e2e.live.helpers import wait_for_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ui]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ARTIFACTS = REPO / "artifacts" / "ui"
 CHROMIUM = os.environ.get("OMNI_CHROMIUM", "/usr/bin/chromium")
 # Headless on a closed network: without the background-networking flags chromium keeps dialing Google's hosts.
