@@ -155,7 +155,9 @@ def test_image_is_built_from_the_pinned_requirements():
     assert "-r /opt/omnisphere/requirements.txt -c /opt/omnisphere/constraints.txt" in dockerfile
     document = compose()
     assert document["x-airflow-common"]["image"].endswith(pinned)
-    assert document["services"]["local-aws"]["image"] == document["x-airflow-common"]["image"]
+    for name in ("local-aws", *AIRFLOW_PARTS):  # built here, never pulled from a registry
+        assert document["services"][name]["build"] == "." and document["services"][name]["image"] == (
+            document["x-airflow-common"]["image"]), name
 
 
 def test_published_ports_bind_loopback_only():

@@ -1,6 +1,6 @@
 """The Airflow UI in a real browser: Debian's chromium, driven by Playwright (no browser download), against the live
-Airflow of tests/e2e/live/conftest.py. What a release manager does from the UI: log in, open release_<service>, fill the
-trigger form, trigger, watch the run succeed; and a bad image tag is refused by the form before anything runs.
+Airflow of tests/e2e/live/conftest.py. What a release manager does from the UI: log in, open release_<service>, fill
+the trigger form, trigger, watch the run succeed; and a bad image tag is refused by the form before anything runs.
 
 The graph of the released run is kept as a test artifact in artifacts/ui/."""
 
