@@ -38,8 +38,8 @@ STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
 def release_params(service: Service) -> dict[str, Param]:
     return {
         "image_tag": Param(type="string", pattern=IMAGE_TAG_PATTERN, title="Image tag",
-                           description="The tag of the image to release, from the same repository as the running image: "
-                                       f"{IMAGE_TAG_RULE}."),
+                           description="The tag of the image to release, from the same repository as the running "
+                                       f"image: {IMAGE_TAG_RULE}."),
         "strategy": Param(service.deploy.strategy, type="string", enum=STRATEGIES,
                           description="ECS deployment strategy; rolling uses the circuit breaker."),
         "migrate": Param(True, type="boolean", description="Apply pending schema migrations before deploying."),

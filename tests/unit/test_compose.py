@@ -142,7 +142,8 @@ def test_mounted_and_referenced_paths_exist():
     container_paths = {"/opt/airflow/include/": "include/"}
     command = document["services"]["airflow-local-setup"]["command"]
     for container_path, repo_path in container_paths.items():
-        paths += [word.replace(container_path, repo_path) for word in command.split() if word.startswith(container_path)]
+        paths += [word.replace(container_path, repo_path) for word in command.split()
+                  if word.startswith(container_path)]
     assert "include/local/connections.yaml" in paths
     missing = [path for path in paths if not (REPO / path).exists()]
     assert missing == []
