@@ -36,29 +36,33 @@ STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
 
 
 def release_params(service: Service) -> dict[str, Param]:
+    # Titles and descriptions are what the UI's trigger form shows; the keys are what the API and the CLI send.
     return {
         "image_tag": Param(type="string", pattern=IMAGE_TAG_PATTERN, title="Image tag",
                            description="The tag of the image to release, from the same repository as the running "
                                        f"image: {IMAGE_TAG_RULE}."),
-        "strategy": Param(service.deploy.strategy, type="string", enum=STRATEGIES,
+        "strategy": Param(service.deploy.strategy, type="string", enum=STRATEGIES, title="Strategy",
                           description="ECS deployment strategy; rolling uses the circuit breaker."),
-        "migrate": Param(True, type="boolean", description="Apply pending schema migrations before deploying."),
-        "target_version": Param(None, type=["null", "integer"], minimum=0,
+        "migrate": Param(True, type="boolean", title="Apply migrations",
+                         description="Apply pending schema migrations before deploying."),
+        "target_version": Param(None, type=["null", "integer"], minimum=0, title="Target schema version",
                                 description="Apply migrations up to this version (default: all pending)."),
-        "bake_minutes": Param(service.deploy.bake_minutes, type="number", minimum=0, maximum=1440,
+        "bake_minutes": Param(service.deploy.bake_minutes, type="number", minimum=0, maximum=1440, title="Bake minutes",
                               description="How long the monitoring gate watches the new version."),
-        "restore_policy": Param("when_needed", type="string", enum=["when_needed", "always"],
+        "restore_policy": Param("when_needed", type="string", enum=["when_needed", "always"], title="Restore policy",
                                 description="Restore the backup on rollback only when the schema cannot be rolled "
                                             "back by its down files, or always."),
-        "window": Param("next", type="string", pattern=WINDOW_PATTERN,
+        "window": Param("next", type="string", pattern=WINDOW_PATTERN, title="Window",
                         description="next: wait for the service's maintenance window "
                                     f"({schedule_of(service).summary()}); an ISO 8601 start time; or now "
                                     "(needs force_reason)."),
-        "force_reason": optional_text("Why this release cannot wait for its window (required with window=now)."),
-        "staging_rehearsed": Param(False, type="boolean",
+        "force_reason": optional_text("Why this release cannot wait for its window (required with window=now).",
+                                      title="Force reason"),
+        "staging_rehearsed": Param(False, type="boolean", title="Rehearsed on staging",
                                    description="The same release went through staging (required in production)."),
-        "dry_run": Param(False, type="boolean", description="Run preflight only: print the plan, change nothing."),
-        "reason": optional_text("Why this release; kept in the report."),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Run preflight only: print the plan, change nothing."),
+        "reason": optional_text("Why this release; kept in the report.", title="Reason"),
     }
 
 
