@@ -18,6 +18,7 @@ from urllib.parse import unquote
 import boto3
 import pytest
 
+from omnisphere_release.params import IMAGE_TAG_RULE
 from tests.e2e.live.helpers import wait_for_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ui]
@@ -129,6 +130,10 @@ def test_bad_image_tag_is_refused_by_the_form_and_starts_nothing(page, live_airf
 
     message = form.get_by_text("Invalid input for param image_tag")
     message.wait_for()
-    assert "'not a tag!' does not match" in form.inner_text()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{DAG_ID}-bad-tag.png"), full_page=True)
+    text = form.inner_text()
+    assert "'not a tag!' does not match" in text
+    assert IMAGE_TAG_RULE in text  # the rule in words, beside the field
     assert form.is_visible(), "the form stays open so that the tag can be corrected"
     assert run_count(live_airflow) == runs_before
