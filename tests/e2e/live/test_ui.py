@@ -131,7 +131,8 @@ def test_bad_image_tag_is_refused_by_the_form_and_starts_nothing(page, live_airf
     message = form.get_by_text("Invalid input for param image_tag")
     message.wait_for()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{DAG_ID}-bad-tag.png"), full_page=True)
+    message.scroll_into_view_if_needed()  # the message sits at the top of the form
+    page.screenshot(path=str(ARTIFACTS / f"{DAG_ID}-bad-tag.png"))
     text = form.inner_text()
     assert "'not a tag!' does not match" in text
     assert IMAGE_TAG_RULE in text  # the rule in words, beside the field
