@@ -23,7 +23,6 @@ class LocalAws:
     port: int
     credentials: tuple[str, str]
     sample_ports: dict[str, int]  # service name -> port of its sample service
-    simulator: Any
     parts: list[Any] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -55,7 +54,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
     )
     # moto accepts any key; a random one per stack lets tests prove that no secret reaches a log.
     credentials = (f"AKIADEVSTACK{secrets.token_hex(4).upper()}", secrets.token_urlsafe(24))
-    aws = LocalAws(endpoint="", port=0, credentials=credentials, sample_ports={}, simulator=simulator)
+    aws = LocalAws(endpoint="", port=0, credentials=credentials, sample_ports={})
     try:
         simulator.install()
         simulator.start()
