@@ -1,7 +1,10 @@
 """``python -m devstack start|stop|status|run``: control the local stack (see devstack/stack.py).
 
 ``python -m devstack aws [--host H] [--port P] [--first-sample-port S]`` serves only its AWS side in the foreground
-(devstack/aws.py), as the docker-compose `local` profile does."""
+(devstack/aws.py), as the docker-compose `local` profile does.
+
+``python -m devstack push-image SERVICE TAG [TAG ...]`` puts images into the running stack's local ECR registry, as
+CI's docker push would: a release of a tag that was never pushed is refused by preflight."""
 
 from __future__ import annotations
 
@@ -15,17 +18,20 @@ from devstack import stack
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
-    parser.add_argument("command", choices=["start", "stop", "status", "run", "aws"])
+    parser.add_argument("command", choices=["start", "stop", "status", "run", "aws", "push-image"])
+    parser.add_argument("arguments", nargs="*", metavar="SERVICE TAG", help="push-image: a service and its tag(s)")
     parser.add_argument("--state-dir", type=Path, default=stack.DEFAULT_STATE_DIR)
     parser.add_argument("--host", default="127.0.0.1", help="aws: the address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="aws: the AWS endpoint's port")
     parser.add_argument("--first-sample-port", type=int, default=5001,
                         help="aws: the sample services listen on this port and the next ones, in catalog order")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "aws":
         serve_aws(args.host, args.port, args.first_sample_port)
         return 0
+    if args.command == "push-image":
+        return push_images(args.state_dir.resolve(), args.arguments)
     if args.command == "run":
         stack.run(args.state_dir.resolve())
         return 0
@@ -45,6 +51,42 @@ def main(argv: list[str] | None = None) -> int:
     running = stack.is_running(args.state_dir.resolve())
     print("devstack is running" if running else "devstack is not running")
     return 0 if running else 1
+
+
+def push_images(state_dir: Path, arguments: list[str]) -> int:
+    """Push SERVICE:TAG images into the running devstack's registry."""
+    import re
+
+    import boto3
+
+    sys.path.insert(0, str(stack.REPO / "plugins"))
+    from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE
+
+    if len(arguments) < 2:
+        print("usage: python -m devstack push-image SERVICE TAG [TAG ...]", file=sys.stderr)
+        return 2
+    if not stack.is_running(state_dir):
+        print(f"the devstack is not running (state folder {state_dir}): start it with `make devstack`",
+              file=sys.stderr)
+        return 1
+    service, tags = arguments[0], arguments[1:]
+    bad = [tag for tag in tags if not re.match(IMAGE_TAG_PATTERN, tag)]
+    if bad:
+        print(f"not an image tag: {', '.join(map(repr, bad))}; {IMAGE_TAG_RULE}", file=sys.stderr)
+        return 2
+    env = stack.read_env(state_dir / "env")
+    ecr = boto3.client("ecr", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=stack.REGION,
+                       aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    try:
+        ecr.describe_repositories(repositoryNames=[f"{stack.REPOSITORY_PREFIX}/{service}"])
+    except ecr.exceptions.RepositoryNotFoundException:
+        print(f"no repository for service {service!r} in the local registry: use a service of "
+              f"include/services.yaml", file=sys.stderr)
+        return 2
+    for tag in tags:
+        digest = stack.push_image(ecr, service, tag)
+        print(f"pushed {stack.IMAGE_REPOSITORY}/{service}:{tag} ({digest})")
+    return 0
 
 
 def serve_aws(host: str, port: int, first_sample_port: int) -> None:

@@ -7,6 +7,7 @@ Tests use the same code through the session fixture in tests/conftest.py, with a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,8 +26,13 @@ DEFAULT_STATE_DIR = REPO / ".devstack"
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
 BACKUP_BUCKET = "omnisphere-backups-local"
-IMAGE_REPOSITORY = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/omnisphere"
+REGISTRY = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
+REPOSITORY_PREFIX = "omnisphere"
+IMAGE_REPOSITORY = f"{REGISTRY}/{REPOSITORY_PREFIX}"
 INITIAL_TAG = "1.0.0"
+# Images "CI has already built" in the local registry: what the README and `make demo` release. Any other tag must be
+# pushed first (`python -m devstack push-image SERVICE TAG`), as in production, or preflight refuses it.
+BUILT_TAGS = (INITIAL_TAG, "1.1.0", "1.2.0", "1.2.0-errors", "1.2.0-crashloop", "1.2.0-unhealthy")
 
 log = logging.getLogger("devstack")
 
@@ -90,8 +96,29 @@ def run(state_dir: Path) -> None:
         (state_dir / "ready").unlink(missing_ok=True)
 
 
+def push_image(ecr: Any, service: str, tag: str) -> str:
+    """Put an image ``omnisphere/<service>:<tag>`` into the local registry, as CI's docker push would; return its
+    digest. The manifest names the tag, so each tag is an image of its own."""
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
+                           "digest": "sha256:" + hashlib.sha256(f"{service}:{tag}".encode()).hexdigest()},
+                "layers": []}
+    repository = f"{REPOSITORY_PREFIX}/{service}"
+    try:
+        image = ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag)["image"]
+    except ecr.exceptions.ImageAlreadyExistsException:
+        image = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"][0]
+    return image["imageId"]["imageDigest"] if "imageId" in image else image["imageDigest"]
+
+
 def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
-    """Create the ECS cluster, services and current task definitions of the catalog, and the backup bucket."""
+    """Create the ECS cluster, services and current task definitions of the catalog, their ECR repositories with the
+    images already built, and the backup bucket."""
+    ecr = session.client("ecr", endpoint_url=endpoint)
+    for service in catalog.services:
+        ecr.create_repository(repositoryName=f"{REPOSITORY_PREFIX}/{service.name}")
+        for tag in BUILT_TAGS:
+            push_image(ecr, service.name, tag)
     ecs = session.client("ecs", endpoint_url=endpoint)
     for cluster in sorted({s.ecs.cluster for s in catalog.services}):
         ecs.create_cluster(clusterName=cluster)
