@@ -102,9 +102,14 @@ def orchestration(dags_dir: Path) -> dict:
     run = noop.test()
     noop_s = time.perf_counter() - t0
     assert "success" in str(run.state)
+    import boto3
+
+    from devstack.stack import push_image
+
+    tag = f"9.{uuid.uuid4().hex[:6]}"
+    push_image(boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), "auth-service", tag)
     t0 = time.perf_counter()
-    run = release.test(run_conf={"image_tag": f"9.{uuid.uuid4().hex[:6]}", "bake_minutes": 0, "migrate": False,
-                                 "reason": "bench"})
+    run = release.test(run_conf={"image_tag": tag, "bake_minutes": 0, "migrate": False, "reason": "bench"})
     release_s = time.perf_counter() - t0
     assert "success" in str(run.state), f"the bench release failed: {run.state}"
     tasks = len(release.tasks)

@@ -36,6 +36,28 @@ def validate_manifest(manifest: Any, known: list[str]) -> dict[str, str]:
     return manifest
 
 
+def manifest_image_problems(catalog: Catalog, manifest: dict[str, str]) -> list[str]:
+    """Return why images of the manifest cannot be released (not pushed, registry unreachable), checked before the
+    first release starts: otherwise the services before the missing image are released and the window is spent."""
+    from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of, with_image
+    from omnisphere_release.hooks.registry import ImageRegistryHook
+
+    problems = []
+    for name, tag in manifest.items():
+        service = catalog.get(name)
+        try:
+            ecs = EcsDeploymentHook(service.aws_conn_id)
+            current = ecs.describe_service(service.ecs.cluster, service.ecs.service)
+            image = image_of(ecs.describe_task_definition(current["taskDefinition"]), service.ecs.container)
+        except EcsDeploymentError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        check = ImageRegistryHook(service.aws_conn_id).check(with_image(image, tag))
+        if check.problem:
+            problems.append(f"{name}: {check.problem}")
+    return problems
+
+
 def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
     order = [service.name for service in catalog.release_order()]
     w = catalog.release_all_window
@@ -61,8 +83,8 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
 
         @task(retries=0)
         def check_manifest(**context: Any) -> dict[str, Any]:
-            """Take the manifest (queued for this window, or given as a param), refuse an unknown service, a bad tag
-            or a skipped staging rehearsal before any release starts."""
+            """Take the manifest (queued for this window, or given as a param), refuse an unknown service, a bad tag,
+            an image that is not in its registry or a skipped staging rehearsal before any release starts."""
             params, dag_run = context["params"], context["dag_run"]
             entry = {"manifest": params["manifest"], "reason": params.get("reason") or "",
                      "staging_rehearsed": params.get("staging_rehearsed", False)}
@@ -80,6 +102,10 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
                 manifest = validate_manifest(entry["manifest"], order)
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
+            problems = manifest_image_problems(catalog, manifest)
+            if problems:
+                raise AirflowFailException("Refused the manifest before any release started; nothing was changed:\n"
+                                           + "\n".join(f"  - {p}" for p in problems))
             if Variable.get("omni_environment", default="production") == "production" \
                     and not entry.get("staging_rehearsed"):
                 raise AirflowFailException("the checklist requires a staging rehearsal in production: release the "
@@ -177,13 +203,18 @@ queued releases nothing. Queuing again for the same window replaces the earlier 
 
         @task
         def queue(**context: Any) -> dict[str, Any]:
-            """Validate the manifest and the window, then queue it."""
+            """Validate the manifest, its images and the window, then queue it."""
             params = context["params"]
             try:
                 manifest = validate_manifest(params["manifest"], order)
                 start = resolve_window(schedule, params["window"], datetime.now(timezone.utc))
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
+            # Found now, in daylight, rather than when the window opens; release_all checks again then.
+            problems = manifest_image_problems(catalog, manifest)
+            if problems:
+                raise AirflowFailException("Not queued; fix these, then queue the manifest again:\n"
+                                           + "\n".join(f"  - {p}" for p in problems))
             entry = {"manifest": manifest, "reason": params["reason"] or "",
                      "staging_rehearsed": params["staging_rehearsed"], "queued_by": context["run_id"]}
             current = Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True)

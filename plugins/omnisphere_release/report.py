@@ -49,7 +49,8 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
         "params": params,
         "before": {"image": before.get("previous_image"), "task_definition": before.get("previous_task_definition"),
                    "schema_version": before.get("schema_version")},
-        "target": {"image": before.get("target_image"), "schema_version": before.get("target_version")},
+        "target": {"image": before.get("target_image"), "image_digest": before.get("target_image_digest"),
+                   "schema_version": before.get("target_version")},
         "after": after,
         "stages": stages,
         "backup": outputs.get("backup"),
@@ -79,7 +80,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| | image | task definition | schema version |",
         "| --- | --- | --- | --- |",
         f"| before | {b.get('image')} | {_short(b.get('task_definition'))} | {b.get('schema_version')} |",
-        f"| target | {t.get('image')} | | {t.get('schema_version')} |",
+        f"| target | {t.get('image')}{_digest(t.get('image_digest'))} | | {t.get('schema_version')} |",
         f"| after | {a.get('image')} | {_short(a.get('task_definition'))} | {a.get('schema_version')} |",
         "",
         "## Stages",
@@ -124,3 +125,8 @@ def _describe(result: Any) -> str:
     if isinstance(result, dict):
         return ", ".join(f"{k}: {v}" for k, v in result.items() if v not in (None, [], ""))
     return str(result)
+
+
+def _digest(digest: str | None) -> str:
+    """The digest the target tag pointed at in preflight: a tag can be pushed again, a digest cannot."""
+    return f" `{digest}`" if digest else ""

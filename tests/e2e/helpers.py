@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,13 @@ def run_dag(dag_id: str, conf: dict) -> RunOutcome:
     state = run.state.value if hasattr(run.state, "value") else str(run.state)
     return RunOutcome(dag_id=dag_id, run_id=run.run_id, state=state, tasks=tasks,
                       outputs=xcom_values(dag_id, run.run_id))
+
+
+def push_image(service: str, tag: str) -> str:
+    """Push ``omnisphere/<service>:<tag>`` into the devstack's registry, as CI does before it triggers a release
+    (preflight refuses a tag that was never pushed); return its digest."""
+    import boto3
+
+    from devstack.stack import push_image as push
+
+    return push(boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), service, tag)

@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 import yaml
 
-from tests.e2e.helpers import RunOutcome, run_dag
+from tests.e2e.helpers import RunOutcome, push_image, run_dag
 from tests.pg import schema_dump
 
 pytestmark = pytest.mark.e2e
@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICE = "auth-service"
 DSN_VAR = "OMNI_PG_DSN_AUTH_SERVICE"
 BASE_VERSION = 3
-ALL_LOGS: list[str] = []
+ALL_LOGS: list[str] = []  # every run's output, for the secrets test at the end of this module
 # The tests release at once; the maintenance-window wait has tests of its own.
-NOW = {"bake_minutes": 0.1, "reason": "e2e", "window": "now", "force_reason": "e2e test"}  # every run's output, for the secrets test at the end of this module
+NOW = {"bake_minutes": 0.1, "reason": "e2e", "window": "now", "force_reason": "e2e test"}
 
 
 @pytest.fixture()
@@ -71,6 +71,7 @@ def snapshot() -> dict:
 
 def release(tag_suffix: str = "", **conf) -> RunOutcome:
     tag = f"2.{uuid.uuid4().hex[:6]}{tag_suffix}"
+    push_image(SERVICE, tag)
     return run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW, **conf})
 
 
@@ -96,6 +97,7 @@ def assert_rolled_back(outcome: RunOutcome, before: dict, failed_stage: str, res
 
 def test_good_release_updates_image_and_schema_and_reports(release_env):
     # A tag that looks like a number must stay text: "3.10", not the float 3.1.
+    digest = push_image(SERVICE, "3.10")
     outcome = run_dag(f"release_{SERVICE}", {"image_tag": "3.10", **NOW})
     assert outcome.state == "success", outcome.tasks
     for stage in ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test",
@@ -107,6 +109,7 @@ def test_good_release_updates_image_and_schema_and_reports(release_env):
     report = outcome.outputs["report"]
     assert report["outcome"] == "released"
     assert report["after"]["image"].endswith(":3.10")
+    assert report["target"]["image_digest"] == digest  # what the tag meant when it was released
     assert report["migrations_applied"] == [4]
     assert report["backup"]["sha256"] and report["backup"]["uri"].startswith("s3://")
     assert report["monitoring"]["observations"]
@@ -134,6 +137,18 @@ def test_preflight_refusal_changes_nothing(release_env):
     after = snapshot()
     assert after["schema"] == release_env["before"]["schema"]
     assert after["task_definition"] == release_env["before"]["task_definition"]
+
+
+def test_image_never_pushed_is_refused_before_anything_changes(release_env, capfd):
+    tag = f"2.{uuid.uuid4().hex[:6]}"  # a typo, or a CI build that never pushed
+    outcome = run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW})
+    assert outcome.state == "failed"
+    assert outcome.task("preflight") == "failed" and outcome.task("backup") == "upstream_failed"
+    assert outcome.outputs["report"]["outcome"] == "refused"
+    assert snapshot() == release_env["before"]
+    log = "".join(capfd.readouterr())
+    ALL_LOGS.append(log)
+    assert f"image omnisphere/{SERVICE}:{tag} (ECR registry 123456789012, eu-west-1) was never pushed" in log
 
 
 def _fail_schema_up(env):
@@ -262,12 +277,19 @@ def test_manual_rollback_after_a_good_release(release_env):
     assert snapshot()["users"] == before["users"]
 
 
-def test_manual_rollback_refuses_contradictory_params(release_env):
+def test_manual_rollback_refuses_contradictory_params_and_an_image_the_registry_lacks(release_env, capfd):
     outcome = run_dag(f"rollback_{SERVICE}", {"image_tag": "1.0.0", "task_definition": "x", "reason": "e2e"})
     assert outcome.state == "failed" and outcome.task("plan") == "failed"
     assert outcome.task("rollback_ecs") == "upstream_failed"
     outcome = run_dag(f"rollback_{SERVICE}", {"reason": "e2e"})
     assert outcome.state == "failed" and outcome.task("plan") == "failed"
+    # An old image expired by the registry's lifecycle policy: refused before ECS is asked to start it.
+    outcome = run_dag(f"rollback_{SERVICE}", {"image_tag": "0.9.0-expired", "reason": "e2e"})
+    assert outcome.state == "failed" and outcome.task("plan") == "failed"
+    assert outcome.task("rollback_ecs") == "upstream_failed"
+    log = "".join(capfd.readouterr())
+    ALL_LOGS.append(log)
+    assert f"refused, nothing was changed: image omnisphere/{SERVICE}:0.9.0-expired" in log
     assert snapshot() == release_env["before"]
 
 

@@ -26,7 +26,10 @@ def aws(service: str):
 
 
 def deploy(ecs, service: str, tag: str, config: dict | None = None) -> str:
-    """Register a revision with image ``tag`` and update the service; return the service deployment ARN."""
+    """Push image ``tag``, register a revision with it and update the service; return the service deployment ARN."""
+    from devstack.stack import push_image
+
+    push_image(aws("ecr"), service, tag)  # a later manual rollback to this revision checks that its image exists
     current = ecs.describe_services(cluster="omnisphere", services=[service])["services"][0]
     family = ecs.describe_task_definition(taskDefinition=current["taskDefinition"])["taskDefinition"]
     container = dict(family["containerDefinitions"][0], image=IMAGE.format(service=service, tag=tag))
@@ -232,3 +235,32 @@ def test_make_style_start_and_stop_leave_no_process_or_port():
     assert left == [], "processes of the stopped stack still exist:\n" + "\n".join(left)
     assert env["OMNI_PG_DSN_AUTH_SERVICE"].startswith("postgresql://auth_service:")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_registry_holds_the_built_images_and_push_image_adds_one_that_preflight_then_finds(devstack):
+    """The production check (ImageRegistryHook, through the Airflow AWS connection) against the local registry."""
+    import sys
+
+    from omnisphere_release.hooks.registry import ImageRegistryHook
+
+    from devstack.stack import BUILT_TAGS
+
+    hook = ImageRegistryHook("aws_default")
+    assert all(hook.check(IMAGE.format(service="auth-service", tag=tag)).digest for tag in BUILT_TAGS)
+    tag = f"7.{int(time.time())}"
+    image = IMAGE.format(service="billing-service", tag=tag)
+    assert "was never pushed" in hook.check(image).problem
+
+    def push(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "devstack", "push-image", "--state-dir",
+                               devstack["OMNI_DEVSTACK_DIR"], *arguments], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+
+    pushed = push("billing-service", tag)
+    assert pushed.returncode == 0, pushed.stderr
+    check = hook.check(image)
+    assert check.problem is None and f"({check.digest})" in pushed.stdout
+    bad_tag = push("billing-service", "not a tag!")
+    assert bad_tag.returncode == 2 and "not an image tag: 'not a tag!'" in bad_tag.stderr
+    unknown = push("payments-service", "1.0")
+    assert unknown.returncode == 2 and "no repository for service 'payments-service'" in unknown.stderr

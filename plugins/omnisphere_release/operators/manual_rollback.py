@@ -13,6 +13,7 @@ from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.ecs import (EcsDeploymentError, EcsDeploymentHook, deployment_configuration, image_of,
                                           summarize, with_image)
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.hooks.registry import ImageRegistryHook
 from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
 from omnisphere_release.operators.common import as_optional_int
 from omnisphere_release.operators.preflight import migration_engine
@@ -65,12 +66,21 @@ class ManualRollbackPlanOperator(BaseOperator):
             live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
             current = ecs.describe_task_definition(live["taskDefinition"])
             plan["current_task_definition"] = live["taskDefinition"]
+            image = None
             if self.task_definition:
-                plan["task_definition"] = ecs.describe_task_definition(self.task_definition)["taskDefinitionArn"]
+                chosen = ecs.describe_task_definition(self.task_definition)
+                plan["task_definition"] = chosen["taskDefinitionArn"]
+                image = image_of(chosen, service.ecs.container)
             elif self.image_tag:
-                plan["image"] = with_image(image_of(current, service.ecs.container), self.image_tag)
+                image = plan["image"] = with_image(image_of(current, service.ecs.container), self.image_tag)
         except EcsDeploymentError as exc:
             raise AirflowFailException(f"refused: {exc}") from None
+        if image:
+            # An old image may have been expired by the registry's lifecycle policy: ECS could not start it, and the
+            # way back would fail halfway, at the worst moment.
+            check = ImageRegistryHook(service.aws_conn_id).check(image)
+            if check.problem:
+                raise AirflowFailException(f"refused, nothing was changed: {check.problem}")
         if self.schema_version is not None:
             status = migration_engine(service, catalog, "rollback plan", self.log).status()
             if int(self.schema_version) > status.current_version:

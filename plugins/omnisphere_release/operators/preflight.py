@@ -15,6 +15,7 @@ from omnisphere_release.catalog import load_catalog
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of, with_image
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.hooks.registry import ImageRegistryHook
 from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine
 from omnisphere_release.operators.common import WAIT_FOR_WINDOW, as_bool, as_optional_int, stage_output
 from omnisphere_release.operators.window import estimate_minutes
@@ -111,6 +112,8 @@ class ReleasePreflightOperator(BaseOperator):
             problems.append(f"{service.name} already runs {target_image} with no pending migration: nothing to "
                             f"release (a duplicate trigger?)")
 
+        image = self._check_image(service, target_image, problems) if target_image else None
+
         database = ServiceDatabaseHook(service.postgres_conn_id)
         s3 = _s3_client(service.aws_conn_id)
         try:
@@ -141,6 +144,7 @@ class ReleasePreflightOperator(BaseOperator):
             "previous_task_definition": current["taskDefinition"],
             "previous_image": previous_image,
             "target_image": target_image,
+            "target_image_digest": image.digest if image else None,
             "desired_count": current.get("desiredCount"),
             "schema_version": status.current_version,
             "pending_versions": pending,
@@ -159,6 +163,17 @@ class ReleasePreflightOperator(BaseOperator):
             "nothing (dry run)" if self.dry_run else "backup")
         return before
 
+    def _check_image(self, service: Any, target_image: str, problems: list[str]) -> Any:
+        """Refuse an image that is not in its registry, before the backup and the migrations rather than after."""
+        check = ImageRegistryHook(service.aws_conn_id).check(target_image)
+        if check.problem:
+            problems.append(check.problem)
+        elif check.checked:
+            self.log.info("Image %s is in ECR: digest %s, pushed %s.", target_image, check.digest, check.pushed_at)
+        else:
+            self.log.info("Image %s is not in ECR: its registry is not checked; ECS will fail the deployment (and "
+                          "the release roll back) if it cannot pull it.", target_image)
+        return check
 
     def _checklist(self, service: Any, window: dict[str, Any], s3: Any) -> list[str]:
         """The team's pre-migration checklist, checked by the run itself; return what is not satisfied."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from tests.e2e.helpers import push_image
 from tests.e2e.live.helpers import client_xcom, task_states, wait_for_run
 
 pytestmark = pytest.mark.e2e
@@ -28,6 +29,8 @@ def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_fir
     suffix = str(int(time.time()))
     manifest = {"auth-service": f"5.0.{suffix}", "billing-service": f"5.0.{suffix}-crashloop",
                 "notification-service": f"5.0.{suffix}"}
+    for service, tag in manifest.items():
+        push_image(service, tag)
     queued = live_airflow.post("/dags/queue_release/dagRuns", json={
         "logical_date": None, "conf": {"manifest": manifest, "window": "next", "reason": "live e2e"}})
     assert queued.status_code == 200, queued.text
@@ -91,7 +94,9 @@ def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
     from datetime import datetime, timedelta, timezone
 
     opens = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat(timespec="seconds")
-    result = omni_release(live_airflow, "trigger", "auth-service", "--image-tag", f"6.0.{int(time.time())}",
+    tag = f"6.0.{int(time.time())}"
+    push_image("auth-service", tag)  # as CI does before it triggers
+    result = omni_release(live_airflow, "trigger", "auth-service", "--image-tag", tag,
                           "--window", opens, "--reason", "CI release", "--wait", "--poll", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Triggered release_auth-service/" in result.stdout and "/dags/release_auth-service/runs/" in result.stdout
@@ -101,8 +106,10 @@ def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
 
 
 def test_cli_failed_release_exits_1_with_the_report_and_the_failed_task_log(live_airflow):
-    result = omni_release(live_airflow, "trigger", "notification-service", "--image-tag",
-                          f"6.1.{int(time.time())}-unhealthy", "--window", "now", "--force-reason", "CI hotfix",
+    tag = f"6.1.{int(time.time())}-unhealthy"
+    push_image("notification-service", tag)
+    result = omni_release(live_airflow, "trigger", "notification-service", "--image-tag", tag,
+                          "--window", "now", "--force-reason", "CI hotfix",
                           "--wait", "--poll", "2")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED and ROLLED BACK" in result.stdout

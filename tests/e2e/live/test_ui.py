@@ -19,6 +19,7 @@ import boto3
 import pytest
 
 from omnisphere_release.params import IMAGE_TAG_RULE
+from tests.e2e.helpers import push_image
 from tests.e2e.live.helpers import wait_for_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ui]
@@ -91,6 +92,7 @@ def run_count(live_airflow) -> int:
 def test_release_triggered_from_the_form_runs_to_success(page, live_airflow):
     url = live_airflow.info["url"]
     tag = f"8.0.{int(time.time())}"
+    push_image("auth-service", tag)  # CI built and pushed it
     form = open_trigger_form(page, url)
     fill_release(form, tag, "canary", "UI test: released from the trigger form")
     form.get_by_test_id("trigger-dag-submit").click()
