@@ -21,7 +21,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@touch $@
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit tests/dags

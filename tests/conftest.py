@@ -29,6 +29,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``make test`` runs on two workers (pytest-xdist), each with a devstack and an Airflow home of its own.
+
+    Tests that share something costly stay on one worker: the live Airflow package (one Airflow for all of it) and
+    each e2e module (module state, e.g. the logs the secrets test reads at the end). Every other test is a unit of
+    its own. The largest units are handed out first. (xdist's own ``loadgroup`` ignores its marks under pytest 9.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/e2e/live/"):
+                return "tests/e2e/live/"
+            if nodeid.startswith("tests/e2e/"):
+                return nodeid.split("::", 1)[0]
+            return nodeid
+
+    return SharedFixtureScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def devstack() -> Iterator[dict[str, str]]:
     """Start the devstack (PostgreSQL, moto with the ECS simulator, sample services) for the whole session."""
