@@ -55,6 +55,9 @@ def manifest_image_problems(catalog: Catalog, manifest: dict[str, str]) -> list[
         check = ImageRegistryHook(service.aws_conn_id).check(with_image(image, tag))
         if check.problem:
             problems.append(f"{name}: {check.problem}")
+        else:
+            print(f"{name}: image {check.image} " + (f"is in ECR ({check.digest})" if check.checked
+                                                     else "is not in ECR: not checked"))
     return problems
 
 

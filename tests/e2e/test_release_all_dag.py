@@ -31,7 +31,7 @@ def release_queue() -> dict:
 
 def test_release_all_refuses_the_whole_manifest_when_one_image_was_never_pushed(devstack, airflow_db, capfd):
     pushed, missing = f"4.{uuid.uuid4().hex[:6]}", f"4.{uuid.uuid4().hex[:6]}"
-    push_image("auth-service", pushed)
+    digest = push_image("auth-service", pushed)
     before = task_definitions()
     outcome = run_dag("release_all", {"manifest": {"auth-service": pushed, "billing-service": missing},
                                       "reason": "e2e: one image missing"})
@@ -44,7 +44,8 @@ def test_release_all_refuses_the_whole_manifest_when_one_image_was_never_pushed(
     log = capfd.readouterr().out
     assert "Refused the manifest before any release started; nothing was changed" in log
     assert f"billing-service: image omnisphere/billing-service:{missing} (ECR registry" in log
-    assert "auth-service: image" not in log
+    assert f"auth-service: image 123456789012.dkr.ecr.eu-west-1.amazonaws.com/omnisphere/auth-service:{pushed} is in " \
+           f"ECR ({digest})" in log
 
 
 def test_queue_release_refuses_an_image_never_pushed_and_queues_it_once_pushed(devstack, airflow_db, capfd):
