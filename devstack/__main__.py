@@ -77,7 +77,7 @@ def push_images(state_dir: Path, arguments: list[str]) -> int:
     env = stack.read_env(state_dir / "env")
     ecr = boto3.client("ecr", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=stack.REGION,
                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    try:
+    try:  # asked first: moto answers a put_image into a missing repository with a bare HTTP 500
         ecr.describe_repositories(repositoryNames=[f"{stack.REPOSITORY_PREFIX}/{service}"])
     except ecr.exceptions.RepositoryNotFoundException:
         print(f"no repository for service {service!r} in the local registry: use a service of "

@@ -1,4 +1,4 @@
-"""`make bench` must keep working: each benchmark runs end to end at a tiny size and prints its ratio.
+"""`make bench` must keep working: each benchmark runs end to end at a tiny size and prints its figures.
 
 Its figures are not asserted (timings belong in bench/, not in tests); a release bench that waited for the next
 maintenance window, once the window param came, went unnoticed until these ran.
