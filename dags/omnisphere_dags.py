@@ -5,11 +5,12 @@ instead of one per DAG. Parsing reads local files only: no database, no AWS.
 """
 
 from omnisphere_release.catalog import load_catalog
-from omnisphere_release.data_migration_dag import build_data_migrations_dag
-from omnisphere_release.migration_dag import build_schema_migrations_dag
-from omnisphere_release.release_all_dag import build_queue_release_dag, build_release_all_dag
-from omnisphere_release.release_dag import build_release_dags
-from omnisphere_release.rollback_dag import build_rollback_dags
+from omnisphere_release.dags.data_migrations import build_data_migrations_dag
+from omnisphere_release.dags.queue_release import build_queue_release_dag
+from omnisphere_release.dags.release import build_release_dags
+from omnisphere_release.dags.release_all import build_release_all_dag
+from omnisphere_release.dags.rollback import build_rollback_dags
+from omnisphere_release.dags.schema_migrations import build_schema_migrations_dag
 
 catalog = load_catalog()
 

@@ -16,5 +16,6 @@ def optional_text(description: str, title: str | None = None) -> Param:
     refuses an empty string for it, so a plain string param would block every trigger until it is filled in.
     Read it as ``params.x or ''``.
     """
-    return Param(None, type=["null", "string"], maxLength=500, description=description,
-                 **({"title": title} if title else {}))
+    if title:
+        return Param(None, type=["null", "string"], maxLength=500, description=description, title=title)
+    return Param(None, type=["null", "string"], maxLength=500, description=description)

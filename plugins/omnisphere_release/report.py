@@ -34,7 +34,7 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
     before = outputs.get("preflight") or {}
     outcome = outcome_of(states, outputs.get("preflight"))
     stages = [{"stage": task_id, "state": states.get(task_id, "none"),
-               "seconds": round(durations[task_id], 2) if durations.get(task_id) is not None else None}
+               "seconds": round(seconds, 2) if (seconds := durations.get(task_id)) is not None else None}
               for task_id in stage_order]
     return {
         "dag_id": dag_id,

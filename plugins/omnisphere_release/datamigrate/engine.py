@@ -20,6 +20,7 @@ from psycopg2 import sql
 
 from omnisphere_release.datamigrate.spec import DataMigrationSpec
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+from omnisphere_release.logs import Log
 
 CHECKPOINT_TABLE = "omnisphere_data_migrations"
 ADVISORY_LOCK_NAMESPACE = 0x4F4D4E49
@@ -79,7 +80,7 @@ class DataRunResult:
 
 class DataMigrationEngine:
     def __init__(self, spec: DataMigrationSpec, connect: Callable[[], Any], run_by: str = "cli",
-                 log: logging.Logger | logging.LoggerAdapter | None = None, progress_seconds: float = 5.0,
+                 log: Log | None = None, progress_seconds: float = 5.0,
                  lock_retries: int = 5) -> None:
         self.spec = spec
         self._connect = connect
@@ -184,7 +185,8 @@ class DataMigrationEngine:
             conn.close()
 
     # ---- batches -----------------------------------------------------------------------------------------------------
-    def _batch(self, conn: Any, statement: str, direction: str, last_key: int, end_key: int) -> tuple[bool, int, int]:
+    def _batch(self, conn: Any, statement: str, direction: str, last_key: int | None,
+               end_key: int | None) -> tuple[bool, int | None, int]:
         """Run one batch; return (finished, new last key, rows affected)."""
         table = sql.Identifier(*self.spec.table.split("."))
         key = sql.Identifier(self.spec.key)
@@ -289,7 +291,9 @@ class DataMigrationEngine:
                                 "error = NULL").format(sql.Identifier(CHECKPOINT_TABLE)),
                         [self.spec.name, direction, self.spec.checksum, start if start is not None else 0,
                          end if end is not None else 0, self.run_by])
-            return self._read(cur, direction)
+            written = self._read(cur, direction)
+            assert written is not None  # the row was just written in this transaction
+            return written
 
     def _read(self, cur: Any, direction: str) -> Checkpoint | None:
         cur.execute(sql.SQL("SELECT name, direction, last_key, end_key, rows_done, batches, state, error FROM {} "

@@ -15,9 +15,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+
+if TYPE_CHECKING:
+    from omnisphere_release.catalog import Service
 
 
 class BackupError(RuntimeError):
@@ -92,6 +95,18 @@ class BackupHook:
         self.s3 = s3_client
         self.timeout = timeout_seconds
 
+    @classmethod
+    def for_service(cls, service: Service) -> BackupHook:
+        """Return the hook for a catalog service: its database connection, and S3 through its AWS connection."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+
+        # The boto client itself, not S3Hook's helpers: a streamed upload with a KMS key and object tags are not
+        # among them.
+        return cls(ServiceDatabaseHook(service.postgres_conn_id).connect_kwargs(),
+                   S3Hook(aws_conn_id=service.aws_conn_id).get_conn())
+
     def check_destination(self, bucket: str) -> None:
         try:
             self.s3.head_bucket(Bucket=bucket)
@@ -124,15 +139,17 @@ class BackupHook:
             uploader.start()
             process = subprocess.Popen([pg_program("pg_dump"), "--format=custom", "--no-password"], env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            dump_out, dump_err = process.stdout, process.stderr
+            assert dump_out is not None and dump_err is not None  # both are pipes
             try:
                 with open(path, "wb") as local, os.fdopen(write_end, "wb") as upstream:
-                    for chunk in iter(lambda: process.stdout.read(1 << 20), b""):
+                    for chunk in iter(lambda: dump_out.read(1 << 20), b""):
                         local.write(chunk)
                         digest.update(chunk)
                         size += len(chunk)
                         if not upload_error:
                             upstream.write(chunk)
-                stderr = process.stderr.read().decode(errors="replace")
+                stderr = dump_err.read().decode(errors="replace")
                 process.wait(timeout=self.timeout)
             finally:
                 uploader.join()
@@ -195,6 +212,7 @@ class BackupHook:
             psql = subprocess.Popen([pg_program("psql"), "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1",
                                      "--no-password", "--file=-"], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            assert restore.stdout and restore.stderr and psql.stdin and psql.stderr  # all are pipes
             try:
                 psql.stdin.write(b"BEGIN;\n" + self._recreate_schema_sql(schema).encode() + b"\n")
                 shutil.copyfileobj(restore.stdout, psql.stdin, 1 << 20)

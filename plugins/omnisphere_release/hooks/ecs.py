@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -19,11 +20,16 @@ TRAFFIC_SHIFTED_STAGES = {"BAKE_TIME", "CLEAN_UP"}
 # Fields of DescribeTaskDefinition that RegisterTaskDefinition accepts back.
 REGISTERABLE = ("family", "taskRoleArn", "executionRoleArn", "networkMode", "containerDefinitions", "volumes",
                 "placementConstraints", "requiresCompatibilities", "cpu", "memory", "pidMode", "ipcMode",
-                "proxyConfiguration", "inferenceAccelerators", "ephemeralStorage", "runtimePlatform")
+                "proxyConfiguration", "inferenceAccelerators", "ephemeralStorage", "runtimePlatform",
+                "enableFaultInjection", "trustedExecutionConfiguration")
 
 
 class EcsDeploymentError(RuntimeError):
     """An ECS call failed or ECS is in a state the release cannot work with."""
+
+
+class EcsNotOnTarget(EcsDeploymentError):
+    """The service settled on another revision than the one asked for: a fact about the service, not a glitch."""
 
 
 def deployment_configuration(strategy: str, bake_minutes: float) -> dict[str, Any]:
@@ -60,6 +66,28 @@ def with_image(image: str, tag: str) -> str:
     return f"{repository}:{tag}"
 
 
+@dataclass(frozen=True)
+class LiveRevision:
+    """What a service runs now: the service as described, its task definition, and its container's image."""
+
+    service: dict[str, Any]
+    task_definition: dict[str, Any]
+    image: str
+
+    @property
+    def arn(self) -> str:
+        return str(self.service["taskDefinition"])
+
+
+@dataclass(frozen=True)
+class ReturnResult:
+    """How :meth:`EcsDeploymentHook.return_to` brought a service to its target revision."""
+
+    action: str  # "none", "stopped in-flight deployment with ROLLBACK", "redeployed <arn>", or both
+    task_definition: str
+    settled: dict[str, Any] | None  # the last deployment it waited for, if any
+
+
 class EcsDeploymentHook:
     """Thin, typed access to the ECS calls a release makes."""
 
@@ -85,6 +113,12 @@ class EcsDeploymentHook:
             raise EcsDeploymentError(f"ECS service {service} not found in cluster {cluster}; check the catalog's "
                                      f"ecs.cluster and ecs.service")
         return services[0]
+
+    def live_revision(self, cluster: str, service: str, container: str) -> LiveRevision:
+        """Return what ``service`` runs now (the one lookup preflight, manual rollback and release_all share)."""
+        live = self.describe_service(cluster, service)
+        task_definition = self.describe_task_definition(live["taskDefinition"])
+        return LiveRevision(live, task_definition, image_of(task_definition, container))
 
     def describe_task_definition(self, arn: str) -> dict[str, Any]:
         response = self._call(f"describe task definition {arn}", "describe_task_definition", taskDefinition=arn,
@@ -140,6 +174,38 @@ class EcsDeploymentHook:
     def stop_with_rollback(self, arn: str) -> None:
         self._call(f"stop deployment {arn} with ROLLBACK", "stop_service_deployment", serviceDeploymentArn=arn,
                    stopType="ROLLBACK")
+
+    def return_to(self, cluster: str, service: str, task_definition: str, timeout_seconds: float,
+                  poll_seconds: float = 2.0) -> ReturnResult:
+        """Bring ``service`` to ``task_definition`` and wait until it is stable: the one way back, for the release's
+        rollback_ecs and for rollback_<service> alike (as in ecs-deploy, a rollback is a deploy of the old revision).
+
+        An in-flight deployment to another revision is stopped with ROLLBACK first (ECS then returns to the revision
+        it started from, at once); if the service still does not run the target, the target is deployed (rolling,
+        circuit breaker on). Already on the target with nothing in flight: nothing is done, so running it twice
+        changes nothing. Raises EcsDeploymentError if the service does not end on the target.
+        """
+        actions: list[str] = []
+        settled = None
+        live = self.describe_service(cluster, service)
+        arn = live.get("currentServiceDeployment")
+        deployment = self.describe_deployment(arn) if arn else None
+        if arn and deployment and deployment["status"] in IN_FLIGHT:
+            if not deployment["status"].startswith("ROLLBACK") \
+                    and (deployment.get("targetServiceRevision") or {}).get("arn") != task_definition:
+                self.stop_with_rollback(arn)
+                actions.append("stopped in-flight deployment with ROLLBACK")
+            settled = self.wait_until_settled(arn, timeout_seconds, poll_seconds)
+            live = self.describe_service(cluster, service)
+        if live["taskDefinition"] != task_definition:
+            arn = self.update_service(cluster, service, task_definition, deployment_configuration("rolling", 0))
+            actions.append(f"redeployed {task_definition}")
+            settled = self.wait_until_settled(arn, timeout_seconds, poll_seconds)
+            live = self.describe_service(cluster, service)
+        if live["taskDefinition"] != task_definition:
+            raise EcsNotOnTarget(f"ECS service {cluster}/{service} ended on {live['taskDefinition']}, not "
+                                     f"{task_definition}" + (f" ({summarize(settled)})" if settled else ""))
+        return ReturnResult(" and ".join(actions) or "none", task_definition, settled)
 
     def wait_until_settled(self, arn: str, timeout_seconds: float, poll_seconds: float = 2.0) -> dict[str, Any]:
         """Poll a deployment until it leaves the in-flight states; raise EcsDeploymentError on timeout."""

@@ -1,12 +1,18 @@
-"""Probe a service's HTTP endpoints the way its clients see them."""
+"""Probe a service's HTTP endpoints the way its clients see them, through its Airflow HTTP connection."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import requests
+from airflow.providers.http.hooks.http import HttpHook
+
+from omnisphere_release.catalog import SmokeTest
+
+PROBE_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -19,44 +25,60 @@ class ProbeResult:
 
     def describe(self) -> str:
         state = "ok" if self.ok else f"FAILED: {self.problem}"
-        return f"GET {self.path} -> {self.status if self.status is not None else 'no answer'} in {self.latency_ms:.0f} ms, {state}"
+        answer = self.status if self.status is not None else "no answer"
+        return f"GET {self.path} -> {answer} in {self.latency_ms:.0f} ms, {state}"
 
 
-def base_url_of(http_conn_id: str) -> str:
-    from airflow.sdk import BaseHook
+class SmokeTestHook(HttpHook):
+    """GET a service's smoke-test endpoints (HttpHook: the connection's scheme, host, port, auth and headers)."""
 
-    conn = BaseHook.get_connection(http_conn_id)
-    # As HttpHook does: the scheme may sit in the connection's schema field; plain http otherwise.
-    scheme = conn.schema if conn.schema in ("http", "https") else ("https" if conn.conn_type == "https" else "http")
-    host = conn.host or ""
-    if "://" in host:
-        return host.rstrip("/")
-    port = f":{conn.port}" if conn.port else ""
-    return f"{scheme}://{host}{port}"
+    def __init__(self, http_conn_id: str) -> None:
+        super().__init__(method="GET", http_conn_id=http_conn_id)
 
-
-def probe(client: httpx.Client, base_url: str, check: Any) -> ProbeResult:
-    """GET ``check.path`` and compare status, JSON fields and latency with the check's expectations."""
-    started = time.monotonic()
-    try:
-        response = client.get(base_url + check.path)
-    except httpx.HTTPError as exc:
-        return ProbeResult(check.path, False, None, (time.monotonic() - started) * 1000, f"{type(exc).__name__}: {exc}")
-    latency_ms = (time.monotonic() - started) * 1000
-    problems = []
-    if response.status_code != check.expect_status:
-        problems.append(f"status {response.status_code}, expected {check.expect_status}")
-    body: Any = None
-    if check.expect_json or check.expect_fields:
+    def probe(self, check: SmokeTest) -> ProbeResult:
+        """GET ``check.path`` and compare status, JSON fields and latency with the check's expectations."""
+        started = time.monotonic()
         try:
-            body = response.json()
-        except ValueError:
-            problems.append("body is not JSON")
-    if isinstance(body, dict):
-        for field, value in check.expect_json.items():
-            if body.get(field) != value:
-                problems.append(f"{field}={body.get(field)!r}, expected {value!r}")
-        problems += [f"field {field!r} missing" for field in check.expect_fields if field not in body]
-    if latency_ms > check.latency_budget_ms:
-        problems.append(f"latency {latency_ms:.0f} ms over the {check.latency_budget_ms} ms budget")
-    return ProbeResult(check.path, not problems, response.status_code, latency_ms, "; ".join(problems))
+            response = self.run(check.path, extra_options={"check_response": False, "timeout": PROBE_TIMEOUT_SECONDS})
+        except requests.RequestException as exc:
+            return ProbeResult(check.path, False, None, (time.monotonic() - started) * 1000,
+                               f"{type(exc).__name__}: {exc}")
+        latency_ms = (time.monotonic() - started) * 1000
+        problems = []
+        if response.status_code != check.expect_status:
+            problems.append(f"status {response.status_code}, expected {check.expect_status}")
+        body: Any = None
+        if check.expect_json or check.expect_fields:
+            try:
+                body = response.json()
+            except ValueError:
+                problems.append("body is not JSON")
+        if isinstance(body, dict):
+            for field, value in check.expect_json.items():
+                if body.get(field) != value:
+                    problems.append(f"{field}={body.get(field)!r}, expected {value!r}")
+            problems += [f"field {field!r} missing" for field in check.expect_fields if field not in body]
+        if latency_ms > check.latency_budget_ms:
+            problems.append(f"latency {latency_ms:.0f} ms over the {check.latency_budget_ms} ms budget")
+        return ProbeResult(check.path, not problems, response.status_code, latency_ms, "; ".join(problems))
+
+    def probe_until_deadline(self, checks: Sequence[SmokeTest], deadline_seconds: float, what: str) -> list[ProbeResult]:
+        """Probe every endpoint until one round passes entirely or the deadline passes; return the last round.
+
+        A new revision may take a few seconds to answer everywhere: rounds back off from 0.5 s to 8 s.
+        """
+        deadline = time.monotonic() + deadline_seconds
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
+            results = [self.probe(check) for check in checks]
+            failed = [r for r in results if not r.ok]
+            if not failed:
+                self.log.info("Smoke round %d of %s passed: %s", attempt, what, "; ".join(r.describe() for r in results))
+                return results
+            self.log.warning("Smoke round %d of %s: %d of %d endpoint(s) failed: %s", attempt, what, len(failed),
+                             len(results), "; ".join(r.describe() for r in failed))
+            if time.monotonic() + delay > deadline:
+                return results
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)

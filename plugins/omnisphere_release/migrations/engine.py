@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
+from omnisphere_release.logs import Log
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, LockNotGranted, MigrationFailed
 from omnisphere_release.migrations.files import Migration, discover, split_statements
 from omnisphere_release.migrations.lint import Finding, lint
@@ -181,7 +182,7 @@ class MigrationEngine:
         connect: Callable[[], Any],
         settings: EngineSettings | None = None,
         applied_by: str = "cli",
-        log: logging.Logger | logging.LoggerAdapter | None = None,
+        log: Log | None = None,
     ) -> None:
         self.service = service
         self.migrations_dir = migrations_dir
@@ -400,13 +401,14 @@ class MigrationEngine:
         return StepResult(migration.version, migration.name, "up", time.monotonic() - started, retries)
 
     def _revert(self, conn: Any, migration: Migration, reason: str | None) -> StepResult:
-        assert migration.down is not None  # _plan refuses irreversible steps
-        if migration.down.no_transaction:
+        down = migration.down
+        assert down is not None  # _plan refuses irreversible steps
+        if down.no_transaction:
             return self._run_outside_transaction(conn, migration, "down", reason)
         started = time.monotonic()
 
         def work(cur: Any) -> None:
-            cur.execute(migration.down.sql)
+            cur.execute(down.sql)
             cur.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(sql.Identifier(HISTORY_TABLE)),
                         [migration.version])
             self._log_row(cur, migration.version, migration.name, "reverted", reason,

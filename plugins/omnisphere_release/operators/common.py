@@ -1,4 +1,4 @@
-"""What every stage needs from its run: the outputs of earlier stages and the states of the run's tasks."""
+"""What the stage operators share: the service they act on, and reading rendered templates."""
 
 from __future__ import annotations
 
@@ -6,43 +6,6 @@ import re
 from typing import Any
 
 from airflow.sdk import BaseOperator
-
-WAIT_FOR_WINDOW = "wait_for_window"
-PREFLIGHT = "preflight"
-BACKUP = "backup"
-SCHEMA_UP = "schema_up"
-DATA_MIGRATE = "data_migrate"
-INTEGRITY_CHECK = "integrity_check"
-ECS_DEPLOY = "ecs_deploy"
-SMOKE_TEST = "smoke_test"
-MONITORING_GATE = "monitoring_gate"
-FINALIZE = "finalize"
-ROLLBACK_ECS = "rollback_ecs"
-ROLLBACK_SCHEMA = "rollback_schema"
-RESTORE_BACKUP = "restore_backup"
-VERIFY_ROLLBACK = "verify_rollback"
-RELEASE_FAILED = "release_failed"
-REPORT = "report"
-MAIN_STAGES = (WAIT_FOR_WINDOW, PREFLIGHT, BACKUP, SCHEMA_UP, DATA_MIGRATE, INTEGRITY_CHECK, ECS_DEPLOY, SMOKE_TEST, MONITORING_GATE,
-               FINALIZE)
-ROLLBACK_STAGES = (ROLLBACK_ECS, ROLLBACK_SCHEMA, RESTORE_BACKUP, VERIFY_ROLLBACK)
-
-
-def stage_output(context: Any, task_id: str) -> Any:
-    """Return what ``task_id`` returned in this run, or None if it returned nothing (failed, skipped, not run)."""
-    return context["ti"].xcom_pull(task_ids=task_id)
-
-
-def run_task_states(context: Any) -> dict[str, str]:
-    """Return the state of every task of this run, by task id (``none`` for tasks not yet run)."""
-    ti = context["ti"]
-    states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])
-    per_run = states.get(ti.run_id, states) if isinstance(states, dict) else {}
-    return {task_id: str(state or "none") for task_id, state in per_run.items()}
-
-
-def failed_stages(states: dict[str, str]) -> list[str]:
-    return [stage for stage in MAIN_STAGES if states.get(stage) == "failed"]
 
 
 def safe_key(text: str) -> str:
@@ -60,6 +23,11 @@ def as_optional_int(value: Any) -> int | None:
     if value is None or str(value).strip() in {"", "None", "null"}:
         return None
     return int(value)
+
+
+def as_optional_text(value: Any) -> str | None:
+    """Read a rendered template as optional text ("None" and "" mean none)."""
+    return None if value is None or str(value) in {"None", ""} else str(value)
 
 
 class ServiceStageOperator(BaseOperator):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import load_catalog
-from omnisphere_release.datamigrate import DataMigrationEngine, discover_specs
-from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.contracts import DataMigrationOutcome
+from omnisphere_release.datamigrate import discover_specs
+from omnisphere_release.hooks.postgres import data_engine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+from omnisphere_release.operators.common import ServiceStageOperator
 
 
-class PostgresDataMigrateOperator(BaseOperator):
+class PostgresDataMigrateOperator(ServiceStageOperator):
     """Run data migrations of include/sql/<service>/data/ in name order; each resumes from its checkpoint.
 
     An Airflow retry resumes where the failed try stopped: committed batches are never run again. ``action`` is
@@ -23,12 +25,11 @@ class PostgresDataMigrateOperator(BaseOperator):
     template_fields = ("service", "migration", "action")
 
     def __init__(self, *, service: str, migration: str | None = None, action: str = "run", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
+        super().__init__(service=service, **kwargs)
         self.migration = migration
         self.action = action
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, list[DataMigrationOutcome]]:
         catalog = load_catalog()
         service = catalog.get(self.service)
         try:
@@ -41,11 +42,9 @@ class PostgresDataMigrateOperator(BaseOperator):
             if not specs:
                 raise AirflowFailException(f"{service.name} has no data migration {wanted!r} in "
                                            f"{catalog.sql_dir / service.name / 'data'}")
-        database = ServiceDatabaseHook(service.postgres_conn_id)
-        results = []
+        results: list[DataMigrationOutcome] = []
         for spec in specs:
-            engine = DataMigrationEngine(spec, database.get_conn, run_by=f"dag={self.dag_id} run={context['run_id']}",
-                                         log=self.log)
+            engine = data_engine(service, spec, run_by=f"dag={self.dag_id} run={context['run_id']}", log=self.log)
             if self.action == "pause":
                 engine.request_pause()
                 self.log.info("Pause requested for %s: it stops after its current batch.", spec.name)

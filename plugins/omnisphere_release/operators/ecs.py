@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from omnisphere_release.catalog import load_catalog
-from omnisphere_release.hooks.ecs import (IN_FLIGHT, EcsDeploymentError, EcsDeploymentHook, deployment_configuration,
-                                          summarize)
-from omnisphere_release.operators.common import PREFLIGHT, stage_output
+from omnisphere_release.catalog import Service, load_catalog
+from omnisphere_release.contracts import DeploymentOutput, ReleaseRun
+from omnisphere_release.hooks.ecs import (EcsDeploymentError, EcsDeploymentHook, EcsNotOnTarget, ReturnResult,
+                                          deployment_configuration, summarize)
+from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 
 
-class EcsDeployServiceOperator(BaseOperator):
+class EcsDeployServiceOperator(ServiceStageOperator):
     """Register a revision that differs from the current one only by the image, update the service with the chosen
     strategy, and wait (deferred, no worker slot held) until the deployment completes, fails or times out.
 
@@ -30,15 +31,15 @@ class EcsDeployServiceOperator(BaseOperator):
 
     def __init__(self, *, service: str, strategy: str, bake_minutes: Any, poll_seconds: float = 3.0,
                  **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
+        super().__init__(service=service, **kwargs)
         self.strategy = strategy
         self.bake_minutes = bake_minutes
         self.poll_seconds = poll_seconds
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Context) -> None:
         service = load_catalog().get(self.service)
-        before = stage_output(context, PREFLIGHT)
+        before = ReleaseRun(context).plan
+        assert before is not None, "ecs_deploy runs only after preflight succeeded"
         ecs = EcsDeploymentHook(service.aws_conn_id)
         run_tag = f"{self.dag_id}/{context['run_id']}"
         family = before["previous_task_definition"].rsplit("/", 1)[-1].split(":")[0]
@@ -61,8 +62,9 @@ class EcsDeployServiceOperator(BaseOperator):
                               service.ecs.service, revision, arn, service.deploy.timeout_minutes)
         except EcsDeploymentError as exc:
             raise AirflowException(f"ECS deploy of {service.name} could not start: {exc}") from None
-        context["ti"].xcom_push(key="deployment", value={"deployment_arn": arn, "task_definition": revision,
-                                                         "configuration": configuration})
+        started: DeploymentOutput = {"deployment_arn": arn, "task_definition": revision,
+                                     "configuration": configuration}
+        context["ti"].xcom_push(key="deployment", value=started)
         self.defer(
             trigger=EcsServiceDeploymentTrigger(
                 deployment_arn=arn, deadline=time.time() + service.deploy.timeout_minutes * 60,
@@ -72,13 +74,14 @@ class EcsDeployServiceOperator(BaseOperator):
             timeout=timedelta(minutes=service.deploy.timeout_minutes + 5),
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
-        deployment = context["ti"].xcom_pull(task_ids=self.task_id, key="deployment") or {}
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> DeploymentOutput:
+        deployment = cast("DeploymentOutput", context["ti"].xcom_pull(task_ids=self.task_id, key="deployment") or {})
         status = event.get("status")
         if status == "success":
             self.log.info("Deployment %s reached %s: %s. Next: smoke_test.", event["deployment_arn"],
                           event.get("deployment_status"), event.get("summary"))
-            return {**deployment, "deployment_status": event.get("deployment_status"), "summary": event.get("summary")}
+            return {**deployment, "deployment_status": str(event.get("deployment_status")),
+                    "summary": str(event.get("summary"))}
         if status == "timeout":
             raise AirflowFailException(f"ECS deployment {event['deployment_arn']} did not finish within the "
                                        f"catalog's deploy.timeout_minutes; last state: {event.get('summary')}. "
@@ -88,56 +91,49 @@ class EcsDeployServiceOperator(BaseOperator):
                                    f"Next: rollback_ecs makes sure the service is back on its previous revision.")
 
 
-class EcsRollbackServiceOperator(BaseOperator):
+class EcsRollbackServiceOperator(ServiceStageOperator):
     """rollback_ecs: bring the service back to the task definition preflight recorded, and wait until it is stable.
 
     Stops an in-flight deployment with ROLLBACK, or deploys the previous revision again if the new one completed;
     when ECS already rolled back (circuit breaker), it only waits and checks. Running it twice changes nothing.
     """
 
-    template_fields = ("service",)
     ui_color = "#f8e0d8"
 
     def __init__(self, *, service: str, poll_seconds: float = 2.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
+        super().__init__(service=service, **kwargs)
         self.poll_seconds = poll_seconds
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        service = load_catalog().get(self.service)
-        before = stage_output(context, PREFLIGHT)
-        if not before:
+    def execute(self, context: Context) -> dict[str, Any]:
+        plan = ReleaseRun(context).plan
+        if not plan:
             self.log.info("Nothing to roll back on ECS: preflight recorded no state, so this run changed nothing.")
             return {"action": "none"}
-        previous = before["previous_task_definition"]
-        ecs = EcsDeploymentHook(service.aws_conn_id)
-        timeout = service.deploy.timeout_minutes * 60
-        try:
-            live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
-            action = "none"
-            arn = live.get("currentServiceDeployment")
-            deployment = ecs.describe_deployment(arn) if arn else None
-            if deployment and deployment["status"] in IN_FLIGHT and not deployment["status"].startswith("ROLLBACK") \
-                    and deployment.get("targetServiceRevision", {}).get("arn") != previous:
-                self.log.info("Stopping in-flight deployment %s with ROLLBACK (%s).", arn, summarize(deployment))
-                ecs.stop_with_rollback(arn)
-                action = "stopped in-flight deployment with ROLLBACK"
-            elif live["taskDefinition"] != previous:
-                self.log.info("Service runs %s; deploying the previous revision %s again.", live["taskDefinition"],
-                              previous)
-                arn = ecs.update_service(service.ecs.cluster, service.ecs.service, previous,
-                                         deployment_configuration("rolling", 0))
-                action = f"redeployed {previous}"
-            if arn:
-                settled = ecs.wait_until_settled(arn, timeout, self.poll_seconds)
-                self.log.info("Deployment %s settled: %s", arn, summarize(settled))
-            live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
-        except EcsDeploymentError as exc:
-            raise AirflowFailException(f"ECS rollback of {service.name} failed: {exc}. The service may still run the "
-                                       f"new image: the schema is left as is. Page the service owner.") from None
-        if live["taskDefinition"] != previous:
-            raise AirflowFailException(f"ECS rollback of {service.name} ended on {live['taskDefinition']}, not the "
-                                       f"previous {previous}. Page the service owner.")
-        self.log.info("%s is back on %s (%s). Next: rollback_schema.", service.name, previous,
-                      action if action != "none" else "ECS had already rolled back, or nothing was deployed")
-        return {"action": action, "task_definition": previous}
+        service = load_catalog().get(self.service)
+        result = return_service_to(service, plan["previous_task_definition"], self.log, self.poll_seconds)
+        self.log.info("%s is back on %s (%s). Next: rollback_schema.", service.name, result.task_definition,
+                      result.action if result.action != "none" else
+                      "ECS had already rolled back, or nothing was deployed")
+        return {"action": result.action, "task_definition": result.task_definition}
+
+
+def return_service_to(service: Service, task_definition: str, log: Any, poll_seconds: float = 2.0) -> ReturnResult:
+    """Bring ``service`` to ``task_definition`` and wait: the one ECS way back, of rollback_ecs and rollback_<service>.
+
+    An AWS error is retried by Airflow (it says nothing about the service); ending on another revision is final.
+    """
+    log.info("Bringing %s back to %s (stopping an in-flight deployment with ROLLBACK, or deploying it again), then "
+             "waiting up to %d min for ECS to settle.", service.name, task_definition, service.deploy.timeout_minutes)
+    try:
+        result = EcsDeploymentHook(service.aws_conn_id).return_to(
+            service.ecs.cluster, service.ecs.service, task_definition, service.deploy.timeout_minutes * 60,
+            poll_seconds)
+    except EcsNotOnTarget as exc:
+        raise AirflowFailException(f"ECS rollback of {service.name} failed: {exc}. The schema is left as is. Page "
+                                   f"the service owner.") from None
+    except EcsDeploymentError as exc:
+        raise AirflowException(f"ECS rollback of {service.name} could not finish: {exc}. Retrying if retries "
+                               f"remain; the service may still run the new image.") from None
+    if result.settled:
+        log.info("Deployment settled: %s", summarize(result.settled))
+    return result

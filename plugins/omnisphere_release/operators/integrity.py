@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import load_catalog
+from omnisphere_release.contracts import ReleaseRun
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
-from omnisphere_release.operators.common import PREFLIGHT, ServiceStageOperator, stage_output
-from omnisphere_release.operators.preflight import count_rows
+from omnisphere_release.operators.common import ServiceStageOperator
 
 SHOWN_ROWS = 10
 
@@ -28,23 +29,23 @@ class PostgresIntegrityCheckOperator(ServiceStageOperator):
     not retry: a violated invariant will not heal by running the query again.
     """
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         catalog = load_catalog()
         service = catalog.get(self.service)
-        before = stage_output(context, PREFLIGHT) or {}
+        plan = ReleaseRun(context).plan
+        counts_before = plan["row_counts"] if plan else {}
         files = check_files(catalog.checks_dir(service.name))
         self.log.info("Checking %s: %d SQL check(s) from %s, then row counts of %d table(s).", service.name,
-                      len(files), catalog.checks_dir(service.name), len(before.get("row_counts", {})))
-        conn = ServiceDatabaseHook(service.postgres_conn_id).get_conn()
-        results, failures = [], []
+                      len(files), catalog.checks_dir(service.name), len(counts_before))
+        database = ServiceDatabaseHook(service.postgres_conn_id)
+        conn = database.get_conn()
+        results: list[dict[str, Any]] = []
+        failures: list[str] = []
         try:
             for path in files:
                 query = path.read_text(encoding="utf-8")
                 try:
-                    with conn, conn.cursor() as cur:
-                        cur.execute(query)
-                        rows = cur.fetchmany(SHOWN_ROWS + 1)
-                        columns = [c.name for c in cur.description or []]
+                    columns, rows = database.first_rows(conn, query, SHOWN_ROWS + 1)
                 except psycopg2.Error as exc:
                     failures.append(f"check {path.stem} ({path}) could not run: {str(exc).strip()}\n"
                                     f"    query: {' '.join(query.split())}")
@@ -57,12 +58,12 @@ class PostgresIntegrityCheckOperator(ServiceStageOperator):
                                     f"    query: {' '.join(query.split())}\n    rows: {shown}")
                 else:
                     self.log.info("Check %s passed (no violating row).", path.stem)
-            counts_after = count_rows(conn, list(before.get("row_counts", {})))
         finally:
             conn.close()
+        counts_after = database.count_rows(list(counts_before))
         tolerance = service.integrity.max_row_loss
         counts = []
-        for table, was in before.get("row_counts", {}).items():
+        for table, was in counts_before.items():
             now = counts_after.get(table)
             counts.append({"table": table, "before": was, "after": now})
             if now is None:

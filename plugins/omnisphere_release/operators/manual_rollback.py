@@ -1,30 +1,46 @@
 """rollback_<service>: the manual way back, each step optional: a previous task definition or image, the schema down
-to a version, a restore from a chosen backup. The same hooks as the release's own rollback branch."""
+to a version, a restore from a chosen backup. Each step runs the same code as the release's own rollback branch:
+:func:`~omnisphere_release.operators.ecs.return_service_to`, :func:`~omnisphere_release.operators.migrations.revert_schema_to`
+and :func:`~omnisphere_release.operators.backup.restore_database`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from omnisphere_release.catalog import load_catalog
-from omnisphere_release.hooks.backups import BackupError, BackupHook
-from omnisphere_release.hooks.ecs import (EcsDeploymentError, EcsDeploymentHook, deployment_configuration, image_of,
-                                          summarize, with_image)
-from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release import checks
+from omnisphere_release.catalog import Service, load_catalog
+from omnisphere_release.hooks.backups import BackupHook
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of
+from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.registry import ImageRegistryHook
-from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
-from omnisphere_release.operators.common import as_optional_int
-from omnisphere_release.operators.preflight import migration_engine
+from omnisphere_release.operators.backup import restore_database
+from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, as_optional_text
+from omnisphere_release.operators.ecs import return_service_to
+from omnisphere_release.operators.migrations import revert_schema_to
 
 PLAN = "plan"
+STEPS = ("ecs", "schema", "restore")
 
 
-def _s3(aws_conn_id: str | None) -> Any:
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+class RestoreSource(TypedDict):
+    bucket: str
+    key: str
+    sha256: str
 
-    return S3Hook(aws_conn_id=aws_conn_id).get_conn()
+
+class ManualRollbackPlan(TypedDict, total=False):
+    """What the plan task checked; each step runs only if its key is present."""
+
+    service: str
+    reason: str
+    current_task_definition: str
+    task_definition: str  # a task definition to run again
+    image: str  # or an image to run (a revision of the current task definition is registered for it)
+    schema_version: int
+    restore: RestoreSource
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -34,139 +50,115 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-class ManualRollbackPlanOperator(BaseOperator):
+class ManualRollbackPlanOperator(ServiceStageOperator):
     """Check the requested steps against what exists and print the plan; change nothing."""
 
     template_fields = ("service", "task_definition", "image_tag", "schema_version", "restore_backup_uri", "reason")
 
     def __init__(self, *, service: str, task_definition: Any, image_tag: Any, schema_version: Any,
                  restore_backup_uri: Any, reason: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service, self.task_definition, self.image_tag = service, task_definition, image_tag
+        super().__init__(service=service, **kwargs)
+        self.task_definition, self.image_tag = task_definition, image_tag
         self.schema_version, self.restore_backup_uri, self.reason = schema_version, restore_backup_uri, reason
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> ManualRollbackPlan:
         catalog = load_catalog()
         service = catalog.get(self.service)
         # Params arrive as rendered text; "None" is an unset optional param.
-        self.task_definition, self.image_tag, self.restore_backup_uri = (
-            None if str(v) in {"None", ""} else str(v)
-            for v in (self.task_definition, self.image_tag, self.restore_backup_uri))
-        self.schema_version = as_optional_int(self.schema_version)
+        task_definition, image_tag = as_optional_text(self.task_definition), as_optional_text(self.image_tag)
+        backup_uri, schema_version = as_optional_text(self.restore_backup_uri), as_optional_int(self.schema_version)
         if not (self.reason or "").strip():
             raise AirflowFailException("param 'reason' is required: say why this manual rollback happens")
-        if self.task_definition and self.image_tag:
+        if task_definition and image_tag:
             raise AirflowFailException("give either param 'task_definition' or param 'image_tag', not both")
-        if not any([self.task_definition, self.image_tag, self.schema_version is not None, self.restore_backup_uri]):
+        if not any([task_definition, image_tag, schema_version is not None, backup_uri]):
             raise AirflowFailException("nothing to do: set task_definition or image_tag, schema_version, "
                                        "or restore_backup_uri")
-        ecs = EcsDeploymentHook(service.aws_conn_id)
-        plan: dict[str, Any] = {"service": service.name, "reason": self.reason}
+        plan: ManualRollbackPlan = {"service": service.name, "reason": self.reason}
         try:
-            live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
-            current = ecs.describe_task_definition(live["taskDefinition"])
-            plan["current_task_definition"] = live["taskDefinition"]
-            image = None
-            if self.task_definition:
-                chosen = ecs.describe_task_definition(self.task_definition)
+            if image_tag:
+                target = checks.target_image(service, image_tag)
+                plan["current_task_definition"], plan["image"] = target.running_task_definition, target.image
+                image_problem = target.problem
+            elif task_definition:
+                ecs = EcsDeploymentHook(service.aws_conn_id)
+                chosen = ecs.describe_task_definition(task_definition)
                 plan["task_definition"] = chosen["taskDefinitionArn"]
-                image = image_of(chosen, service.ecs.container)
-            elif self.image_tag:
-                image = plan["image"] = with_image(image_of(current, service.ecs.container), self.image_tag)
+                image_problem = ImageRegistryHook(service.aws_conn_id).check(
+                    image_of(chosen, service.ecs.container)).problem
+            else:
+                image_problem = None
         except EcsDeploymentError as exc:
             raise AirflowFailException(f"refused: {exc}") from None
-        if image:
-            # An old image may have been expired by the registry's lifecycle policy: ECS could not start it, and the
-            # way back would fail halfway, at the worst moment.
-            check = ImageRegistryHook(service.aws_conn_id).check(image)
-            if check.problem:
-                raise AirflowFailException(f"refused, nothing was changed: {check.problem}")
-        if self.schema_version is not None:
-            status = migration_engine(service, catalog, "rollback plan", self.log).status()
-            if int(self.schema_version) > status.current_version:
-                raise AirflowFailException(f"param schema_version {self.schema_version} is above the current "
-                                           f"version {status.current_version}; use release_{service.name} to go up")
-            plan["schema_version"] = int(self.schema_version)
-        if self.restore_backup_uri:
-            bucket, key = parse_s3_uri(self.restore_backup_uri)
-            hook = BackupHook({}, _s3(service.aws_conn_id))
-            try:
-                checksum = hook.recorded_sha256(bucket, key)
-            except Exception as exc:  # noqa: BLE001 - the message matters, not the type
-                raise AirflowFailException(f"param restore_backup_uri: cannot read {self.restore_backup_uri}: {exc}")
-            if not checksum:
-                raise AirflowFailException(f"{self.restore_backup_uri} carries no sha256 tag: not a backup taken by "
-                                           f"a release, so its integrity cannot be checked")
-            plan["restore"] = {"bucket": bucket, "key": key, "sha256": checksum}
+        # An old image may have been expired by the registry's lifecycle policy: ECS could not start it, and the
+        # way back would fail halfway, at the worst moment.
+        if image_problem:
+            raise AirflowFailException(f"refused, nothing was changed: {image_problem}")
+        if schema_version is not None:
+            current = schema_engine(service, catalog, "rollback plan", self.log).status().current_version
+            if schema_version > current:
+                raise AirflowFailException(f"param schema_version {schema_version} is above the current version "
+                                           f"{current}; use release_{service.name} to go up")
+            plan["schema_version"] = schema_version
+        if backup_uri:
+            plan["restore"] = self._restore_source(service, backup_uri)
         self.log.info("Manual rollback plan for %s: %s", service.name, plan)
         return plan
 
+    @staticmethod
+    def _restore_source(service: Service, uri: str) -> RestoreSource:
+        bucket, key = parse_s3_uri(uri)
+        try:
+            checksum = BackupHook.for_service(service).recorded_sha256(bucket, key)
+        except Exception as exc:  # noqa: BLE001 - the message matters, not the type
+            raise AirflowFailException(f"param restore_backup_uri: cannot read {uri}: {exc}") from None
+        if not checksum:
+            raise AirflowFailException(f"{uri} carries no sha256 tag: not a backup taken by a release, so its "
+                                       f"integrity cannot be checked")
+        return {"bucket": bucket, "key": key, "sha256": checksum}
 
-class ManualRollbackStepOperator(BaseOperator):
+
+class ManualRollbackStepOperator(ServiceStageOperator):
     """Run one step of the plan (``ecs``, ``schema`` or ``restore``), or skip it when the plan does not ask for it."""
 
-    template_fields = ("service",)
     ui_color = "#f8e0d8"
 
     def __init__(self, *, service: str, step: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
+        super().__init__(service=service, **kwargs)
+        if step not in STEPS:
+            raise ValueError(f"step {step!r}: use one of {', '.join(STEPS)}")
         self.step = step
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        plan = context["ti"].xcom_pull(task_ids=PLAN)
+    def execute(self, context: Context) -> dict[str, Any]:
+        plan: ManualRollbackPlan = context["ti"].xcom_pull(task_ids=PLAN)
         catalog = load_catalog()
         service = catalog.get(self.service)
         if self.step == "ecs":
-            return self._ecs(service, plan)
+            if "task_definition" not in plan and "image" not in plan:
+                raise AirflowSkipException("No ECS step requested.")
+            target = plan.get("task_definition") or self._register_image(service, plan)
+            result = return_service_to(service, target, self.log)
+            self.log.info("%s now runs %s (%s).", service.name, target, result.action)
+            return {"task_definition": target, "action": result.action}
         if self.step == "schema":
-            return self._schema(service, catalog, plan, context)
-        return self._restore(service, plan)
-
-    def _ecs(self, service: Any, plan: dict[str, Any]) -> dict[str, Any]:
-        if "task_definition" not in plan and "image" not in plan:
-            raise AirflowSkipException("No ECS step requested.")
-        ecs = EcsDeploymentHook(service.aws_conn_id)
-        try:
-            target = plan.get("task_definition")
-            if target is None:
-                current = ecs.describe_task_definition(plan["current_task_definition"])
-                target = ecs.register_revision(current, service.ecs.container, plan["image"], "manual-rollback")
-            live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
-            if live["taskDefinition"] == target:
-                self.log.info("%s already runs %s; nothing to do.", service.name, target)
-                return {"task_definition": target, "action": "none"}
-            arn = ecs.update_service(service.ecs.cluster, service.ecs.service, target,
-                                     deployment_configuration("rolling", 0))
-            settled = ecs.wait_until_settled(arn, service.deploy.timeout_minutes * 60)
-        except EcsDeploymentError as exc:
-            raise AirflowFailException(f"ECS step failed: {exc}") from None
-        if settled["status"] != "SUCCESSFUL":
-            raise AirflowFailException(f"ECS step ended {summarize(settled)}")
-        self.log.info("%s now runs %s (%s).", service.name, target, summarize(settled))
-        return {"task_definition": target, "action": "deployed"}
-
-    def _schema(self, service: Any, catalog: Any, plan: dict[str, Any], context: Any) -> dict[str, Any]:
-        if "schema_version" not in plan:
-            raise AirflowSkipException("No schema step requested.")
-        engine = migration_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
-        if engine.status().current_version == plan["schema_version"]:
-            return {"reverted": [], "schema_version": plan["schema_version"]}
-        try:
-            result = engine.migrate("down", plan["schema_version"], reason=plan["reason"])
-        except (InvalidMigrationInput, MigrationFailed) as exc:
-            raise AirflowFailException(f"schema step failed: {exc}") from None
-        return {"reverted": result.versions, "schema_version": result.to_version}
-
-    def _restore(self, service: Any, plan: dict[str, Any]) -> dict[str, Any]:
+            if "schema_version" not in plan:
+                raise AirflowSkipException("No schema step requested.")
+            return revert_schema_to(service, catalog, plan["schema_version"],
+                                    applied_by=f"dag={self.dag_id} run={context['run_id']}", reason=plan["reason"],
+                                    log=self.log, next_on_failure="The ECS step is not undone; decide whether to "
+                                    "restore a backup (param restore_backup_uri).")
         if "restore" not in plan:
             raise AirflowSkipException("No restore requested.")
         r = plan["restore"]
-        database = ServiceDatabaseHook(service.postgres_conn_id)
-        try:
-            seconds = BackupHook(database.connect_kwargs(), _s3(service.aws_conn_id)).restore_from_s3(
-                r["bucket"], r["key"], r["sha256"])
-        except BackupError as exc:
-            raise AirflowFailException(f"restore failed, database unchanged: {exc}") from None
+        seconds = restore_database(service, r["bucket"], r["key"], r["sha256"], self.log)
         self.log.info("Restored %s from s3://%s/%s in %.1fs.", service.name, r["bucket"], r["key"], seconds)
         return {"restored_from": f"s3://{r['bucket']}/{r['key']}", "seconds": round(seconds, 2)}
+
+    def _register_image(self, service: Service, plan: ManualRollbackPlan) -> str:
+        """Register a revision of the current task definition with the plan's image (tagged as a manual rollback)."""
+        ecs = EcsDeploymentHook(service.aws_conn_id)
+        try:
+            current = ecs.describe_task_definition(plan["current_task_definition"])
+            return ecs.register_revision(current, service.ecs.container, plan["image"], "manual-rollback")
+        except EcsDeploymentError as exc:
+            raise AirflowFailException(f"ECS step could not register a revision with {plan['image']}: {exc}") from None

@@ -1,17 +1,45 @@
-"""Run the schema migration engine from Airflow."""
+"""schema_up and rollback_schema: apply a service's schema migrations, and revert exactly what a release applied."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from omnisphere_release.catalog import load_catalog
-from omnisphere_release.hooks.postgres import ServiceDatabaseHook
-from omnisphere_release.operators.common import as_bool, as_optional_int
-from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine, MigrationFailed
+from omnisphere_release.catalog import Catalog, Service, load_catalog
+from omnisphere_release.contracts import ReleaseRun
+from omnisphere_release.datamigrate import discover_specs
+from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
+from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
+from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int
+
+
+def revert_schema_to(service: Service, catalog: Catalog, version: int, *, applied_by: str, reason: str, log: Any,
+                     next_on_failure: str) -> dict[str, Any]:
+    """Revert ``service``'s schema down to ``version``: the one schema-revert path of the release's rollback_schema
+    and of rollback_<service>. At ``version`` already, it does nothing, so running it twice changes nothing.
+
+    Below ``version`` is refused: someone else moved the schema, and guessing would make it worse. A failed down
+    file fails the task for good, with ``next_on_failure`` saying what happens then.
+    """
+    engine = schema_engine(service, catalog, applied_by, log)
+    current = engine.status().current_version
+    if current == version:
+        log.info("Nothing to revert: %s is at version %d already.", service.name, current)
+        return {"reverted": [], "schema_version": current}
+    if current < version:
+        raise AirflowFailException(f"{service.name} is at version {current}, below the target {version}: someone "
+                                   f"else changed it; not touching it.")
+    log.info("Reverting %s from version %d to %d, in reverse order.", service.name, current, version)
+    try:
+        result = engine.migrate("down", version, reason=reason)
+    except (InvalidMigrationInput, MigrationFailed) as exc:
+        raise AirflowFailException(f"Schema rollback of {service.name} failed: {exc}. {next_on_failure}") from None
+    log.info("Reverted %s to version %d (%s) in %.1fs.", service.name, result.to_version,
+             ", ".join(str(v) for v in result.versions), result.seconds)
+    return {"reverted": result.versions, "schema_version": result.to_version}
 
 
 class PostgresApplyMigrationsOperator(BaseOperator):
@@ -21,7 +49,7 @@ class PostgresApplyMigrationsOperator(BaseOperator):
     rollback reads to undo exactly what this run did.
     """
 
-    template_fields: Sequence[str] = ("service", "direction", "target_version", "dry_run", "reason",
+    template_fields: Sequence[str] = ("service", "direction", "target_version", "plan_only", "reason",
                                       "acknowledge_drift")
     ui_color = "#d8e8f8"
 
@@ -31,29 +59,21 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         self.service = service
         self.direction = direction
         self.target_version = target_version
-        self.dry_run = dry_run
+        self.plan_only = dry_run  # not self.dry_run: that is BaseOperator's own method
         self.reason = reason
         self.acknowledge_drift = acknowledge_drift
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         catalog = load_catalog()
         service = catalog.get(self.service)
         target = as_optional_int(self.target_version)
-        dry_run = as_bool(self.dry_run)
-        run_id = context["run_id"]
-        database = ServiceDatabaseHook(service.postgres_conn_id)
-        engine = MigrationEngine(
-            service=service.name,
-            migrations_dir=catalog.migrations_dir(service.name),
-            connect=database.get_conn,
-            settings=EngineSettings.from_catalog(service.migrations),
-            applied_by=f"dag={self.dag_id} run={run_id}",
-            log=self.log,
-        )
+        dry_run = as_bool(self.plan_only)
+        engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
         self.log.info("Migrating %s %s to %s%s (database %s)", service.name, self.direction,
                       "the latest version" if target is None and self.direction == "up" else
                       ("one version down" if target is None else f"version {target}"),
-                      " as a dry run: nothing will change" if dry_run else "", database.describe())
+                      " as a dry run: nothing will change" if dry_run else "",
+                      ServiceDatabaseHook(service.postgres_conn_id).describe())
         try:
             result = engine.migrate(self.direction, target, dry_run=dry_run, reason=self.reason or None,
                                     acknowledge_drift=self.acknowledge_drift or None)
@@ -78,59 +98,36 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         }
 
 
-class PostgresRevertReleaseMigrationsOperator(BaseOperator):
+class PostgresRevertReleaseMigrationsOperator(ServiceStageOperator):
     """rollback_schema: revert what this release applied, down to the version preflight recorded.
 
     It reads the database rather than schema_up's output, because a schema_up that failed on its 2nd file still
-    applied the 1st. Idempotent: at the recorded version already, it does nothing. A failure here (a down file fails,
-    an irreversible migration) fails the task, which sends the release to restore_backup.
+    applied the 1st. Data migrations this run ran are reverted first, newest first. A failure here (a down file
+    fails, an irreversible migration) fails the task, which sends the release to restore_backup.
     """
 
-    template_fields: Sequence[str] = ("service",)
     ui_color = "#f8e0d8"
 
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
-
-    def execute(self, context: Any) -> dict[str, Any]:
-        from omnisphere_release.operators.common import PREFLIGHT, stage_output
-        from omnisphere_release.operators.preflight import migration_engine
-
-        before = stage_output(context, PREFLIGHT)
-        if not before:
+    def execute(self, context: Context) -> dict[str, Any]:
+        run = ReleaseRun(context)
+        plan = run.plan
+        if not plan:
             self.log.info("Nothing to revert: preflight recorded no state, so this run changed no schema.")
             return {"reverted": [], "schema_version": None}
         catalog = load_catalog()
         service = catalog.get(self.service)
-        data_reverted = self._revert_data_migrations(service, catalog, context)
-        engine = migration_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']} rollback", self.log)
-        current = engine.status().current_version
-        target = before["schema_version"]
-        if current == target:
-            self.log.info("Nothing to revert: %s is at version %d, as before the release.", service.name, current)
-            return {"reverted": [], "schema_version": current, "data_reverted": data_reverted}
-        if current < target:
-            raise AirflowFailException(f"{service.name} is at version {current}, below the {target} recorded before "
-                                       f"the release: someone else changed it; not touching it.")
-        self.log.info("Reverting %s from version %d to %d (what this release applied), in reverse order.",
-                      service.name, current, target)
-        try:
-            result = engine.migrate("down", target, reason=f"rollback of {context['run_id']}")
-        except (InvalidMigrationInput, MigrationFailed) as exc:
-            raise AirflowFailException(f"Schema rollback of {service.name} failed: {exc}. Next: restore_backup "
-                                       f"restores the database from this run's backup.") from None
-        self.log.info("Reverted %s to version %d (%s) in %.1fs. Next: restore_backup only if the policy says always.",
-                      service.name, result.to_version, ", ".join(str(v) for v in result.versions), result.seconds)
-        return {"reverted": result.versions, "schema_version": result.to_version, "data_reverted": data_reverted}
+        data_reverted = self._revert_data_migrations(service, catalog, run, context["run_id"])
+        result = revert_schema_to(service, catalog, plan["schema_version"],
+                                  applied_by=f"dag={self.dag_id} run={context['run_id']} rollback",
+                                  reason=f"rollback of {context['run_id']}", log=self.log,
+                                  next_on_failure="Next: restore_backup restores the database from this run's backup.")
+        self.log.info("%s is at version %d, as before the release. Next: restore_backup only if the policy says "
+                      "always.", service.name, result["schema_version"])
+        return {**result, "data_reverted": data_reverted}
 
-    def _revert_data_migrations(self, service: Any, catalog: Any, context: Any) -> list[str]:
+    def _revert_data_migrations(self, service: Service, catalog: Catalog, run: ReleaseRun, run_id: str) -> list[str]:
         """Revert the data migrations this run ran, newest first; an irreversible one sends the release to restore."""
-        from omnisphere_release.datamigrate import DataMigrationEngine, discover_specs
-        from omnisphere_release.hooks.postgres import ServiceDatabaseHook
-        from omnisphere_release.operators.common import DATA_MIGRATE, stage_output
-
-        ran = [m for m in (stage_output(context, DATA_MIGRATE) or {}).get("migrations", []) if m["state"] == "done"]
+        ran = [m for m in run.data_migrations if m["state"] == "done"]
         if not ran:
             return []
         specs = {s.name: s for s in discover_specs(catalog.sql_dir / service.name / "data")}
@@ -140,7 +137,6 @@ class PostgresRevertReleaseMigrationsOperator(BaseOperator):
             if not spec.reversible:
                 raise AirflowFailException(f"Data migration {spec.name} ran in this release and is irreversible; "
                                            f"only the backup can undo it. Next: restore_backup.")
-            DataMigrationEngine(spec, ServiceDatabaseHook(service.postgres_conn_id).get_conn,
-                                run_by=f"rollback {context['run_id']}", log=self.log).run("revert")
+            data_engine(service, spec, run_by=f"rollback {run_id}", log=self.log).run("revert")
             reverted.append(spec.name)
         return reverted

@@ -6,14 +6,16 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import load_catalog
+from omnisphere_release.contracts import ReleaseRun
+from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.monitoring import MonitoringBakeTrigger
 
 
-class CloudWatchMonitoringGateOperator(BaseOperator):
+class CloudWatchMonitoringGateOperator(ServiceStageOperator):
     """Defer to a trigger that reads CloudWatch every ``poll_seconds`` for ``bake_minutes``.
 
     No data for longer than the catalog's ``monitoring.missing_data_minutes`` is a failure by default: a service
@@ -23,18 +25,17 @@ class CloudWatchMonitoringGateOperator(BaseOperator):
     template_fields = ("service", "bake_minutes")
 
     def __init__(self, *, service: str, bake_minutes: Any, poll_seconds: float = 10.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.service = service
+        super().__init__(service=service, **kwargs)
         self.bake_minutes = bake_minutes
         self.poll_seconds = poll_seconds
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Context) -> None:
         service = load_catalog().get(self.service)
         bake = float(self.bake_minutes) * 60
         m = service.monitoring
         now = time.time()
-        window = context["ti"].xcom_pull(task_ids="wait_for_window") or {}
-        closes_at = datetime.fromisoformat(window["window_end"]).timestamp() if window.get("window_end") else None
+        window_end = ReleaseRun(context).window.get("window_end")
+        closes_at = datetime.fromisoformat(window_end).timestamp() if window_end else None
         self.log.info("Baking %s for %.0fs: failing on 5xx rate > %.2f%%, p99 > %d ms, alarms %s, or no data for "
                       "%.0fs (target group %s).", service.name, bake, m.max_error_rate * 100, m.max_p99_latency_ms,
                       list(m.alarms) or "none", m.missing_data_minutes * 60, m.target_group)
@@ -49,7 +50,7 @@ class CloudWatchMonitoringGateOperator(BaseOperator):
             timeout=timedelta(seconds=bake + 600),
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         observations = event.get("observations", [])
         if event.get("status") == "success":
             self.log.info("Bake passed: %d reading(s), last: %s. Next: finalize.", len(observations), event.get("last"))

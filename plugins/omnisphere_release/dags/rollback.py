@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import DAG, Param, TriggerRule
+from airflow.sdk import DAG, BaseOperator, Param, TriggerRule
 
 from omnisphere_release.catalog import Catalog, Service
 from omnisphere_release.operators.manual_rollback import PLAN, ManualRollbackPlanOperator, ManualRollbackStepOperator
@@ -46,7 +46,7 @@ release; its sha256 is checked before anything is restored). `plan` checks every
             task_id=PLAN, service=name, task_definition="{{ params.task_definition }}",
             image_tag="{{ params.image_tag }}", schema_version="{{ params.schema_version }}",
             restore_backup_uri="{{ params.restore_backup_uri }}", reason="{{ params.reason or '' }}", retries=0)
-        previous = plan
+        previous: BaseOperator = plan
         for step in ("ecs", "schema", "restore"):
             task = ManualRollbackStepOperator(task_id=f"rollback_{step}", service=name, step=step,
                                               trigger_rule=TriggerRule.NONE_FAILED)

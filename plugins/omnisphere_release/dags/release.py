@@ -16,20 +16,21 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, Param, TriggerRule
 
+from omnisphere_release import contracts as stage
 from omnisphere_release.catalog import Catalog, Service
-from omnisphere_release.operators import common as stage
+from omnisphere_release.checks import ENVIRONMENT_VARIABLE, PRODUCTION, WINDOW_PATTERN, schedule_of
 from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
 from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
 from omnisphere_release.operators.ecs import EcsDeployServiceOperator, EcsRollbackServiceOperator
+from omnisphere_release.operators.finalize import ReleaseFinalizeOperator, VerifyRollbackOperator
 from omnisphere_release.operators.integrity import PostgresIntegrityCheckOperator
 from omnisphere_release.operators.migrations import (PostgresApplyMigrationsOperator,
                                                      PostgresRevertReleaseMigrationsOperator)
 from omnisphere_release.operators.monitoring import CloudWatchMonitoringGateOperator
 from omnisphere_release.operators.preflight import ReleasePreflightOperator
-from omnisphere_release.operators.release import (ReleaseFailedOperator, ReleaseFinalizeOperator,
-                                                  ReleaseReportOperator, VerifyRollbackOperator)
+from omnisphere_release.operators.report import ReleaseFailedOperator, ReleaseReportOperator
 from omnisphere_release.operators.smoke import HttpSmokeTestOperator
-from omnisphere_release.operators.window import WINDOW_PATTERN, WaitForMaintenanceWindowOperator, schedule_of
+from omnisphere_release.operators.window import WaitForMaintenanceWindowOperator
 from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE, optional_text
 
 STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
@@ -105,11 +106,11 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
             target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
             backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason or '' }}",
             staging_rehearsed="{{ params.staging_rehearsed }}",
-            environment="{{ var.value.get('omni_environment', 'production') }}")
+            environment=f"{{{{ var.value.get('{ENVIRONMENT_VARIABLE}', '{PRODUCTION}') }}}}")
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name)
         schema_up = PostgresApplyMigrationsOperator(
             task_id=stage.SCHEMA_UP, service=name, direction="up",
-            target_version="{{ ti.xcom_pull(task_ids='preflight')['target_version'] }}", dry_run=False,
+            target_version=f"{{{{ ti.xcom_pull(task_ids='{stage.PREFLIGHT}')['target_version'] }}}}", dry_run=False,
             reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ (params.reason or '') }}", retries=0)
         data_migrate = (PostgresDataMigrateOperator(task_id=stage.DATA_MIGRATE, service=name, retries=3)
                         if has_data_migrations else None)
@@ -131,14 +132,14 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
                                                 restore_policy="{{ params.restore_policy }}",
                                                 trigger_rule=TriggerRule.ALL_DONE)
         verify = VerifyRollbackOperator(task_id=stage.VERIFY_ROLLBACK, service=name, trigger_rule=TriggerRule.ALL_DONE)
-        main[2:] >> rollback_ecs  # type: ignore[operator]  # from backup on: what preflight may not refuse
+        main[2:] >> rollback_ecs  # from backup on: what preflight may not refuse
         rollback_ecs >> rollback_schema >> restore >> verify
 
         # Two leaves: the run is FAILED whenever release_failed fails, whatever the report does.
         failed = ReleaseFailedOperator(task_id=stage.RELEASE_FAILED, trigger_rule=TriggerRule.ALL_DONE, retries=0)
         report = ReleaseReportOperator(task_id=stage.REPORT, service=name, trigger_rule=TriggerRule.ALL_DONE)
-        [finalize, verify] >> failed  # type: ignore[operator]
-        [finalize, verify] >> report  # type: ignore[operator]
+        [finalize, verify] >> failed
+        [finalize, verify] >> report
     return dag
 
 

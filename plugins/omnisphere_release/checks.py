@@ -1,0 +1,203 @@
+"""The release rules, each in one place: the target image and its registry, maintenance windows, the environment's
+staging rule, and manifests. preflight, wait_for_window, rollback_<service>, release_all and queue_release call them.
+
+Pure rules take values and return a decision or the problems found; the few that must look at a system do it through
+the hooks. None of them raises an Airflow exception: the calling stage decides what a refusal means for its run.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from omnisphere_release.catalog import Catalog, MaintenanceWindow, Service
+from omnisphere_release.contracts import WindowDecision
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, LiveRevision, with_image
+from omnisphere_release.hooks.registry import ImageCheck, ImageRegistryHook
+from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE
+from omnisphere_release.windows import WindowSchedule
+
+WINDOW_PATTERN = r"^(next|now|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:\d{2}))$"
+PRODUCTION = "production"
+# The Airflow Variable that says which environment this Airflow releases to.
+ENVIRONMENT_VARIABLE = "omni_environment"
+
+
+class Refused(ValueError):
+    """A rule refused the request; the message names the param or entry at fault and what to do."""
+
+
+# --- The target image -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetImage:
+    """The image a release (or a manual rollback) would run, and what its registry says of it."""
+
+    service: str
+    live: LiveRevision  # what the service runs now
+    image: str
+    registry: ImageCheck
+
+    @property
+    def running_task_definition(self) -> str:
+        return self.live.arn
+
+    @property
+    def running_image(self) -> str:
+        return self.live.image
+
+    @property
+    def problem(self) -> str | None:
+        return self.registry.problem
+
+    def describe(self) -> str:
+        if self.registry.problem:
+            return self.registry.problem
+        if self.registry.checked:
+            return f"image {self.image} is in ECR: digest {self.registry.digest}, pushed {self.registry.pushed_at}"
+        return (f"image {self.image} is not in ECR: its registry is not checked; ECS fails the deployment (and the "
+                f"release rolls back) if it cannot pull it")
+
+
+def target_image(service: Service, tag: str, ecs: EcsDeploymentHook | None = None,
+                 registry: ImageRegistryHook | None = None) -> TargetImage:
+    """Return the image ``tag`` means for ``service`` (its running image's repository) and whether it was pushed.
+
+    Raises EcsDeploymentError when the running service cannot be read.
+    """
+    live = (ecs or EcsDeploymentHook(service.aws_conn_id)).live_revision(service.ecs.cluster, service.ecs.service,
+                                                                          service.ecs.container)
+    image = with_image(live.image, tag)
+    check = (registry or ImageRegistryHook(service.aws_conn_id)).check(image)
+    return TargetImage(service.name, live, image, check)
+
+
+# --- Maintenance windows ----------------------------------------------------------------------------------------
+
+def window_schedule(window: MaintenanceWindow) -> WindowSchedule:
+    return WindowSchedule(window.cron, timedelta(minutes=window.duration_minutes), window.timezone)
+
+
+def schedule_of(service: Service) -> WindowSchedule:
+    return window_schedule(service.maintenance_window)
+
+
+def decide_window(schedule: WindowSchedule, window: str, force_reason: str, now: datetime) -> WindowDecision:
+    """Return when a release asked for with param ``window`` may run: ``next`` (the window open now or the next
+    one), an ISO 8601 start (lasting the schedule's duration), or ``now`` with a ``force_reason``."""
+    if window == "now":
+        if not (force_reason or "").strip():
+            raise Refused(f"param window=now needs param force_reason: say why this release cannot wait for the "
+                          f"maintenance window ({schedule.summary()})")
+        return {"mode": "now", "force_reason": force_reason, "window_start": now.isoformat(), "window_end": None}
+    if window == "next":
+        found = schedule.window_at(now) or schedule.next_window(now)
+        start, end = found.start, found.end
+    else:
+        if not re.match(WINDOW_PATTERN, window):
+            raise Refused(f"param window {window!r}: use next, now, or an ISO 8601 time with a zone, "
+                          f"e.g. 2026-12-06T02:00:00+01:00")
+        start = datetime.fromisoformat(window.replace("Z", "+00:00"))
+        end = start + schedule.duration
+        if end <= now:
+            raise Refused(f"param window {window}: that window ended at {end.isoformat()}")
+    return {"mode": "window", "window_start": start.isoformat(), "window_end": end.isoformat(), "force_reason": ""}
+
+
+def queued_window_start(schedule: WindowSchedule, requested: str, now: datetime) -> datetime:
+    """Return the start of the window a manifest is queued for: ``next``, or the exact start of a future window."""
+    if requested == "next":
+        return schedule.next_window(now).start
+    try:
+        start = datetime.fromisoformat(requested.replace("Z", "+00:00"))
+    except ValueError:
+        raise Refused(f"param window {requested!r}: use next or the ISO 8601 start of a window") from None
+    if start.tzinfo is None:
+        raise Refused(f"param window {requested!r}: give a time zone, e.g. 2026-12-06T02:00:00+01:00")
+    window = schedule.window_at(start)
+    if window is None or window.start != start.astimezone(timezone.utc):
+        raise Refused(f"param window {requested!r} is not the start of a release window "
+                      f"({schedule.summary()}); the next one starts {schedule.next_window(now).start.isoformat()}")
+    if start <= now:
+        raise Refused(f"param window {requested!r} has already started")
+    return start
+
+
+@dataclass(frozen=True)
+class DurationEstimate:
+    minutes: float
+    source: str
+
+
+def estimate_duration(service: Service, reports: Iterable[dict[str, Any]], samples: int = 5) -> DurationEstimate:
+    """Estimate a release's duration: the median of the last successful releases (their reports, newest first),
+    else the catalog's ``deploy.estimated_minutes``."""
+    durations = []
+    for report in reports:
+        if report.get("outcome") == "released":
+            durations.append(sum(s.get("seconds") or 0 for s in report.get("stages", [])) / 60)
+        if len(durations) >= samples:
+            break
+    if durations:
+        return DurationEstimate(statistics.median(durations),
+                                f"median of the last {len(durations)} successful release(s)")
+    return DurationEstimate(service.deploy.estimated_minutes, "the catalog's deploy.estimated_minutes")
+
+
+def window_room_problem(window: WindowDecision, needed: DurationEstimate, now: datetime) -> str | None:
+    """Return why the release must not start in ``window`` (too little time left), or None."""
+    if not window.get("window_end"):
+        return None
+    end = datetime.fromisoformat(str(window["window_end"]))
+    left = (end - now).total_seconds() / 60
+    if left < needed.minutes:
+        return (f"the maintenance window closes at {end.isoformat()} ({left:.0f} min left) and this release needs "
+                f"about {needed.minutes:.0f} min ({needed.source}): not starting it; trigger it for the next window")
+    return None
+
+
+# --- Environments -----------------------------------------------------------------------------------------------
+
+def staging_rule_problem(environment: str, staging_rehearsed: bool, forced: bool = False) -> str | None:
+    """In production the checklist requires a staging rehearsal first; a forced release (window=now with a reason,
+    kept in the report) may go without it. Return what is missing, or None."""
+    if environment != PRODUCTION or staging_rehearsed or forced:
+        return None
+    return ("the checklist requires a staging rehearsal in production: release the same image on staging first, "
+            "then set param staging_rehearsed")
+
+
+# --- Manifests (release_all, queue_release) ---------------------------------------------------------------------
+
+def validate_manifest(manifest: Any, known: list[str]) -> dict[str, str]:
+    """Return the manifest if every service is known and every tag valid; raise Refused naming the entry."""
+    if not isinstance(manifest, dict) or not manifest:
+        raise Refused("param 'manifest' must be a non-empty object mapping service names to image tags, "
+                      'e.g. {"auth-service": "1.4.0"}')
+    for service, tag in manifest.items():
+        if service not in known:
+            raise Refused(f"param 'manifest': unknown service {service!r}; known services: {', '.join(known)}")
+        if not isinstance(tag, str) or not re.match(IMAGE_TAG_PATTERN, tag):
+            raise Refused(f"param 'manifest': image tag {tag!r} of {service} is not a valid tag ({IMAGE_TAG_RULE})")
+    return manifest
+
+
+def manifest_images(catalog: Catalog, manifest: dict[str, str]) -> tuple[list[TargetImage], list[str]]:
+    """Check every image of a manifest before the first release starts (otherwise the services before a missing
+    image are released and the window is spent); return the images found and the problems."""
+    images, problems = [], []
+    for name, tag in manifest.items():
+        try:
+            image = target_image(catalog.get(name), tag)
+        except EcsDeploymentError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if image.problem:
+            problems.append(f"{name}: {image.problem}")
+        else:
+            images.append(image)
+    return images, problems

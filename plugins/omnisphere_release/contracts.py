@@ -1,0 +1,143 @@
+"""What the stages of a release hand each other: the task ids, the shape of each stage's output, and one typed door
+(:class:`ReleaseRun`) through which a stage reads what earlier stages of its run recorded.
+
+Outputs stay plain JSON in XCom (the report, the API and the tests read them as such); the TypedDicts give them a
+shape the type checker holds every reader to, and a reader never spells a task id.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypedDict, cast
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+WAIT_FOR_WINDOW = "wait_for_window"
+PREFLIGHT = "preflight"
+BACKUP = "backup"
+SCHEMA_UP = "schema_up"
+DATA_MIGRATE = "data_migrate"
+INTEGRITY_CHECK = "integrity_check"
+ECS_DEPLOY = "ecs_deploy"
+SMOKE_TEST = "smoke_test"
+MONITORING_GATE = "monitoring_gate"
+FINALIZE = "finalize"
+ROLLBACK_ECS = "rollback_ecs"
+ROLLBACK_SCHEMA = "rollback_schema"
+RESTORE_BACKUP = "restore_backup"
+VERIFY_ROLLBACK = "verify_rollback"
+RELEASE_FAILED = "release_failed"
+REPORT = "report"
+MAIN_STAGES = (WAIT_FOR_WINDOW, PREFLIGHT, BACKUP, SCHEMA_UP, DATA_MIGRATE, INTEGRITY_CHECK, ECS_DEPLOY, SMOKE_TEST,
+               MONITORING_GATE, FINALIZE)
+ROLLBACK_STAGES = (ROLLBACK_ECS, ROLLBACK_SCHEMA, RESTORE_BACKUP, VERIFY_ROLLBACK)
+
+
+class WindowDecision(TypedDict, total=False):
+    """wait_for_window: when the release may run, and why (``now`` needs a force_reason)."""
+
+    mode: str  # "window" or "now"
+    force_reason: str
+    window_start: str  # ISO 8601
+    window_end: str | None  # None when forced: no window closes on it
+    waited_deferred: bool
+
+
+class ReleasePlan(TypedDict):
+    """preflight: the "before" state and the plan; every later stage and every rollback step reads it."""
+
+    service: str
+    image_tag: str
+    strategy: str
+    dry_run: bool
+    reason: str
+    previous_task_definition: str
+    previous_image: str
+    target_image: str
+    target_image_digest: str | None
+    desired_count: int | None
+    schema_version: int
+    pending_versions: list[int]
+    target_version: int
+    plan: str
+    lint: list[str]
+    row_counts: dict[str, int]
+    backup_bucket: str
+    window: WindowDecision
+    staging_rehearsed: bool
+
+
+class BackupOutput(TypedDict):
+    """backup: where the dump is and how to trust it (hooks.backups.BackupRecord.to_dict)."""
+
+    bucket: str
+    key: str
+    uri: str
+    sha256: str
+    size_bytes: int
+    dump_seconds: float
+    upload_seconds: float
+    objects: int
+
+
+class DeploymentOutput(TypedDict, total=False):
+    """ecs_deploy: the deployment this run started, and how it ended."""
+
+    deployment_arn: str
+    task_definition: str
+    configuration: dict[str, Any]
+    deployment_status: str
+    summary: str
+
+
+class DataMigrationOutcome(TypedDict):
+    """data_migrate: one data migration as it ended in this run."""
+
+    name: str
+    direction: str
+    state: str
+    rows: int
+    batches: int
+    seconds: float
+    reversible: bool
+
+
+class ReleaseRun:
+    """Read what earlier stages of this run returned, typed; None (or empty) when a stage returned nothing
+    (it failed, was skipped, or has not run)."""
+
+    def __init__(self, context: Context) -> None:
+        self.ti = context["ti"]
+
+    def output(self, task_id: str) -> Any:
+        return self.ti.xcom_pull(task_ids=task_id)
+
+    @property
+    def window(self) -> WindowDecision:
+        return cast("WindowDecision", self.output(WAIT_FOR_WINDOW) or {})
+
+    @property
+    def plan(self) -> ReleasePlan | None:
+        return cast("ReleasePlan | None", self.output(PREFLIGHT))
+
+    @property
+    def backup(self) -> BackupOutput | None:
+        return cast("BackupOutput | None", self.output(BACKUP))
+
+    @property
+    def deployment(self) -> DeploymentOutput:
+        return cast("DeploymentOutput", self.output(ECS_DEPLOY) or {})
+
+    @property
+    def data_migrations(self) -> list[DataMigrationOutcome]:
+        return list((self.output(DATA_MIGRATE) or {}).get("migrations", []))
+
+    def task_states(self) -> dict[str, str]:
+        """Return the state of every task of this run, by task id (``none`` for tasks not yet run)."""
+        states = self.ti.get_task_states(dag_id=self.ti.dag_id, run_ids=[self.ti.run_id])
+        per_run = states.get(self.ti.run_id, states) if isinstance(states, dict) else {}
+        return {task_id: str(state or "none") for task_id, state in per_run.items()}
+
+
+def failed_stages(states: dict[str, str]) -> list[str]:
+    return [stage for stage in MAIN_STAGES if states.get(stage) == "failed"]
