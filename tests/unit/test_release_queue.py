@@ -7,7 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from omnisphere_release.release_queue import queue_manifest, resolve_window, take_manifest, window_key
+from omnisphere_release.checks import queued_window_start
+from omnisphere_release.release_queue import queue_manifest, take_manifest, window_key
 from omnisphere_release.windows import WindowSchedule
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -16,15 +17,15 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)  # a Wednesday
 
 
 def test_next_is_the_coming_window_and_an_explicit_start_must_be_a_window_start():
-    assert resolve_window(SCHEDULE, "next", NOW) == datetime(2026, 11, 29, 2, 0, tzinfo=PARIS)
-    later = resolve_window(SCHEDULE, "2026-12-06T02:00:00+01:00", NOW)
+    assert queued_window_start(SCHEDULE, "next", NOW) == datetime(2026, 11, 29, 2, 0, tzinfo=PARIS)
+    later = queued_window_start(SCHEDULE, "2026-12-06T02:00:00+01:00", NOW)
     assert later == datetime(2026, 12, 6, 2, 0, tzinfo=PARIS)
     with pytest.raises(ValueError, match="not the start of a release window"):
-        resolve_window(SCHEDULE, "2026-12-06T03:00:00+01:00", NOW)
+        queued_window_start(SCHEDULE, "2026-12-06T03:00:00+01:00", NOW)
     with pytest.raises(ValueError, match="already started"):
-        resolve_window(SCHEDULE, "2026-11-22T02:00:00+01:00", NOW)
+        queued_window_start(SCHEDULE, "2026-11-22T02:00:00+01:00", NOW)
     with pytest.raises(ValueError, match="time zone"):
-        resolve_window(SCHEDULE, "2026-12-06T02:00:00", NOW)
+        queued_window_start(SCHEDULE, "2026-12-06T02:00:00", NOW)
 
 
 def test_a_window_takes_its_own_manifest_and_forgets_older_ones():

@@ -1,0 +1,461 @@
+"""What the ECS hook asks ECS for, what it makes of the answers, and how it reports ECS's errors.
+
+The boto client is a fake that answers from a script and can be told to fail; nothing reaches AWS.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import botocore.session
+import pytest
+
+from omnisphere_release.hooks import ecs as ecs_hook_module
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from omnisphere_release.hooks.ecs import (
+    REGISTERABLE,
+    RUN_TAG,
+    EcsDeploymentError,
+    EcsDeploymentHook,
+    deployment_configuration,
+    image_of,
+    summarize,
+    with_image,
+)
+
+CLUSTER, SERVICE = "omnisphere", "auth-service"
+DEPLOYMENT_ARN = "arn:aws:ecs:eu-west-1:123456789012:service-deployment/omnisphere/auth-service/abc123"
+FAMILY_ARN = "arn:aws:ecs:eu-west-1:123456789012:task-definition/auth-service"
+ECR = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+DIGEST = "sha256:" + "ab" * 32
+
+
+class FakeEcsClient:
+    """Answers ECS calls from a script and records them.
+
+    An answer is a response dict, an exception to raise, an iterator of those (one per call), or a function of the
+    call's arguments. A call the test did not script fails with KeyError.
+    """
+
+    def __init__(self, **answers: Any) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(**kwargs: Any) -> Any:
+            self.calls.append((method, copy.deepcopy(kwargs)))
+            answer = self.answers[method]
+            if hasattr(answer, "__next__"):
+                answer = next(answer)
+            elif callable(answer) and not isinstance(answer, Exception):
+                answer = answer(**kwargs)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        return call
+
+    def called(self, method: str) -> list[dict[str, Any]]:
+        return [kwargs for name, kwargs in self.calls if name == method]
+
+
+def client_error(code: str, message: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+
+# --- deployment_configuration -----------------------------------------------------------------------------------
+
+
+def test_rolling_deployments_roll_back_on_the_circuit_breaker():
+    assert deployment_configuration("rolling", 5) == {
+        "strategy": "ROLLING", "maximumPercent": 200, "minimumHealthyPercent": 100,
+        "deploymentCircuitBreaker": {"enable": True, "rollback": True}}
+
+
+@pytest.mark.parametrize(("bake_minutes", "whole_minutes"), [(0, 0), (-3, 0), (0.1, 1), (2.0, 2), (2.01, 3), (10, 10)])
+def test_blue_green_bake_time_is_rounded_up_to_whole_minutes(bake_minutes, whole_minutes):
+    assert deployment_configuration("blue_green", bake_minutes) == {"strategy": "BLUE_GREEN",
+                                                                    "bakeTimeInMinutes": whole_minutes}
+
+
+@pytest.mark.parametrize(("bake_minutes", "bake", "canary_bake"), [(10, 10, 5), (4.5, 5, 2), (1, 1, 1), (0, 0, 1)])
+def test_canary_sends_a_tenth_of_traffic_for_half_the_bake(bake_minutes, bake, canary_bake):
+    assert deployment_configuration("canary", bake_minutes) == {
+        "strategy": "CANARY", "bakeTimeInMinutes": bake,
+        "canaryConfiguration": {"canaryPercent": 10.0, "canaryBakeTimeInMinutes": canary_bake}}
+
+
+@pytest.mark.parametrize(("bake_minutes", "bake", "step_bake"), [(12, 12, 3), (9.2, 10, 2), (3, 3, 1), (0, 0, 1)])
+def test_linear_shifts_a_quarter_of_traffic_per_step(bake_minutes, bake, step_bake):
+    assert deployment_configuration("linear", bake_minutes) == {
+        "strategy": "LINEAR", "bakeTimeInMinutes": bake,
+        "linearConfiguration": {"stepPercent": 25.0, "stepBakeTimeInMinutes": step_bake}}
+
+
+@pytest.mark.parametrize("strategy", ["rolling", "blue_green", "canary", "linear"])
+def test_deployment_configuration_uses_only_fields_ecs_knows(strategy):
+    # botocore's model of UpdateService, read from the installed package: a misspelt field fails here, not in AWS.
+    model = botocore.session.get_session().get_service_model("ecs").shape_for("DeploymentConfiguration")
+    configuration = deployment_configuration(strategy, 10)
+
+    assert set(configuration) <= set(model.members)
+    for field, value in configuration.items():
+        if isinstance(value, dict):
+            assert set(value) <= set(model.members[field].members), field
+
+
+@pytest.mark.parametrize("strategy", ["blue-green", "ROLLING", ""])
+def test_an_unknown_strategy_is_refused_by_name(strategy):
+    with pytest.raises(ValueError, match=f"unknown strategy '{strategy}'; use rolling, blue_green, canary or linear"):
+        deployment_configuration(strategy, 5)
+
+
+# --- images -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("image", "expected"), [
+    (f"{ECR}/omnisphere/auth-service:1.4.0", f"{ECR}/omnisphere/auth-service:1.5.0"),
+    (f"{ECR}/omnisphere/auth-service@{DIGEST}", f"{ECR}/omnisphere/auth-service:1.5.0"),
+    (f"{ECR}/omnisphere/auth-service:1.4.0@{DIGEST}", f"{ECR}/omnisphere/auth-service:1.5.0"),
+    ("localhost:5000/auth:1.4.0", "localhost:5000/auth:1.5.0"),
+    ("localhost:5000/auth", "localhost:5000/auth:1.5.0"),
+    ("localhost:5000/team/auth@" + DIGEST, "localhost:5000/team/auth:1.5.0"),
+    ("nginx:1.27", "nginx:1.5.0"),
+    ("nginx", "nginx:1.5.0"),
+])
+def test_with_image_replaces_the_tag(image, expected):
+    assert with_image(image, "1.5.0") == expected
+
+
+TASK_DEFINITION: dict[str, Any] = {
+    "taskDefinitionArn": f"{FAMILY_ARN}:7",
+    "family": "auth-service",
+    "revision": 7,
+    "status": "ACTIVE",
+    "registeredAt": "2025-01-01T00:00:00Z",
+    "registeredBy": "arn:aws:iam::123456789012:role/deployer",
+    "compatibilities": ["EC2", "FARGATE"],
+    "requiresAttributes": [{"name": "com.amazonaws.ecs.capability.docker-remote-api.1.18"}],
+    "networkMode": "awsvpc",
+    "executionRoleArn": "arn:aws:iam::123456789012:role/ecs-execution",
+    "requiresCompatibilities": ["FARGATE"],
+    "cpu": "256",
+    "memory": "512",
+    "volumes": [],
+    "placementConstraints": [],
+    "containerDefinitions": [
+        {"name": "envoy", "image": "public.ecr.aws/appmesh/aws-appmesh-envoy:v1.29", "essential": True},
+        {"name": "auth", "image": f"{ECR}/omnisphere/auth-service:1.4.0", "essential": True,
+         "portMappings": [{"containerPort": 8080}], "environment": [{"name": "LOG_LEVEL", "value": "info"}]},
+    ],
+    "tags": [{"key": "team", "value": "identity"}, {"key": RUN_TAG, "value": "release__2025-01-01T00:00:00"}],
+}
+
+
+def test_image_of_finds_the_named_container():
+    assert image_of(TASK_DEFINITION, "auth") == f"{ECR}/omnisphere/auth-service:1.4.0"
+    assert image_of(TASK_DEFINITION, "envoy") == "public.ecr.aws/appmesh/aws-appmesh-envoy:v1.29"
+
+
+def test_image_of_a_missing_container_names_it_and_the_catalog_field():
+    with pytest.raises(EcsDeploymentError) as raised:
+        image_of(TASK_DEFINITION, "auth-service")
+
+    message = str(raised.value)
+    assert f"{FAMILY_ARN}:7" in message
+    assert "no container 'auth-service'" in message
+    assert "ecs.container in the catalog" in message
+
+
+def test_summarize_gives_stage_tasks_and_traffic():
+    line = summarize({"status": "IN_PROGRESS", "lifecycleStage": "BAKE_TIME", "statusReason": "baking",
+                      "targetServiceRevision": {"runningTaskCount": 2, "requestedTaskCount": 3,
+                                                "requestedProductionTrafficWeight": 100.0}})
+
+    assert line == "IN_PROGRESS at BAKE_TIME: 2/3 new tasks running, 100.0% of traffic; baking"
+
+
+@pytest.mark.parametrize("target", [{}, None])
+def test_summarize_survives_a_deployment_without_a_target_revision(target):
+    line = summarize({"status": "PENDING", "targetServiceRevision": target})
+
+    assert line == "PENDING at ?: ?/? new tasks running, ?% of traffic; "
+
+
+# --- EcsDeploymentHook: services and errors ---------------------------------------------------------------------
+
+
+def test_describe_service_skips_inactive_services():
+    client = FakeEcsClient(describe_services={"services": [
+        {"serviceName": SERVICE, "status": "INACTIVE", "taskDefinition": f"{FAMILY_ARN}:3"},
+        {"serviceName": SERVICE, "status": "ACTIVE", "taskDefinition": f"{FAMILY_ARN}:7"},
+    ]})
+
+    service = EcsDeploymentHook(client=client).describe_service(CLUSTER, SERVICE)
+
+    assert service["taskDefinition"] == f"{FAMILY_ARN}:7"
+    assert client.calls == [("describe_services", {"cluster": CLUSTER, "services": [SERVICE]})]
+
+
+@pytest.mark.parametrize("response", [
+    {"services": [{"serviceName": SERVICE, "status": "INACTIVE"}]},
+    {"services": [], "failures": [{"arn": SERVICE, "reason": "MISSING"}]},
+])
+def test_describe_service_names_cluster_and_service_when_there_is_none(response):
+    hook = EcsDeploymentHook(client=FakeEcsClient(describe_services=response))
+
+    with pytest.raises(EcsDeploymentError, match=f"ECS service {SERVICE} not found in cluster {CLUSTER}; "
+                                                 "check the catalog's ecs.cluster and ecs.service"):
+        hook.describe_service(CLUSTER, SERVICE)
+
+
+def test_a_client_error_becomes_an_ecs_deployment_error_naming_the_service():
+    error = client_error("ClusterNotFoundException", "Cluster not found.", "DescribeServices")
+    hook = EcsDeploymentHook(client=FakeEcsClient(describe_services=error))
+
+    with pytest.raises(EcsDeploymentError) as raised:
+        hook.describe_service(CLUSTER, SERVICE)
+
+    message = str(raised.value)
+    assert message.startswith(f"describe service {CLUSTER}/{SERVICE}: ")
+    assert "ClusterNotFoundException" in message
+    assert "Cluster not found." in message
+
+
+def test_a_connection_error_becomes_an_ecs_deployment_error():
+    error = EndpointConnectionError(endpoint_url="https://ecs.eu-west-1.amazonaws.com/")
+    hook = EcsDeploymentHook(client=FakeEcsClient(stop_service_deployment=error))
+
+    with pytest.raises(EcsDeploymentError, match=f"stop deployment {DEPLOYMENT_ARN} with ROLLBACK: .*ecs.eu-west-1"):
+        hook.stop_with_rollback(DEPLOYMENT_ARN)
+
+
+def test_stop_with_rollback_asks_for_a_rollback():
+    client = FakeEcsClient(stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN})
+
+    EcsDeploymentHook(client=client).stop_with_rollback(DEPLOYMENT_ARN)
+
+    assert client.calls == [("stop_service_deployment", {"serviceDeploymentArn": DEPLOYMENT_ARN,
+                                                         "stopType": "ROLLBACK"})]
+
+
+# --- EcsDeploymentHook: revisions -------------------------------------------------------------------------------
+
+
+def registering_client() -> FakeEcsClient:
+    return FakeEcsClient(register_task_definition={"taskDefinition": {"taskDefinitionArn": f"{FAMILY_ARN}:8"}})
+
+
+def test_register_revision_changes_only_the_image_of_the_named_container():
+    client = registering_client()
+    current = copy.deepcopy(TASK_DEFINITION)
+
+    arn = EcsDeploymentHook(client=client).register_revision(current, "auth", f"{ECR}/omnisphere/auth-service:1.5.0",
+                                                             "release__2025-02-01T00:00:00")
+
+    assert arn == f"{FAMILY_ARN}:8"
+    [registered] = client.called("register_task_definition")
+    envoy, auth = registered["containerDefinitions"]
+    assert envoy == TASK_DEFINITION["containerDefinitions"][0]
+    assert auth == {**TASK_DEFINITION["containerDefinitions"][1], "image": f"{ECR}/omnisphere/auth-service:1.5.0"}
+    # Only what RegisterTaskDefinition accepts; the read-only fields (ARN, revision, status, ...) and empty lists
+    # are left out.
+    assert set(registered) == {"family", "networkMode", "executionRoleArn", "requiresCompatibilities", "cpu",
+                               "memory", "containerDefinitions", "tags"}
+    assert {key: registered[key] for key in ("family", "networkMode", "executionRoleArn", "cpu", "memory")} == {
+        key: TASK_DEFINITION[key] for key in ("family", "networkMode", "executionRoleArn", "cpu", "memory")}
+    assert current == TASK_DEFINITION  # the caller's copy is not changed
+
+
+def test_register_revision_replaces_the_run_tag_and_keeps_the_others():
+    client = registering_client()
+
+    EcsDeploymentHook(client=client).register_revision(TASK_DEFINITION, "auth", "auth:1.5.0", "release__new")
+
+    [registered] = client.called("register_task_definition")
+    assert registered["tags"] == [{"key": "team", "value": "identity"}, {"key": RUN_TAG, "value": "release__new"}]
+
+
+def test_register_revision_tags_a_revision_that_had_no_tags():
+    client = registering_client()
+    untagged = {key: value for key, value in TASK_DEFINITION.items() if key != "tags"}
+
+    EcsDeploymentHook(client=client).register_revision(untagged, "auth", "auth:1.5.0", "release__new")
+
+    assert client.called("register_task_definition")[0]["tags"] == [{"key": RUN_TAG, "value": "release__new"}]
+
+
+def test_register_revision_refuses_a_missing_container_before_registering():
+    client = registering_client()
+
+    with pytest.raises(EcsDeploymentError, match="no container 'api'"):
+        EcsDeploymentHook(client=client).register_revision(TASK_DEFINITION, "api", "auth:1.5.0", "release__new")
+
+    assert client.calls == []
+
+
+def test_register_revision_copies_every_field_ecs_would_take_back():
+    model = botocore.session.get_session().get_service_model("ecs")
+    described = set(model.shape_for("TaskDefinition").members)
+    registerable = set(model.operation_model("RegisterTaskDefinition").input_shape.members) - {"tags"}
+
+    assert set(REGISTERABLE) <= registerable  # nothing RegisterTaskDefinition would reject
+    # A release changes the image and nothing else: every field ECS would take back is copied (a field ECS adds
+    # later fails this test, instead of being dropped silently by every release).
+    assert (described & registerable) - set(REGISTERABLE) == set()
+
+
+def describing(tags_by_arn: dict[str, list[dict[str, str]]]):
+    def describe_task_definition(**kwargs: Any) -> dict[str, Any]:
+        assert kwargs["include"] == ["TAGS"]  # without it ECS returns no tags and no revision would ever match
+        arn = kwargs["taskDefinition"]
+        return {"taskDefinition": {"taskDefinitionArn": arn, "family": "auth-service"}, "tags": tags_by_arn[arn]}
+
+    return describe_task_definition
+
+
+def test_find_revision_of_run_returns_the_revision_tagged_with_the_run():
+    client = FakeEcsClient(
+        list_task_definitions={"taskDefinitionArns": [f"{FAMILY_ARN}:9", f"{FAMILY_ARN}:8", f"{FAMILY_ARN}:7"]},
+        describe_task_definition=describing({
+            f"{FAMILY_ARN}:9": [{"key": RUN_TAG, "value": "release__other"}],
+            f"{FAMILY_ARN}:8": [{"key": "team", "value": "identity"}, {"key": RUN_TAG, "value": "release__this"}],
+            f"{FAMILY_ARN}:7": [{"key": RUN_TAG, "value": "release__this"}],
+        }))
+
+    found = EcsDeploymentHook(client=client).find_revision_of_run("auth-service", "release__this", look_back=5)
+
+    assert found == f"{FAMILY_ARN}:8"  # the newest of the run's revisions
+    assert client.called("list_task_definitions") == [{"familyPrefix": "auth-service", "sort": "DESC",
+                                                       "maxResults": 5}]
+
+
+def test_find_revision_of_run_returns_none_when_no_revision_carries_the_run():
+    client = FakeEcsClient(
+        list_task_definitions={"taskDefinitionArns": [f"{FAMILY_ARN}:9", f"{FAMILY_ARN}:8"]},
+        describe_task_definition=describing({
+            f"{FAMILY_ARN}:9": [{"key": RUN_TAG, "value": "release__other"}],
+            f"{FAMILY_ARN}:8": [{"key": "release__this", "value": RUN_TAG}],
+        }))
+
+    assert EcsDeploymentHook(client=client).find_revision_of_run("auth-service", "release__this") is None
+    assert len(client.called("describe_task_definition")) == 2
+
+
+def test_find_revision_of_run_returns_none_for_a_new_family():
+    client = FakeEcsClient(list_task_definitions={"taskDefinitionArns": []})
+
+    assert EcsDeploymentHook(client=client).find_revision_of_run("auth-service", "release__this") is None
+
+
+# --- EcsDeploymentHook: deployments -----------------------------------------------------------------------------
+
+CONFIGURATION = deployment_configuration("canary", 10)
+
+
+def test_update_service_returns_the_deployment_it_started():
+    client = FakeEcsClient(update_service={"service": {"currentServiceDeployment": DEPLOYMENT_ARN}})
+
+    arn = EcsDeploymentHook(client=client).update_service(CLUSTER, SERVICE, f"{FAMILY_ARN}:8", CONFIGURATION)
+
+    assert arn == DEPLOYMENT_ARN
+    assert client.calls == [("update_service", {"cluster": CLUSTER, "service": SERVICE,
+                                                "taskDefinition": f"{FAMILY_ARN}:8",
+                                                "deploymentConfiguration": CONFIGURATION})]
+
+
+def test_update_service_falls_back_to_the_latest_deployment():
+    client = FakeEcsClient(update_service={"service": {"serviceName": SERVICE}},
+                           list_service_deployments={"serviceDeployments": [{"serviceDeploymentArn": DEPLOYMENT_ARN}]})
+
+    arn = EcsDeploymentHook(client=client).update_service(CLUSTER, SERVICE, f"{FAMILY_ARN}:8", CONFIGURATION)
+
+    assert arn == DEPLOYMENT_ARN
+    assert client.called("list_service_deployments") == [{"cluster": CLUSTER, "service": SERVICE, "maxResults": 1}]
+
+
+def test_update_service_without_any_deployment_names_the_service():
+    client = FakeEcsClient(update_service={"service": {}}, list_service_deployments={"serviceDeployments": []})
+
+    with pytest.raises(EcsDeploymentError, match=f"ECS service {CLUSTER}/{SERVICE} has no service deployment"):
+        EcsDeploymentHook(client=client).update_service(CLUSTER, SERVICE, f"{FAMILY_ARN}:8", CONFIGURATION)
+
+
+def test_update_service_error_names_the_service():
+    error = client_error("InvalidParameterException", "Unknown strategy.", "UpdateService")
+    hook = EcsDeploymentHook(client=FakeEcsClient(update_service=error))
+
+    with pytest.raises(EcsDeploymentError, match=f"update service {CLUSTER}/{SERVICE}: .*InvalidParameterException"):
+        hook.update_service(CLUSTER, SERVICE, f"{FAMILY_ARN}:8", CONFIGURATION)
+
+
+def deployment(status: str) -> dict[str, Any]:
+    return {"serviceDeploymentArn": DEPLOYMENT_ARN, "status": status, "lifecycleStage": "SCALE_UP"}
+
+
+def test_describe_deployment_of_an_unknown_arn_says_why():
+    failures = [{"arn": DEPLOYMENT_ARN, "reason": "MISSING"}]
+    hook = EcsDeploymentHook(client=FakeEcsClient(
+        describe_service_deployments={"serviceDeployments": [], "failures": failures}))
+
+    with pytest.raises(EcsDeploymentError, match=f"service deployment {DEPLOYMENT_ARN} not found: .*MISSING"):
+        hook.describe_deployment(DEPLOYMENT_ARN)
+
+
+@pytest.mark.parametrize(("statuses", "settled"), [
+    (["PENDING", "IN_PROGRESS", "SUCCESSFUL"], "SUCCESSFUL"),
+    (["STOP_REQUESTED", "STOPPED"], "STOPPED"),
+    (["ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL"], "ROLLBACK_SUCCESSFUL"),
+    (["ROLLBACK_IN_PROGRESS", "ROLLBACK_FAILED"], "ROLLBACK_FAILED"),
+])
+def test_wait_until_settled_returns_once_the_deployment_leaves_flight(statuses, settled):
+    client = FakeEcsClient(describe_service_deployments=iter(
+        {"serviceDeployments": [deployment(status)]} for status in statuses))
+
+    result = EcsDeploymentHook(client=client).wait_until_settled(DEPLOYMENT_ARN, timeout_seconds=60, poll_seconds=0)
+
+    assert result["status"] == settled
+    assert client.called("describe_service_deployments") == [{"serviceDeploymentArns": [DEPLOYMENT_ARN]}] * len(
+        statuses)
+
+
+def test_wait_until_settled_gives_up_at_the_timeout():
+    client = FakeEcsClient(describe_service_deployments=lambda **_: {
+        "serviceDeployments": [deployment("ROLLBACK_IN_PROGRESS")]})
+
+    with pytest.raises(EcsDeploymentError, match=f"deployment {DEPLOYMENT_ARN} still ROLLBACK_IN_PROGRESS after 0s"):
+        EcsDeploymentHook(client=client).wait_until_settled(DEPLOYMENT_ARN, timeout_seconds=0, poll_seconds=0)
+
+
+class FakeMonotonicClock:
+    """Stands in for the hook's ``time``: the clock moves only when the hook sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_wait_until_settled_polls_until_the_timeout_has_passed(monkeypatch):
+    clock = FakeMonotonicClock()
+    monkeypatch.setattr(ecs_hook_module, "time", clock)
+    client = FakeEcsClient(describe_service_deployments=lambda **_: {
+        "serviceDeployments": [deployment("IN_PROGRESS")]})
+
+    with pytest.raises(EcsDeploymentError, match=f"deployment {DEPLOYMENT_ARN} still IN_PROGRESS after 10s"):
+        EcsDeploymentHook(client=client).wait_until_settled(DEPLOYMENT_ARN, timeout_seconds=10, poll_seconds=2)
+
+    # Polls at 0, 2, ... 10 s are within the timeout; the one at 12 s is the first past it.
+    assert len(client.called("describe_service_deployments")) == 7
+    assert clock.slept == [2] * 6
