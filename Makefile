@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: all venv test test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
+.PHONY: all venv lint test test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
 
 all: venv
 
@@ -20,7 +20,12 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: venv
+# ruff (pycodestyle, pyflakes, bugbear, bandit, Airflow's AIR rules...) and mypy, as configured in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -n 2
 
 test-fast: venv

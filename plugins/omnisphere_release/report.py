@@ -6,6 +6,20 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from omnisphere_release.contracts import (
+    BACKUP,
+    ECS_DEPLOY,
+    FINALIZE,
+    INTEGRITY_CHECK,
+    MONITORING_GATE,
+    PREFLIGHT,
+    ROLLBACK_STAGES,
+    SCHEMA_UP,
+    SMOKE_TEST,
+    VERIFY_ROLLBACK,
+    WAIT_FOR_WINDOW,
+)
+
 OUTCOME_TEXT = {
     "released": "RELEASED: every stage passed",
     "rolled_back": "FAILED and ROLLED BACK: the service and the schema are as before the release",
@@ -17,13 +31,13 @@ OUTCOME_TEXT = {
 
 
 def outcome_of(states: dict[str, str], before: dict[str, Any] | None) -> str:
-    if states.get("finalize") == "success":
+    if states.get(FINALIZE) == "success":
         return "released"
-    if before and before.get("dry_run") and states.get("preflight") == "success":
+    if before and before.get("dry_run") and states.get(PREFLIGHT) == "success":
         return "dry_run"
-    if states.get("preflight") == "failed" or not before:
+    if states.get(PREFLIGHT) == "failed" or not before:
         return "refused"
-    if states.get("verify_rollback") == "success":
+    if states.get(VERIFY_ROLLBACK) == "success":
         return "rolled_back"
     return "rollback_incomplete"
 
@@ -31,8 +45,8 @@ def outcome_of(states: dict[str, str], before: dict[str, Any] | None) -> str:
 def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: dict[str, Any],
                  states: dict[str, str], durations: dict[str, float | None], outputs: dict[str, Any],
                  after: dict[str, Any], stage_order: list[str]) -> dict[str, Any]:
-    before = outputs.get("preflight") or {}
-    outcome = outcome_of(states, outputs.get("preflight"))
+    before = outputs.get(PREFLIGHT) or {}
+    outcome = outcome_of(states, outputs.get(PREFLIGHT))
     stages = [{"stage": task_id, "state": states.get(task_id, "none"),
                "seconds": round(seconds, 2) if (seconds := durations.get(task_id)) is not None else None}
               for task_id in stage_order]
@@ -45,7 +59,7 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "triggered_by": triggered_by,
         "reason": params.get("reason") or "",
-        "window": before.get("window") or outputs.get("wait_for_window"),
+        "window": before.get("window") or outputs.get(WAIT_FOR_WINDOW),
         "params": params,
         "before": {"image": before.get("previous_image"), "task_definition": before.get("previous_task_definition"),
                    "schema_version": before.get("schema_version")},
@@ -53,16 +67,16 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
                    "schema_version": before.get("target_version")},
         "after": after,
         "stages": stages,
-        "backup": outputs.get("backup"),
-        "migrations_applied": (outputs.get("schema_up") or {}).get("versions", []),
+        "backup": outputs.get(BACKUP),
+        "migrations_applied": (outputs.get(SCHEMA_UP) or {}).get("versions", []),
         "migration_plan": before.get("plan"),
         "lint": before.get("lint", []),
-        "integrity": outputs.get("integrity_check"),
-        "deployment": outputs.get("ecs_deploy"),
-        "smoke_test": outputs.get("smoke_test"),
-        "monitoring": outputs.get("monitoring_gate"),
+        "integrity": outputs.get(INTEGRITY_CHECK),
+        "deployment": outputs.get(ECS_DEPLOY),
+        "smoke_test": outputs.get(SMOKE_TEST),
+        "monitoring": outputs.get(MONITORING_GATE),
         "rollback": {task_id: {"state": states.get(task_id, "none"), "result": outputs.get(task_id)}
-                     for task_id in ("rollback_ecs", "rollback_schema", "restore_backup", "verify_rollback")},
+                     for task_id in ROLLBACK_STAGES},
     }
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction, Timetable
 from airflow.sdk.timezone import coerce_datetime, utcnow
+from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction, Timetable
 
 from omnisphere_release.windows import WindowSchedule
 

@@ -1,8 +1,12 @@
-"""The DAG folder parses cleanly, every DAG is documented and retried, and parsing never reaches a system."""
+"""The DAG folder parses cleanly, every DAG is documented, every task's retries, trigger rule and timeout are the ones
+its stage needs, and parsing never reaches a system."""
 
 from __future__ import annotations
 
+import functools
+import re
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -10,12 +14,85 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
+SERVICES = ("auth-service", "billing-service", "notification-service")
+DAG_IDS = ("schema_migrations", "data_migrations", "release_all", "queue_release",
+           *(f"release_{s}" for s in SERVICES), *(f"rollback_{s}" for s in SERVICES))
 
 
 def parse_dags():
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(DAGS))
+
+
+@functools.cache
+def parsed_dag(dag_id: str):
+    return parse_dags().dags[dag_id]
+
+
+# What each task must be, by the DAG id's family and a pattern of task ids: (retries, trigger rule). A retry must be
+# harmless where it is allowed, and absent where failing again would hide a deterministic failure (a lint finding,
+# an integrity violation, a failed smoke test) or double a side effect.
+TASK_POLICY = {
+    "release_": [
+        ("wait_for_window", 0, "all_success"),
+        ("preflight", 1, "all_success"),
+        ("backup", 1, "all_success"),  # the key derives from the run: a retry overwrites its own dump
+        ("schema_up", 0, "all_success"),  # the engine retries lock timeouts itself; a failed file is not transient
+        ("data_migrate", 3, "all_success"),  # resumes from its checkpoint
+        ("integrity_check", 0, "all_success"),
+        ("ecs_deploy", 1, "all_success"),  # a retry reattaches to the deployment its run started
+        ("smoke_test", 0, "all_success"),
+        ("monitoring_gate", 0, "all_success"),
+        ("finalize", 1, "all_success"),
+        ("rollback_ecs", 1, "one_failed"),
+        ("rollback_schema", 1, "all_success"),
+        ("restore_backup", 1, "all_done"),
+        ("verify_rollback", 1, "all_done"),
+        ("release_failed", 0, "all_done"),
+        ("report", 1, "all_done"),
+    ],
+    "rollback_": [("plan", 0, "all_success"), ("rollback_(ecs|schema|restore)", 1, "none_failed")],
+    "schema_migrations": [("check_params", 0, "all_success"), ("services_of_wave_\\d+", 0, "none_failed"),
+                          ("migrate_wave_\\d+", 2, "none_failed")],
+    "data_migrations": [("data_migrate", 3, "all_success")],
+    "release_all": [("check_manifest", 0, "all_success"), ("include_.+", 0, "none_failed"),
+                    ("release_.+", 0, "all_success"), ("summary", 0, "all_done")],
+    "queue_release": [("queue", 1, "all_success")],
+}
+# Tasks that may run without an execution_timeout, and why.
+UNBOUNDED = {"wait_for_window": "waits, deferred and holding no worker slot, for a window that may be days away"}
+
+
+def policy_for(dag_id: str, task_id: str) -> tuple[int, str]:
+    family = dag_id if dag_id in TASK_POLICY else next(f for f in ("release_", "rollback_") if dag_id.startswith(f))
+    for pattern, retries, trigger_rule in TASK_POLICY[family]:
+        if re.fullmatch(pattern, task_id):
+            return retries, trigger_rule
+    raise AssertionError(f"{dag_id}.{task_id} has no policy in TASK_POLICY: say what its retries and trigger rule "
+                         f"must be")
+
+
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_every_task_has_the_retries_trigger_rule_and_timeout_its_stage_needs(dag_id):
+    dag = parsed_dag(dag_id)
+    assert dag.tasks, dag_id
+    for task in dag.tasks:
+        where = f"{dag_id}.{task.task_id}"
+        retries, trigger_rule = policy_for(dag_id, task.task_id)
+        assert task.retries == retries, f"{where}: retries {task.retries}, expected {retries}"
+        assert getattr(task.trigger_rule, "value", task.trigger_rule) == trigger_rule, \
+            f"{where}: trigger rule {task.trigger_rule}, expected {trigger_rule}"
+        if task.task_id in UNBOUNDED:
+            assert task.execution_timeout is None, f"{where}: {UNBOUNDED[task.task_id]}"
+        else:
+            assert task.execution_timeout is not None, f"{where} has no execution_timeout: a hung task would hold " \
+                                                       f"the service's one release slot for ever"
+            assert timedelta(minutes=1) <= task.execution_timeout <= timedelta(hours=25), where
+
+
+def test_every_dag_of_the_catalog_is_checked():
+    assert sorted(parse_dags().dags) == sorted(DAG_IDS)
 
 
 @pytest.fixture()

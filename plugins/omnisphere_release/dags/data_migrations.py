@@ -31,7 +31,9 @@ def build_data_migrations_dag(catalog: Catalog) -> DAG:
         schedule=None,
         catchup=False,
         tags=["omnisphere", "migrations", "data"],
-        default_args={"owner": "platform", "retries": 3, "retry_delay": timedelta(seconds=30)},
+        # Resumable: a retry, or a run after the timeout, goes on from the checkpoint.
+        default_args={"owner": "platform", "retries": 3, "retry_delay": timedelta(seconds=30),
+                      "execution_timeout": timedelta(hours=12)},
         params={
             "migration": Param(choices[0] if choices else "", type="string", enum=choices or [""],
                                description="<service>/<name> of the data migration"),

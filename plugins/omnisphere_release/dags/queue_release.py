@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from airflow.sdk import DAG, Param
 
 from omnisphere_release.catalog import Catalog
@@ -28,7 +30,8 @@ queued releases nothing. Queuing again for the same window replaces the earlier 
         schedule=None,
         catchup=False,
         tags=["omnisphere", "release"],
-        default_args={"owner": "platform", "retries": 1},  # queuing again replaces: safe to retry
+        # Queuing again replaces: safe to retry.
+        default_args={"owner": "platform", "retries": 1, "execution_timeout": timedelta(minutes=10)},
         params={
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "window": Param("next", type="string", description="next, or the ISO 8601 start of a window."),

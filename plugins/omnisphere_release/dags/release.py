@@ -24,8 +24,10 @@ from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
 from omnisphere_release.operators.ecs import EcsDeployServiceOperator, EcsRollbackServiceOperator
 from omnisphere_release.operators.finalize import ReleaseFinalizeOperator, VerifyRollbackOperator
 from omnisphere_release.operators.integrity import PostgresIntegrityCheckOperator
-from omnisphere_release.operators.migrations import (PostgresApplyMigrationsOperator,
-                                                     PostgresRevertReleaseMigrationsOperator)
+from omnisphere_release.operators.migrations import (
+    PostgresApplyMigrationsOperator,
+    PostgresRevertReleaseMigrationsOperator,
+)
 from omnisphere_release.operators.monitoring import CloudWatchMonitoringGateOperator
 from omnisphere_release.operators.preflight import ReleasePreflightOperator
 from omnisphere_release.operators.report import ReleaseFailedOperator, ReleaseReportOperator
@@ -34,6 +36,12 @@ from omnisphere_release.operators.window import WaitForMaintenanceWindowOperator
 from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE, optional_text
 
 STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
+MAX_BAKE_MINUTES = 24 * 60
+# Every task is bounded: a stage that hangs (a lock never granted, a dump that stalls) fails and rolls back instead
+# of holding the service's one release slot for ever. Stages bound by the catalog get that bound, plus a margin.
+DATABASE_STAGE_TIMEOUT = timedelta(hours=3)  # pg_dump, migrations, restore: the longest expected, with room
+DATA_MIGRATION_TIMEOUT = timedelta(hours=12)  # resumable: a retry goes on from its checkpoint
+SHORT_STAGE_TIMEOUT = timedelta(minutes=30)  # preflight, checks, verification, report
 
 
 def release_params(service: Service) -> dict[str, Param]:
@@ -48,7 +56,8 @@ def release_params(service: Service) -> dict[str, Param]:
                          description="Apply pending schema migrations before deploying."),
         "target_version": Param(None, type=["null", "integer"], minimum=0, title="Target schema version",
                                 description="Apply migrations up to this version (default: all pending)."),
-        "bake_minutes": Param(service.deploy.bake_minutes, type="number", minimum=0, maximum=1440, title="Bake minutes",
+        "bake_minutes": Param(service.deploy.bake_minutes, type="number", minimum=0, maximum=MAX_BAKE_MINUTES,
+                              title="Bake minutes",
                               description="How long the monitoring gate watches the new version."),
         "restore_policy": Param("when_needed", type="string", enum=["when_needed", "always"], title="Restore policy",
                                 description="Restore the backup on rollback only when the schema cannot be rolled "
@@ -95,11 +104,14 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         render_template_as_native_obj=False,
         tags=["omnisphere", "release", name],
         params=release_params(service),
-        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
+        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
+                      "execution_timeout": SHORT_STAGE_TIMEOUT},
     ) as dag:
+        deploy_timeout = timedelta(minutes=service.deploy.timeout_minutes + 10)
+        # No timeout: it waits, deferred and holding no worker slot, for a window that may be days away.
         wait = WaitForMaintenanceWindowOperator(task_id=stage.WAIT_FOR_WINDOW, service=name,
                                                 window="{{ params.window }}", force_reason="{{ params.force_reason or '' }}",
-                                                retries=0)
+                                                retries=0, execution_timeout=None)
         preflight = ReleasePreflightOperator(
             task_id=stage.PREFLIGHT, service=name, image_tag="{{ params.image_tag }}",
             strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
@@ -107,30 +119,37 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
             backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason or '' }}",
             staging_rehearsed="{{ params.staging_rehearsed }}",
             environment=f"{{{{ var.value.get('{ENVIRONMENT_VARIABLE}', '{PRODUCTION}') }}}}")
-        backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name)
+        backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name,
+                                            execution_timeout=DATABASE_STAGE_TIMEOUT)
         schema_up = PostgresApplyMigrationsOperator(
             task_id=stage.SCHEMA_UP, service=name, direction="up",
             target_version=f"{{{{ ti.xcom_pull(task_ids='{stage.PREFLIGHT}')['target_version'] }}}}", dry_run=False,
-            reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ (params.reason or '') }}", retries=0)
-        data_migrate = (PostgresDataMigrateOperator(task_id=stage.DATA_MIGRATE, service=name, retries=3)
+            reason="{{ 'release ' ~ params.image_tag ~ ': ' ~ (params.reason or '') }}", retries=0,
+            execution_timeout=DATABASE_STAGE_TIMEOUT)
+        data_migrate = (PostgresDataMigrateOperator(task_id=stage.DATA_MIGRATE, service=name, retries=3,
+                                                    execution_timeout=DATA_MIGRATION_TIMEOUT)
                         if has_data_migrations else None)
         integrity = PostgresIntegrityCheckOperator(task_id=stage.INTEGRITY_CHECK, service=name, retries=0)
         deploy = EcsDeployServiceOperator(task_id=stage.ECS_DEPLOY, service=name, strategy="{{ params.strategy }}",
-                                          bake_minutes="{{ params.bake_minutes }}")
+                                          bake_minutes="{{ params.bake_minutes }}", execution_timeout=deploy_timeout)
         smoke = HttpSmokeTestOperator(task_id=stage.SMOKE_TEST, service=name, retries=0)
         gate = CloudWatchMonitoringGateOperator(task_id=stage.MONITORING_GATE, service=name,
-                                                bake_minutes="{{ params.bake_minutes }}", retries=0)
-        finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name)
+                                                bake_minutes="{{ params.bake_minutes }}", retries=0,
+                                                execution_timeout=timedelta(minutes=MAX_BAKE_MINUTES + 30))
+        finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name, execution_timeout=deploy_timeout)
         main = [t for t in (wait, preflight, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
-        for upstream, downstream in zip(main, main[1:]):
+        for upstream, downstream in zip(main, main[1:], strict=False):
             upstream >> downstream
 
         rollback_ecs = EcsRollbackServiceOperator(task_id=stage.ROLLBACK_ECS, service=name,
-                                                  trigger_rule=TriggerRule.ONE_FAILED)
-        rollback_schema = PostgresRevertReleaseMigrationsOperator(task_id=stage.ROLLBACK_SCHEMA, service=name)
+                                                  trigger_rule=TriggerRule.ONE_FAILED,
+                                                  execution_timeout=2 * deploy_timeout)  # stop, then redeploy
+        rollback_schema = PostgresRevertReleaseMigrationsOperator(task_id=stage.ROLLBACK_SCHEMA, service=name,
+                                                                  execution_timeout=DATABASE_STAGE_TIMEOUT)
         restore = PostgresRestoreFromS3Operator(task_id=stage.RESTORE_BACKUP, service=name,
                                                 restore_policy="{{ params.restore_policy }}",
-                                                trigger_rule=TriggerRule.ALL_DONE)
+                                                trigger_rule=TriggerRule.ALL_DONE,
+                                                execution_timeout=DATABASE_STAGE_TIMEOUT)
         verify = VerifyRollbackOperator(task_id=stage.VERIFY_ROLLBACK, service=name, trigger_rule=TriggerRule.ALL_DONE)
         main[2:] >> rollback_ecs  # from backup on: what preflight may not refuse
         rollback_ecs >> rollback_schema >> restore >> verify

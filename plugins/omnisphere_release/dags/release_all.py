@@ -14,8 +14,11 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Param, TriggerRule, task
 
 from omnisphere_release.catalog import Catalog
-from omnisphere_release.operators.release_all import (CHECK_MANIFEST, ReleaseAllSummaryOperator,
-                                                      ReleaseManifestCheckOperator)
+from omnisphere_release.operators.release_all import (
+    CHECK_MANIFEST,
+    ReleaseAllSummaryOperator,
+    ReleaseManifestCheckOperator,
+)
 from omnisphere_release.params import optional_text
 from omnisphere_release.timetables import MaintenanceWindowTimetable
 
@@ -35,7 +38,8 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
         # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
         render_template_as_native_obj=False,
         tags=["omnisphere", "release"],
-        default_args={"owner": "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
+        default_args={"owner": "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
+                      "execution_timeout": timedelta(minutes=30)},
         params={
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "reason": optional_text("Why; passed to every release."),
@@ -69,6 +73,8 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
                 failed_states=["failed"],
                 skip_when_already_exists=True,
                 retries=0,
+                # Waits, deferred, for a whole release of the service (each of its stages is bounded).
+                execution_timeout=timedelta(hours=12),
             )
             previous >> gate >> release
             previous = release

@@ -30,7 +30,9 @@ release; its sha256 is checked before anything is restored). `plan` checks every
         # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
         render_template_as_native_obj=False,
         tags=["omnisphere", "rollback", name],
-        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
+        # Bounded like the release's own rollback: an ECS return (stop, then redeploy), a schema revert, a restore.
+        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
+                      "execution_timeout": max(timedelta(hours=3), timedelta(minutes=2 * service.deploy.timeout_minutes + 20))},
         params={
             "task_definition": Param(None, type=["null", "string"], description="Task definition ARN to run again."),
             "image_tag": Param(None, type=["null", "string"], pattern=IMAGE_TAG_PATTERN,

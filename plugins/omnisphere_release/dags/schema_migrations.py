@@ -56,7 +56,8 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
         max_active_runs=1,
         render_template_as_native_obj=True,
         tags=["omnisphere", "migrations"],
-        default_args={"owner": "platform", "retries": 2, "retry_delay": timedelta(seconds=30)},
+        default_args={"owner": "platform", "retries": 2, "retry_delay": timedelta(seconds=30),
+                      "execution_timeout": timedelta(hours=3)},
         params={
             "service": Param("all", type="string", enum=["all", *names],
                              description="The service to migrate, or all of them in dependency order."),

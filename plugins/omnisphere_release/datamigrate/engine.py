@@ -19,8 +19,8 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from omnisphere_release.datamigrate.spec import DataMigrationSpec
-from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
 from omnisphere_release.logs import Log
+from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
 
 CHECKPOINT_TABLE = "omnisphere_data_migrations"
 ADVISORY_LOCK_NAMESPACE = 0x4F4D4E49
@@ -270,9 +270,8 @@ class DataMigrationEngine:
         key = sql.Identifier(self.spec.key)
         with conn, conn.cursor() as cur:
             existing = self._read(cur, direction)
-            if existing is not None:
-                if existing.state == "done" or existing.batches:
-                    return existing
+            if existing is not None and (existing.state == "done" or existing.batches):
+                return existing
             cur.execute("SELECT to_regclass(%s) IS NOT NULL", [self.spec.table])
             if not cur.fetchone()[0]:
                 raise InvalidMigrationInput(f"{self.spec.path}: field table: {self.spec.table} does not exist")

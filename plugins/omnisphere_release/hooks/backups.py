@@ -6,6 +6,7 @@ where any user of the machine could read them, and never the log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -222,10 +223,8 @@ class BackupHook:
             except BrokenPipeError:
                 restore.kill()  # psql stopped at an error; its exit code and message say which
             finally:
-                try:
+                with contextlib.suppress(BrokenPipeError):
                     psql.stdin.close()
-                except BrokenPipeError:
-                    pass
                 psql_err = psql.stderr.read().decode(errors="replace")
                 psql.wait(timeout=self.timeout)
                 if restore.poll() is None:

@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         catalog = load_catalog()
-        if args.service == "all":
-            services = catalog.release_order()
-        else:
-            services = [catalog.get(args.service)]
+        services = catalog.release_order() if args.service == "all" else [catalog.get(args.service)]
         direction = args.direction if args.action == "plan" else args.action
         if args.action in {"down"} or (args.action == "plan" and direction == "down"):
             services = list(reversed(services))

@@ -288,15 +288,14 @@ class MigrationEngine:
                 row = history.get(version)
                 if row is None or row.state != "dirty":
                     raise InvalidMigrationInput(f"{self.service}: version {version} is not dirty; nothing to resolve")
-                with conn:
-                    with conn.cursor() as cur:
-                        if outcome == "applied":
-                            cur.execute(sql.SQL("UPDATE {} SET state = 'applied', dirty_direction = NULL, error = NULL "
-                                                "WHERE version = %s").format(sql.Identifier(HISTORY_TABLE)), [version])
-                        else:
-                            cur.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(
-                                sql.Identifier(HISTORY_TABLE)), [version])
-                        self._log_row(cur, version, row.name, f"resolved_{outcome}", reason, None)
+                with conn, conn.cursor() as cur:
+                    if outcome == "applied":
+                        cur.execute(sql.SQL("UPDATE {} SET state = 'applied', dirty_direction = NULL, error = NULL "
+                                            "WHERE version = %s").format(sql.Identifier(HISTORY_TABLE)), [version])
+                    else:
+                        cur.execute(sql.SQL("DELETE FROM {} WHERE version = %s").format(
+                            sql.Identifier(HISTORY_TABLE)), [version])
+                    self._log_row(cur, version, row.name, f"resolved_{outcome}", reason, None)
                 self.log.info("%s: version %d resolved as %s (%s)", self.service, version, outcome, reason)
             finally:
                 self._release_lock(conn)
@@ -422,10 +421,9 @@ class MigrationEngine:
         attempt = 0
         while True:
             try:
-                with conn:  # commits on success, rolls back on any error
-                    with conn.cursor() as cur:
-                        self._set_timeouts(cur, local=True)
-                        work(cur)
+                with conn, conn.cursor() as cur:  # commits on success, rolls back on any error
+                    self._set_timeouts(cur, local=True)
+                    work(cur)
                 return attempt
             except psycopg2.errors.LockNotAvailable as exc:
                 attempt = self._backoff_or_raise(migration, attempt, exc)

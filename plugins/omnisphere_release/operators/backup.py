@@ -11,10 +11,11 @@ from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.contracts import ROLLBACK_ECS, ROLLBACK_SCHEMA, BackupOutput, ReleaseRun
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.logs import Log
 from omnisphere_release.operators.common import ServiceStageOperator, safe_key
 
 
-def restore_database(service: Service, bucket: str, key: str, sha256: str, log: Any) -> float:
+def restore_database(service: Service, bucket: str, key: str, sha256: str, log: Log) -> float:
     """Restore ``service``'s database from a backup after checking its sha256; return the seconds it took.
 
     The one restore path of the release's restore_backup and of rollback_<service>. A failure fails the task for

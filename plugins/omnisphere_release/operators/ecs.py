@@ -11,8 +11,15 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.contracts import DeploymentOutput, ReleaseRun
-from omnisphere_release.hooks.ecs import (EcsDeploymentError, EcsDeploymentHook, EcsNotOnTarget, ReturnResult,
-                                          deployment_configuration, summarize)
+from omnisphere_release.hooks.ecs import (
+    EcsDeploymentError,
+    EcsDeploymentHook,
+    EcsNotOnTarget,
+    ReturnResult,
+    deployment_configuration,
+    summarize,
+)
+from omnisphere_release.logs import Log
 from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 
@@ -117,7 +124,7 @@ class EcsRollbackServiceOperator(ServiceStageOperator):
         return {"action": result.action, "task_definition": result.task_definition}
 
 
-def return_service_to(service: Service, task_definition: str, log: Any, poll_seconds: float = 2.0) -> ReturnResult:
+def return_service_to(service: Service, task_definition: str, log: Log, poll_seconds: float = 2.0) -> ReturnResult:
     """Bring ``service`` to ``task_definition`` and wait: the one ECS way back, of rollback_ecs and rollback_<service>.
 
     An AWS error is retried by Airflow (it says nothing about the service); ending on another revision is final.

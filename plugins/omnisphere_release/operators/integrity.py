@@ -52,7 +52,7 @@ class PostgresIntegrityCheckOperator(ServiceStageOperator):
                     continue
                 results.append({"check": path.stem, "rows": len(rows)})
                 if rows:
-                    shown = [dict(zip(columns, row)) for row in rows[:SHOWN_ROWS]]
+                    shown = [dict(zip(columns, row, strict=True)) for row in rows[:SHOWN_ROWS]]
                     more = " (and more)" if len(rows) > SHOWN_ROWS else ""
                     failures.append(f"check {path.stem} ({path}) returned {len(rows[:SHOWN_ROWS])} row(s){more}:\n"
                                     f"    query: {' '.join(query.split())}\n    rows: {shown}")

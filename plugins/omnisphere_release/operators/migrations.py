@@ -12,11 +12,12 @@ from omnisphere_release.catalog import Catalog, Service, load_catalog
 from omnisphere_release.contracts import ReleaseRun
 from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
+from omnisphere_release.logs import Log
 from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
 from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int
 
 
-def revert_schema_to(service: Service, catalog: Catalog, version: int, *, applied_by: str, reason: str, log: Any,
+def revert_schema_to(service: Service, catalog: Catalog, version: int, *, applied_by: str, reason: str, log: Log,
                      next_on_failure: str) -> dict[str, Any]:
     """Revert ``service``'s schema down to ``version``: the one schema-revert path of the release's rollback_schema
     and of rollback_<service>. At ``version`` already, it does nothing, so running it twice changes nothing.

@@ -166,4 +166,3 @@ class ReleasePreflightOperator(BaseOperator):
             self.log.warning("Could not read earlier release reports for an estimate: %s", exc)
             reports = []
         return checks.estimate_duration(service, reports)
-

@@ -12,6 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from omnisphere_release import checks
 from omnisphere_release.catalog import Catalog, load_catalog
 from omnisphere_release.contracts import ReleaseRun
+from omnisphere_release.logs import Log
 from omnisphere_release.release_queue import QUEUE_VARIABLE, queue_manifest, take_manifest, window_key
 
 CHECK_MANIFEST = "check_manifest"
@@ -25,7 +26,7 @@ class CheckedManifest(TypedDict):
     reason: str
 
 
-def accept_manifest(catalog: Catalog, manifest: Any, log: Any, refusal: str) -> dict[str, str]:
+def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str) -> dict[str, str]:
     """Validate a manifest and check every image in its registry; raise AirflowFailException starting with
     ``refusal`` and listing every problem. The one manifest check of release_all and queue_release."""
     try:

@@ -9,8 +9,16 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from omnisphere_release.catalog import Catalog, Service, load_catalog
-from omnisphere_release.contracts import (BACKUP, FINALIZE, MAIN_STAGES, PREFLIGHT, RELEASE_FAILED, ROLLBACK_STAGES,
-                                          ReleaseRun, failed_stages)
+from omnisphere_release.contracts import (
+    BACKUP,
+    FINALIZE,
+    MAIN_STAGES,
+    PREFLIGHT,
+    RELEASE_FAILED,
+    ROLLBACK_STAGES,
+    ReleaseRun,
+    failed_stages,
+)
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
