@@ -21,7 +21,8 @@ from omnisphere_release.hooks.registry import ImageCheck, ImageRegistryHook
 from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE
 from omnisphere_release.windows import WindowSchedule
 
-WINDOW_PATTERN = r"^(next|now|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:\d{2}))$"
+# (?!\n): as in IMAGE_TAG_PATTERN, Python's $ would also match before a final newline.
+WINDOW_PATTERN = r"^(next|now|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:\d{2}))(?!\n)$"
 PRODUCTION = "production"
 # The Airflow Variable that says which environment this Airflow releases to.
 ENVIRONMENT_VARIABLE = "omni_environment"
@@ -98,10 +99,14 @@ def decide_window(schedule: WindowSchedule, window: str, force_reason: str, now:
         found = schedule.window_at(now) or schedule.next_window(now)
         start, end = found.start, found.end
     else:
-        if not re.match(WINDOW_PATTERN, window):
+        if not re.fullmatch(WINDOW_PATTERN, window):
             raise Refused(f"param window {window!r}: use next, now, or an ISO 8601 time with a zone, "
                           f"e.g. 2026-12-06T02:00:00+01:00")
-        start = datetime.fromisoformat(window.replace("Z", "+00:00"))
+        try:
+            start = datetime.fromisoformat(window.replace("Z", "+00:00"))
+        except ValueError as exc:  # the pattern's shape, but no such moment (2026-02-30, 25:00)
+            raise Refused(f"param window {window!r} is not a real time ({exc}); e.g. 2026-12-06T02:00:00+01:00") \
+                from None
         end = start + schedule.duration
         if end <= now:
             raise Refused(f"param window {window}: that window ended at {end.isoformat()}")
@@ -181,7 +186,7 @@ def validate_manifest(manifest: Any, known: list[str]) -> dict[str, str]:
     for service, tag in manifest.items():
         if service not in known:
             raise Refused(f"param 'manifest': unknown service {service!r}; known services: {', '.join(known)}")
-        if not isinstance(tag, str) or not re.match(IMAGE_TAG_PATTERN, tag):
+        if not isinstance(tag, str) or not re.fullmatch(IMAGE_TAG_PATTERN, tag):
             raise Refused(f"param 'manifest': image tag {tag!r} of {service} is not a valid tag ({IMAGE_TAG_RULE})")
     return manifest
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
-# What a Docker tag may be (docker's own rule); said in words in IMAGE_TAG_RULE for the form.
-IMAGE_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# What a Docker tag may be (docker's own rule); said in words in IMAGE_TAG_RULE for the form. The (?!\n) before $
+# refuses "1.1.0\n": Python's $ (jsonschema's, and re.match's) also matches before a final newline, JavaScript's (the
+# form's) does not, and \Z exists only in Python.
+IMAGE_TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?!\n)$"
 IMAGE_TAG_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 (e.g. 1.4.2)"
 
 

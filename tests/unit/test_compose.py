@@ -113,7 +113,7 @@ def test_no_secret_is_written_in_the_file_outside_the_local_profile():
 
 def test_the_secret_check_finds_a_written_secret():
     leaky = unshared(compose())
-    leaky["services"]["airflow-scheduler"]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] = "hunter2"
+    leaky["services"]["airflow-scheduler"]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] = "hunter2"  # noqa: S105 - the planted secret this test must find
     leaky["services"]["airflow-worker"]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = (
         "postgresql+psycopg2://airflow:${AIRFLOW_DB_PASSWORD:-airflow}@postgres/airflow")
     assert plaintext_secrets(leaky) == ["airflow-scheduler: AIRFLOW__API_AUTH__JWT_SECRET",

@@ -10,15 +10,16 @@ from typing import Any
 
 import botocore.session
 import pytest
-
-from omnisphere_release.hooks import ecs as ecs_hook_module
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+from omnisphere_release.hooks import ecs as ecs_hook_module
 from omnisphere_release.hooks.ecs import (
     REGISTERABLE,
     RUN_TAG,
     EcsDeploymentError,
     EcsDeploymentHook,
+    EcsNotOnTarget,
+    LiveRevision,
     deployment_configuration,
     image_of,
     summarize,
@@ -459,3 +460,234 @@ def test_wait_until_settled_polls_until_the_timeout_has_passed(monkeypatch):
     # Polls at 0, 2, ... 10 s are within the timeout; the one at 12 s is the first past it.
     assert len(client.called("describe_service_deployments")) == 7
     assert clock.slept == [2] * 6
+
+
+# --- EcsDeploymentHook.live_revision ----------------------------------------------------------------------------
+
+
+def test_live_revision_is_the_service_its_task_definition_and_the_containers_image():
+    client = FakeEcsClient(
+        describe_services={"services": [{"serviceName": SERVICE, "status": "ACTIVE",
+                                         "taskDefinition": f"{FAMILY_ARN}:7"}]},
+        describe_task_definition={"taskDefinition": copy.deepcopy(TASK_DEFINITION), "tags": [{"key": "team",
+                                                                                             "value": "identity"}]})
+
+    live = EcsDeploymentHook(client=client).live_revision(CLUSTER, SERVICE, "auth")
+
+    assert isinstance(live, LiveRevision)
+    assert live.arn == f"{FAMILY_ARN}:7"
+    assert live.image == f"{ECR}/omnisphere/auth-service:1.4.0"  # the named container's, not the envoy sidecar's
+    assert live.task_definition["tags"] == [{"key": "team", "value": "identity"}]
+    assert client.calls == [
+        ("describe_services", {"cluster": CLUSTER, "services": [SERVICE]}),
+        ("describe_task_definition", {"taskDefinition": f"{FAMILY_ARN}:7", "include": ["TAGS"]}),
+    ]
+
+
+def test_live_revision_of_a_service_without_the_catalogs_container_names_the_catalog_field():
+    client = FakeEcsClient(
+        describe_services={"services": [{"serviceName": SERVICE, "status": "ACTIVE",
+                                         "taskDefinition": f"{FAMILY_ARN}:7"}]},
+        describe_task_definition={"taskDefinition": copy.deepcopy(TASK_DEFINITION)})
+
+    with pytest.raises(EcsDeploymentError, match="no container 'api'; check ecs.container in the catalog"):
+        EcsDeploymentHook(client=client).live_revision(CLUSTER, SERVICE, "api")
+
+
+# --- EcsDeploymentHook.return_to: the one way back ----------------------------------------------------------------
+#
+# Revisions of the auth-service family: the release went from PREVIOUS to RELEASED; OLDER is what a manual rollback
+# may ask for. ECS's targetServiceRevision.arn is a service revision ARN (not a task definition), as in AWS.
+
+OLDER, PREVIOUS, RELEASED = f"{FAMILY_ARN}:6", f"{FAMILY_ARN}:7", f"{FAMILY_ARN}:8"
+REDEPLOY_ARN = "arn:aws:ecs:eu-west-1:123456789012:service-deployment/omnisphere/auth-service/def456"
+SERVICE_REVISION = "arn:aws:ecs:eu-west-1:123456789012:service-revision/omnisphere/auth-service/4567"
+
+
+def service_on(task_definition: str, current_deployment: str | None = DEPLOYMENT_ARN) -> dict[str, Any]:
+    service = {"serviceName": SERVICE, "status": "ACTIVE", "taskDefinition": task_definition}
+    if current_deployment:
+        service["currentServiceDeployment"] = current_deployment
+    return {"services": [service]}
+
+
+def services_on(*task_definitions: str) -> Any:
+    """describe_services answers, one per call: the service on each of ``task_definitions`` in turn."""
+    return iter(service_on(td) for td in task_definitions)
+
+
+def going_through(statuses_by_arn: dict[str, list[str]]) -> Any:
+    """describe_service_deployments answers: each deployment goes through its statuses, one per describe (a describe
+    beyond the script fails the test with IndexError)."""
+    remaining = {arn: list(statuses) for arn, statuses in statuses_by_arn.items()}
+
+    def describe_service_deployments(**kwargs: Any) -> dict[str, Any]:
+        [arn] = kwargs["serviceDeploymentArns"]
+        status = remaining[arn].pop(0)
+        return {"serviceDeployments": [{
+            "serviceDeploymentArn": arn, "status": status, "lifecycleStage": "SCALE_UP",
+            "statusReason": f"deployment is {status}",
+            "targetServiceRevision": {"arn": SERVICE_REVISION, "runningTaskCount": 2, "requestedTaskCount": 2}}]}
+
+    return describe_service_deployments
+
+
+def return_to(client: FakeEcsClient, task_definition: str = PREVIOUS):
+    return EcsDeploymentHook(client=client).return_to(CLUSTER, SERVICE, task_definition, timeout_seconds=60,
+                                                       poll_seconds=0)
+
+
+def call_names(client: FakeEcsClient) -> list[str]:
+    return [name for name, _ in client.calls]
+
+
+@pytest.mark.parametrize("current_deployment", [DEPLOYMENT_ARN, None])
+def test_return_to_does_nothing_when_the_service_already_runs_the_target(current_deployment):
+    client = FakeEcsClient(describe_services=lambda **_: service_on(PREVIOUS, current_deployment),
+                           describe_service_deployments=lambda **_: {"serviceDeployments": [deployment("SUCCESSFUL")]})
+
+    first, second = return_to(client), return_to(client)
+
+    assert first.action == second.action == "none"
+    assert first.task_definition == PREVIOUS
+    assert first.settled is None  # nothing was waited for
+    # Running it twice changes nothing: only reads, never an update or a stop.
+    assert set(call_names(client)) <= {"describe_services", "describe_service_deployments"}
+    assert client.called("describe_service_deployments") == (
+        [{"serviceDeploymentArns": [DEPLOYMENT_ARN]}] * 2 if current_deployment else [])
+
+
+def test_return_to_stops_an_in_flight_deployment_with_rollback_and_waits_for_it():
+    client = FakeEcsClient(
+        describe_services=services_on(RELEASED, PREVIOUS),
+        describe_service_deployments=going_through(
+            {DEPLOYMENT_ARN: ["IN_PROGRESS", "ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL"]}),
+        stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN})
+
+    result = return_to(client)
+
+    assert result.action == "stopped in-flight deployment with ROLLBACK"
+    assert result.settled is not None and result.settled["status"] == "ROLLBACK_SUCCESSFUL"
+    assert client.called("stop_service_deployment") == [{"serviceDeploymentArn": DEPLOYMENT_ARN,
+                                                         "stopType": "ROLLBACK"}]
+    # Stop, wait until ECS has settled, look again: ECS runs the target, so no second deployment.
+    assert call_names(client) == ["describe_services", "describe_service_deployments", "stop_service_deployment",
+                                  "describe_service_deployments", "describe_service_deployments",
+                                  "describe_service_deployments", "describe_services"]
+
+
+def test_return_to_redeploys_the_target_over_a_completed_deployment_and_waits():
+    client = FakeEcsClient(
+        describe_services=services_on(RELEASED, PREVIOUS),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["SUCCESSFUL"],
+                                                    REDEPLOY_ARN: ["PENDING", "IN_PROGRESS", "SUCCESSFUL"]}),
+        update_service={"service": {"currentServiceDeployment": REDEPLOY_ARN}})
+
+    result = return_to(client)
+
+    assert result.action == f"redeployed {PREVIOUS}"
+    assert result.settled is not None and result.settled["serviceDeploymentArn"] == REDEPLOY_ARN
+    assert result.settled["status"] == "SUCCESSFUL"
+    assert client.called("update_service") == [{
+        "cluster": CLUSTER, "service": SERVICE, "taskDefinition": PREVIOUS,
+        "deploymentConfiguration": {"strategy": "ROLLING", "maximumPercent": 200, "minimumHealthyPercent": 100,
+                                    "deploymentCircuitBreaker": {"enable": True, "rollback": True}}}]
+    assert client.called("stop_service_deployment") == []  # a completed deployment cannot be stopped
+    # It waited for the deployment it started, until it left flight, then looked at the service again.
+    assert client.called("describe_service_deployments")[1:] == [{"serviceDeploymentArns": [REDEPLOY_ARN]}] * 3
+    assert call_names(client)[-1] == "describe_services"
+
+
+@pytest.mark.parametrize("rolling_back", ["ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS"])
+def test_return_to_waits_for_a_rollback_in_flight_without_stopping_it_again(rolling_back):
+    # The circuit breaker (or an earlier try of rollback_ecs) already sent the service back.
+    client = FakeEcsClient(
+        describe_services=services_on(PREVIOUS, PREVIOUS),
+        describe_service_deployments=going_through(
+            {DEPLOYMENT_ARN: [rolling_back, "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL"]}))
+
+    result = return_to(client)
+
+    assert result.action == "none"
+    assert result.settled is not None and result.settled["status"] == "ROLLBACK_SUCCESSFUL"
+    assert client.called("stop_service_deployment") == []
+    assert client.called("update_service") == []
+    assert len(client.called("describe_service_deployments")) == 3  # it waited until the rollback was over
+
+
+def test_return_to_an_older_revision_stops_the_release_then_redeploys_the_older_revision():
+    # A manual rollback to OLDER while a release from PREVIOUS to RELEASED is in flight: ECS's ROLLBACK brings the
+    # service back to PREVIOUS, which is not what was asked for.
+    client = FakeEcsClient(
+        describe_services=services_on(RELEASED, PREVIOUS, OLDER),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS", "ROLLBACK_SUCCESSFUL"],
+                                                    REDEPLOY_ARN: ["IN_PROGRESS", "SUCCESSFUL"]}),
+        stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN},
+        update_service={"service": {"currentServiceDeployment": REDEPLOY_ARN}})
+
+    result = return_to(client, OLDER)
+
+    assert result.action == f"stopped in-flight deployment with ROLLBACK and redeployed {OLDER}"
+    assert result.task_definition == OLDER
+    assert result.settled is not None and result.settled["serviceDeploymentArn"] == REDEPLOY_ARN
+    assert [kwargs["taskDefinition"] for kwargs in client.called("update_service")] == [OLDER]
+    assert call_names(client).index("stop_service_deployment") < call_names(client).index("update_service")
+
+
+def test_return_to_raises_not_on_target_naming_both_revisions_when_ecs_ends_elsewhere():
+    # The redeploy of PREVIOUS fails (its tasks do not start) and the circuit breaker sends the service back.
+    client = FakeEcsClient(
+        describe_services=services_on(RELEASED, RELEASED),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["SUCCESSFUL"],
+                                                    REDEPLOY_ARN: ["IN_PROGRESS", "ROLLBACK_SUCCESSFUL"]}),
+        update_service={"service": {"currentServiceDeployment": REDEPLOY_ARN}})
+
+    with pytest.raises(EcsNotOnTarget) as raised:
+        return_to(client)
+
+    assert isinstance(raised.value, EcsDeploymentError)  # rollback_<service> and rollback_ecs catch the family
+    message = str(raised.value)
+    assert message.startswith(f"ECS service {CLUSTER}/{SERVICE} ended on {RELEASED}, not {PREVIOUS} (")
+    assert "ROLLBACK_SUCCESSFUL" in message  # the deployment it waited for, summarised
+
+
+def test_return_to_reports_an_aws_error_as_a_deployment_error_not_as_not_on_target():
+    error = client_error("ThrottlingException", "Rate exceeded", "DescribeServices")
+    client = FakeEcsClient(describe_services=error)
+
+    with pytest.raises(EcsDeploymentError) as raised:
+        return_to(client)
+
+    # Not EcsNotOnTarget: an AWS error says nothing about where the service is, so the rollback may be retried.
+    assert not isinstance(raised.value, EcsNotOnTarget)
+    assert str(raised.value).startswith(f"describe service {CLUSTER}/{SERVICE}: ")
+    assert "ThrottlingException" in str(raised.value)
+    assert client.called("update_service") == []
+
+
+def test_return_to_gives_up_waiting_with_a_deployment_error_not_as_not_on_target():
+    client = FakeEcsClient(
+        describe_services=lambda **_: service_on(RELEASED),
+        describe_service_deployments=lambda **_: {"serviceDeployments": [deployment("ROLLBACK_IN_PROGRESS")]})
+
+    with pytest.raises(EcsDeploymentError, match="still ROLLBACK_IN_PROGRESS after 0s") as raised:
+        EcsDeploymentHook(client=client).return_to(CLUSTER, SERVICE, PREVIOUS, timeout_seconds=0, poll_seconds=0)
+
+    assert not isinstance(raised.value, EcsNotOnTarget)
+    assert client.called("update_service") == []  # no redeploy on top of a rollback ECS has not finished
+
+
+def test_return_to_does_not_stop_a_deployment_already_going_to_the_target():
+    # A retry of a rollback whose first try raised while waiting on its own redeploy: stopping that deployment with
+    # ROLLBACK would send ECS back to the revision it came from, the bad one. (On real ECS targetServiceRevision is
+    # a service revision ARN: the task definition the deployment goes to is the service's own.)
+    client = FakeEcsClient(
+        describe_services=lambda **_: service_on(PREVIOUS, DEPLOYMENT_ARN),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS", "SUCCESSFUL"]}),
+        stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN})
+
+    result = return_to(client)
+
+    assert client.called("stop_service_deployment") == []
+    assert client.called("update_service") == []
+    assert result.action == "none" and result.settled is not None and result.settled["status"] == "SUCCESSFUL"

@@ -191,8 +191,9 @@ class EcsDeploymentHook:
         arn = live.get("currentServiceDeployment")
         deployment = self.describe_deployment(arn) if arn else None
         if arn and deployment and deployment["status"] in IN_FLIGHT:
-            if not deployment["status"].startswith("ROLLBACK") \
-                    and (deployment.get("targetServiceRevision") or {}).get("arn") != task_definition:
+            # UpdateService sets the service's task definition at once: it names where the deployment goes (the
+            # deployment's targetServiceRevision is a service revision ARN, never a task definition's).
+            if not deployment["status"].startswith("ROLLBACK") and live["taskDefinition"] != task_definition:
                 self.stop_with_rollback(arn)
                 actions.append("stopped in-flight deployment with ROLLBACK")
             settled = self.wait_until_settled(arn, timeout_seconds, poll_seconds)

@@ -93,6 +93,10 @@ class EcsDeployServiceOperator(ServiceStageOperator):
             raise AirflowFailException(f"ECS deployment {event['deployment_arn']} did not finish within the "
                                        f"catalog's deploy.timeout_minutes; last state: {event.get('summary')}. "
                                        f"Next: rollback_ecs stops it with ROLLBACK.")
+        if status == "error":  # the trigger could not read the deployment: say so, and let a retry reattach to it
+            raise AirflowException(f"Could not follow ECS deployment {event.get('deployment_arn')}: "
+                                   f"{event.get('message')}. Retrying if retries remain (a retry reattaches to this "
+                                   f"deployment); otherwise rollback_ecs brings the service back.")
         raise AirflowFailException(f"ECS deployment {event.get('deployment_arn')} failed: "
                                    f"{event.get('summary') or event.get('message')} {event.get('reason', '')}. "
                                    f"Next: rollback_ecs makes sure the service is back on its previous revision.")

@@ -1,0 +1,246 @@
+"""How the deferrable stages end: ``execute_complete`` reads the trigger's event and what the stage pushed before it
+deferred, and returns the stage's output or fails the task (AirflowFailException: no retry).
+
+Also the one ECS way back (rollback_ecs and rollback_<service>): which failures Airflow may retry and which are final.
+The operators are built outside a DAG; the context is a fake task instance; nothing reaches Airflow's database or AWS.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from omnisphere_release.catalog import load_catalog
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsNotOnTarget, ReturnResult
+from omnisphere_release.operators import ecs as ecs_operators
+from omnisphere_release.operators.ecs import EcsDeployServiceOperator, return_service_to
+from omnisphere_release.operators.monitoring import CloudWatchMonitoringGateOperator
+from omnisphere_release.operators.window import WaitForMaintenanceWindowOperator
+
+DEPLOYMENT_ARN = "arn:aws:ecs:eu-west-1:123456789012:service-deployment/omnisphere/auth-service/abc123"
+PREVIOUS = "arn:aws:ecs:eu-west-1:123456789012:task-definition/auth-service:7"
+RELEASED = "arn:aws:ecs:eu-west-1:123456789012:task-definition/auth-service:8"
+ROLLING = {"strategy": "ROLLING", "maximumPercent": 200, "minimumHealthyPercent": 100,
+           "deploymentCircuitBreaker": {"enable": True, "rollback": True}}
+
+
+class FakeTaskInstance:
+    """Answers xcom_pull from what stages pushed, by (task id, key), and records what was asked."""
+
+    def __init__(self, pushed: dict[tuple[str, str], Any]) -> None:
+        self.pushed = pushed
+        self.pulls: list[tuple[str, str]] = []
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
+        self.pulls.append((task_ids, key))
+        return self.pushed.get((task_ids, key))
+
+
+def context_with(pushed: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    return {"ti": FakeTaskInstance(pushed)}
+
+
+# --- ecs_deploy ----------------------------------------------------------------------------------------------------
+
+STARTED = {"deployment_arn": DEPLOYMENT_ARN, "task_definition": RELEASED, "configuration": ROLLING}
+SUMMARY = "SUCCESSFUL at CLEAN_UP: 2/2 new tasks running, 100.0% of traffic; "
+
+
+def ecs_deploy() -> EcsDeployServiceOperator:
+    return EcsDeployServiceOperator(task_id="ecs_deploy", service="auth-service", strategy="rolling", bake_minutes=1)
+
+
+@pytest.mark.parametrize("deployment_status", ["SUCCESSFUL", "IN_PROGRESS"])  # IN_PROGRESS: traffic shifted, baking
+def test_ecs_deploy_success_returns_the_deployment_it_started_and_how_it_ended(deployment_status):
+    context = context_with({("ecs_deploy", "deployment"): dict(STARTED)})
+    event = {"status": "success", "deployment_status": deployment_status, "summary": SUMMARY,
+             "deployment_arn": DEPLOYMENT_ARN}
+
+    output = ecs_deploy().execute_complete(context, event)
+
+    assert output == {**STARTED, "deployment_status": deployment_status, "summary": SUMMARY}
+    assert context["ti"].pulls == [("ecs_deploy", "deployment")]  # what this task pushed before deferring
+
+
+def test_ecs_deploy_timeout_fails_for_good_and_says_rollback_ecs_stops_the_deployment():
+    event = {"status": "timeout", "deployment_status": "IN_PROGRESS",
+             "summary": "IN_PROGRESS at SCALE_UP: 1/2 new tasks running, 0.0% of traffic; ",
+             "deployment_arn": DEPLOYMENT_ARN}
+
+    with pytest.raises(AirflowFailException) as raised:
+        ecs_deploy().execute_complete(context_with({("ecs_deploy", "deployment"): dict(STARTED)}), event)
+
+    message = str(raised.value)
+    assert f"ECS deployment {DEPLOYMENT_ARN} did not finish within the catalog's deploy.timeout_minutes" in message
+    assert "last state: IN_PROGRESS at SCALE_UP: 1/2 new tasks running" in message
+    assert message.endswith("Next: rollback_ecs stops it with ROLLBACK.")
+
+
+def test_ecs_deploy_failure_fails_for_good_naming_the_deployment_and_ecss_reason():
+    reason = "ECS deployment circuit breaker: tasks failed to start."
+    event = {"status": "failed", "deployment_status": "ROLLBACK_SUCCESSFUL",
+             "summary": f"ROLLBACK_SUCCESSFUL at CLEAN_UP: 0/2 new tasks running, 0.0% of traffic; {reason}",
+             "reason": reason, "deployment_arn": DEPLOYMENT_ARN}
+
+    with pytest.raises(AirflowFailException) as raised:
+        ecs_deploy().execute_complete(context_with({("ecs_deploy", "deployment"): dict(STARTED)}), event)
+
+    message = str(raised.value)
+    assert message.startswith(f"ECS deployment {DEPLOYMENT_ARN} failed: ROLLBACK_SUCCESSFUL at CLEAN_UP")
+    assert reason in message
+    assert message.endswith("Next: rollback_ecs makes sure the service is back on its previous revision.")
+
+
+def test_ecs_deploy_is_retried_when_its_trigger_could_not_read_the_deployment():
+    # Not reading the deployment says nothing about it: a retry reattaches to the same deployment, no rollback.
+    event = {"status": "error", "deployment_arn": DEPLOYMENT_ARN,
+             "message": "cannot read the deployment: describe deployment: AccessDeniedException"}
+
+    with pytest.raises(AirflowException) as raised:
+        ecs_deploy().execute_complete(context_with({("ecs_deploy", "deployment"): dict(STARTED)}), event)
+
+    assert not isinstance(raised.value, AirflowFailException)
+    message = str(raised.value)
+    assert message.startswith(f"Could not follow ECS deployment {DEPLOYMENT_ARN}: cannot read the deployment: ")
+    assert "AccessDeniedException" in message and "reattaches" in message
+
+
+# --- ecs_deploy could not start; rollback_ecs and rollback_<service> -------------------------------------------------
+
+AUTH = load_catalog().get("auth-service")
+
+
+class FakeEcsHook:
+    """Stands in for EcsDeploymentHook in operators.ecs: return_to answers ``outcome`` (or raises it)."""
+
+    instances: list[FakeEcsHook] = []
+
+    def __init__(self, aws_conn_id: str | None = "aws_default", *args: Any, outcome: Any = None, **kwargs: Any):
+        self.aws_conn_id = aws_conn_id
+        self.outcome = outcome
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        FakeEcsHook.instances.append(self)
+
+    def return_to(self, *args: Any) -> ReturnResult:
+        self.calls.append(("return_to", args))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+    def find_revision_of_run(self, *args: Any) -> str | None:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return None
+
+
+@pytest.fixture
+def ecs_hook_answers(monkeypatch: pytest.MonkeyPatch):
+    """Make operators.ecs build a FakeEcsHook that answers ``outcome``; return the hooks built."""
+    FakeEcsHook.instances = []
+
+    def answering(outcome: Any) -> list[FakeEcsHook]:
+        monkeypatch.setattr(ecs_operators, "EcsDeploymentHook",
+                            lambda *args, **kwargs: FakeEcsHook(*args, outcome=outcome, **kwargs))
+        return FakeEcsHook.instances
+
+    return answering
+
+
+def test_ecs_deploy_that_cannot_start_is_retried_not_failed_for_good(ecs_hook_answers):
+    ecs_hook_answers(EcsDeploymentError("list revisions of auth-service: ThrottlingException"))
+    plan = {"previous_task_definition": PREVIOUS, "target_image": "auth:1.5.0"}
+    context = {**context_with({("preflight", "return_value"): plan}), "run_id": "manual__2026-11-29T01:00:00"}
+
+    with pytest.raises(AirflowException) as raised:
+        ecs_deploy().execute(context)
+
+    # An AWS glitch before anything started: a retry reattaches to the run's revision, so it may retry.
+    assert type(raised.value) is AirflowException
+    assert str(raised.value) == ("ECS deploy of auth-service could not start: list revisions of auth-service: "
+                                 "ThrottlingException")
+
+
+def test_the_way_back_returns_what_ecs_did(ecs_hook_answers):
+    done = ReturnResult("stopped in-flight deployment with ROLLBACK", PREVIOUS,
+                        {"status": "ROLLBACK_SUCCESSFUL", "lifecycleStage": "CLEAN_UP"})
+    hooks = ecs_hook_answers(done)
+
+    result = return_service_to(AUTH, PREVIOUS, logging.getLogger("test"), poll_seconds=0)
+
+    assert result == done
+    [hook] = hooks
+    assert hook.aws_conn_id == AUTH.aws_conn_id
+    assert hook.calls == [("return_to", (AUTH.ecs.cluster, AUTH.ecs.service, PREVIOUS,
+                                         AUTH.deploy.timeout_minutes * 60, 0))]
+
+
+def test_the_way_back_ending_on_another_revision_fails_for_good(ecs_hook_answers):
+    ecs_hook_answers(EcsNotOnTarget(f"ECS service omnisphere/auth-service ended on {RELEASED}, not {PREVIOUS}"))
+
+    with pytest.raises(AirflowFailException) as raised:
+        return_service_to(AUTH, PREVIOUS, logging.getLogger("test"), poll_seconds=0)
+
+    assert str(raised.value) == (f"ECS rollback of auth-service failed: ECS service omnisphere/auth-service ended on "
+                                 f"{RELEASED}, not {PREVIOUS}. The schema is left as is. Page the service owner.")
+
+
+def test_the_way_back_interrupted_by_an_aws_error_is_retried_not_failed_for_good(ecs_hook_answers):
+    ecs_hook_answers(EcsDeploymentError("describe service omnisphere/auth-service: ThrottlingException"))
+
+    with pytest.raises(AirflowException) as raised:
+        return_service_to(AUTH, PREVIOUS, logging.getLogger("test"), poll_seconds=0)
+
+    assert type(raised.value) is AirflowException  # not AirflowFailException: Airflow retries it
+    assert str(raised.value) == ("ECS rollback of auth-service could not finish: describe service "
+                                 "omnisphere/auth-service: ThrottlingException. Retrying if retries remain; the "
+                                 "service may still run the new image.")
+
+
+# --- monitoring_gate -----------------------------------------------------------------------------------------------
+
+OBSERVATIONS = ["01:05:00 1000 requests, 2 5xx (0.20%), p99 180 ms, alarms OK",
+                "01:05:10 1010 requests, 40 5xx (3.96%), p99 190 ms, alarms OK"]
+
+
+def monitoring_gate() -> CloudWatchMonitoringGateOperator:
+    return CloudWatchMonitoringGateOperator(task_id="monitoring_gate", service="auth-service", bake_minutes=1)
+
+
+def test_monitoring_gate_success_returns_what_it_observed():
+    event = {"status": "success", "observations": OBSERVATIONS[:1], "last": OBSERVATIONS[0]}
+
+    assert monitoring_gate().execute_complete(context_with({}), event) == {"observations": OBSERVATIONS[:1]}
+
+
+@pytest.mark.parametrize("event", [
+    {"status": "breach", "reason": "5xx rate 3.96% > 2.00%", "observations": OBSERVATIONS},
+    {"status": "no_data", "reason": "no requests seen for 200s (limit 180s): the service may be down or "
+                                    "unobserved; treated as a failure", "observations": OBSERVATIONS},
+    {"status": "window_closed", "reason": "the maintenance window closed during the bake",
+     "observations": OBSERVATIONS},
+    {"status": "error", "message": "cannot read CloudWatch: AccessDenied", "observations": []},
+], ids=lambda event: event["status"])
+def test_monitoring_gate_fails_for_good_with_the_triggers_reason(event):
+    with pytest.raises(AirflowFailException) as raised:
+        monitoring_gate().execute_complete(context_with({}), event)
+
+    reason = event.get("reason") or event["message"]
+    assert str(raised.value) == f"Monitoring gate failed: {reason}. Next: the release rolls back."
+
+
+# --- wait_for_window -----------------------------------------------------------------------------------------------
+
+
+def test_wait_for_window_returns_the_decision_it_made_before_waiting():
+    decision = {"mode": "window", "force_reason": "", "window_start": "2026-11-29T01:00:00+00:00",
+                "window_end": "2026-11-29T03:00:00+00:00"}
+    context = context_with({("wait_for_window", "window"): dict(decision)})
+    operator = WaitForMaintenanceWindowOperator(task_id="wait_for_window", service="auth-service")
+
+    output = operator.execute_complete(context, {"moment": "2026-11-29T01:00:00+00:00"})
+
+    assert output == {**decision, "waited_deferred": True}
+    assert context["ti"].pulls == [("wait_for_window", "window")]
