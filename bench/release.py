@@ -104,7 +104,7 @@ def orchestration(dags_dir: Path) -> dict:
     assert "success" in str(run.state)
     import boto3
 
-    from devstack.stack import push_image
+    from devstack.aws import push_image
 
     tag = f"9.{uuid.uuid4().hex[:6]}"
     push_image(boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), "auth-service", tag)

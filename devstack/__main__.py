@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from devstack import aws as local_aws
 from devstack import stack
 
 
@@ -75,17 +76,17 @@ def push_images(state_dir: Path, arguments: list[str]) -> int:
         print(f"not an image tag: {', '.join(map(repr, bad))}; {IMAGE_TAG_RULE}", file=sys.stderr)
         return 2
     env = stack.read_env(state_dir / "env")
-    ecr = boto3.client("ecr", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=stack.REGION,
+    ecr = boto3.client("ecr", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=local_aws.REGION,
                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
     try:  # asked first: moto answers a put_image into a missing repository with a bare HTTP 500
-        ecr.describe_repositories(repositoryNames=[f"{stack.REPOSITORY_PREFIX}/{service}"])
+        ecr.describe_repositories(repositoryNames=[f"{local_aws.REPOSITORY_PREFIX}/{service}"])
     except ecr.exceptions.RepositoryNotFoundException:
         print(f"no repository for service {service!r} in the local registry: use a service of "
               f"include/services.yaml", file=sys.stderr)
         return 2
     for tag in tags:
-        digest = stack.push_image(ecr, service, tag)
-        print(f"pushed {stack.IMAGE_REPOSITORY}/{service}:{tag} ({digest})")
+        digest = local_aws.push_image(ecr, service, tag)
+        print(f"pushed {local_aws.IMAGE_REPOSITORY}/{service}:{tag} ({digest})")
     return 0
 
 
@@ -96,8 +97,6 @@ def serve_aws(host: str, port: int, first_sample_port: int) -> None:
 
     sys.path.insert(0, str(stack.REPO / "plugins"))
     from omnisphere_release.catalog import load_catalog
-
-    from devstack import aws as local_aws
 
     catalog = load_catalog()
     stopping = threading.Event()

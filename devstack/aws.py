@@ -1,5 +1,6 @@
 """The devstack's AWS side: moto with the ECS deployment simulator and the S3 faults, the catalog's cluster, services,
-task definitions and backup buckets, one sample service per catalog entry and the CloudWatch metrics they publish.
+task definitions and backup buckets, the ECR registry with the images CI has built (``push_image`` adds one), one
+sample service per catalog entry and the CloudWatch metrics they publish.
 
 The devstack starts it on 127.0.0.1 with free ports; the docker-compose `local` profile runs it on its own
 (``python -m devstack aws --host 0.0.0.0 --port 5000 --first-sample-port 5001``), inside its container network.
@@ -7,12 +8,27 @@ The devstack starts it on 127.0.0.1 with free ports; the docker-compose `local` 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from devstack.net import free_port
+
+REGION = "eu-west-1"
+ACCOUNT = "123456789012"
+BACKUP_BUCKET = "omnisphere-backups-local"
+REGISTRY = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
+REPOSITORY_PREFIX = "omnisphere"
+IMAGE_REPOSITORY = f"{REGISTRY}/{REPOSITORY_PREFIX}"
+INITIAL_TAG = "1.0.0"
+# Images "CI has already built" in the local registry: what the README and `make demo` release. Any other tag must be
+# pushed first (`python -m devstack push-image SERVICE TAG`), as in production, or preflight refuses it.
+BUILT_TAGS = (INITIAL_TAG, "1.1.0", "1.2.0", "1.2.0-errors", "1.2.0-crashloop", "1.2.0-unhealthy")
 
 log = logging.getLogger("devstack.aws")
 
@@ -45,7 +61,6 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
     from devstack import s3_faults
     from devstack.ecs_simulator import EcsDeploymentSimulator
     from devstack.sample_services import MetricsPublisher, SampleService
-    from devstack.stack import REGION, free_port, seed_aws
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     simulator = EcsDeploymentSimulator(
@@ -89,3 +104,59 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
         aws.stop()
         raise
     return aws
+
+
+def push_image(ecr: Any, service: str, tag: str) -> str:
+    """Put an image ``omnisphere/<service>:<tag>`` into the local registry, as CI's docker push would; return its
+    digest. The manifest names the tag, so each tag is an image of its own."""
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
+                           "digest": "sha256:" + hashlib.sha256(f"{service}:{tag}".encode()).hexdigest()},
+                "layers": []}
+    repository = f"{REPOSITORY_PREFIX}/{service}"
+    try:
+        image = ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag)["image"]
+    except ecr.exceptions.ImageAlreadyExistsException:
+        image = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"][0]
+    return image["imageId"]["imageDigest"] if "imageId" in image else image["imageDigest"]
+
+
+def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
+    """Create the ECS cluster, services and current task definitions of the catalog, their ECR repositories with the
+    images already built, and the backup bucket."""
+    ecr = session.client("ecr", endpoint_url=endpoint)
+    for service in catalog.services:
+        ecr.create_repository(repositoryName=f"{REPOSITORY_PREFIX}/{service.name}")
+        for tag in BUILT_TAGS:
+            push_image(ecr, service.name, tag)
+    ecs = session.client("ecs", endpoint_url=endpoint)
+    for cluster in sorted({s.ecs.cluster for s in catalog.services}):
+        ecs.create_cluster(clusterName=cluster)
+    for service in catalog.services:
+        task_definition = ecs.register_task_definition(
+            family=service.ecs.service,
+            networkMode="awsvpc",
+            requiresCompatibilities=["FARGATE"],
+            cpu="256",
+            memory="512",
+            containerDefinitions=[{
+                "name": service.ecs.container,
+                "image": f"{IMAGE_REPOSITORY}/{service.name}:{INITIAL_TAG}",
+                "essential": True,
+                "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
+                "environment": [{"name": "OMNI_SERVICE", "value": service.name}],
+            }],
+        )["taskDefinition"]
+        ecs.create_service(
+            cluster=service.ecs.cluster,
+            serviceName=service.ecs.service,
+            taskDefinition=task_definition["taskDefinitionArn"],
+            desiredCount=service.ecs.desired_count,
+            launchType="FARGATE",
+        )
+    s3 = session.client("s3", endpoint_url=endpoint)
+    # The second bucket answers HeadBucket but refuses writes (a devstack fault, see devstack/s3_faults.py).
+    for bucket in (BACKUP_BUCKET, f"{BACKUP_BUCKET}-unwritable"):
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+        s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})

@@ -69,7 +69,7 @@ def respond(path: str, image: str | None) -> tuple[int, dict[str, Any], float]:
 
 def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffic) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:  # http.server's naming
             status, body, latency = respond(self.path.split("?", 1)[0], serving_image())
             time.sleep(latency)
             payload = json.dumps(body).encode()

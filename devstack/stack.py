@@ -7,13 +7,12 @@ Tests use the same code through the session fixture in tests/conftest.py, with a
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,42 +20,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devstack import aws as local_aws
+from devstack.net import free_port, port_is_open
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = REPO / ".devstack"
-REGION = "eu-west-1"
-ACCOUNT = "123456789012"
-BACKUP_BUCKET = "omnisphere-backups-local"
-REGISTRY = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
-REPOSITORY_PREFIX = "omnisphere"
-IMAGE_REPOSITORY = f"{REGISTRY}/{REPOSITORY_PREFIX}"
-INITIAL_TAG = "1.0.0"
-# Images "CI has already built" in the local registry: what the README and `make demo` release. Any other tag must be
-# pushed first (`python -m devstack push-image SERVICE TAG`), as in production, or preflight refuses it.
-BUILT_TAGS = (INITIAL_TAG, "1.1.0", "1.2.0", "1.2.0-errors", "1.2.0-crashloop", "1.2.0-unhealthy")
 
 log = logging.getLogger("devstack")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 # ---- the stack itself, run in the foreground by ``python -m devstack run`` -------------------------------------------
 def run(state_dir: Path) -> None:
     """Start every part, write the env file, then serve until SIGTERM and stop every part."""
     sys.path.insert(0, str(REPO / "plugins"))
-    from omnisphere_release.catalog import load_catalog
-
-    from devstack import aws as local_aws
     from devstack.postgres import LocalPostgres
+    from omnisphere_release.catalog import load_catalog
 
     state_dir.mkdir(parents=True, exist_ok=True)
     catalog = load_catalog()
@@ -96,62 +74,6 @@ def run(state_dir: Path) -> None:
         (state_dir / "ready").unlink(missing_ok=True)
 
 
-def push_image(ecr: Any, service: str, tag: str) -> str:
-    """Put an image ``omnisphere/<service>:<tag>`` into the local registry, as CI's docker push would; return its
-    digest. The manifest names the tag, so each tag is an image of its own."""
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
-                           "digest": "sha256:" + hashlib.sha256(f"{service}:{tag}".encode()).hexdigest()},
-                "layers": []}
-    repository = f"{REPOSITORY_PREFIX}/{service}"
-    try:
-        image = ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag)["image"]
-    except ecr.exceptions.ImageAlreadyExistsException:
-        image = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"][0]
-    return image["imageId"]["imageDigest"] if "imageId" in image else image["imageDigest"]
-
-
-def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
-    """Create the ECS cluster, services and current task definitions of the catalog, their ECR repositories with the
-    images already built, and the backup bucket."""
-    ecr = session.client("ecr", endpoint_url=endpoint)
-    for service in catalog.services:
-        ecr.create_repository(repositoryName=f"{REPOSITORY_PREFIX}/{service.name}")
-        for tag in BUILT_TAGS:
-            push_image(ecr, service.name, tag)
-    ecs = session.client("ecs", endpoint_url=endpoint)
-    for cluster in sorted({s.ecs.cluster for s in catalog.services}):
-        ecs.create_cluster(clusterName=cluster)
-    for service in catalog.services:
-        task_definition = ecs.register_task_definition(
-            family=service.ecs.service,
-            networkMode="awsvpc",
-            requiresCompatibilities=["FARGATE"],
-            cpu="256",
-            memory="512",
-            containerDefinitions=[{
-                "name": service.ecs.container,
-                "image": f"{IMAGE_REPOSITORY}/{service.name}:{INITIAL_TAG}",
-                "essential": True,
-                "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
-                "environment": [{"name": "OMNI_SERVICE", "value": service.name}],
-            }],
-        )["taskDefinition"]
-        ecs.create_service(
-            cluster=service.ecs.cluster,
-            serviceName=service.ecs.service,
-            taskDefinition=task_definition["taskDefinitionArn"],
-            desiredCount=service.ecs.desired_count,
-            launchType="FARGATE",
-        )
-    s3 = session.client("s3", endpoint_url=endpoint)
-    # The second bucket answers HeadBucket but refuses writes (a devstack fault, see devstack/s3_faults.py).
-    for bucket in (BACKUP_BUCKET, f"{BACKUP_BUCKET}-unwritable"):
-        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-        s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
-            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
-
-
 def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: str, endpoint: str,
               sample_ports: dict[str, int], aws_credentials: tuple[str, str]) -> dict[str, str]:
     """Return the environment that points Airflow, the tests and any script at this stack."""
@@ -163,15 +85,15 @@ def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: st
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AWS_DEFAULT_REGION": REGION,
+        "AWS_DEFAULT_REGION": local_aws.REGION,
         "AWS_ACCESS_KEY_ID": aws_credentials[0],
         "AWS_SECRET_ACCESS_KEY": aws_credentials[1],
         "AWS_ENDPOINT_URL": endpoint,
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({
             "conn_type": "aws", "login": aws_credentials[0], "password": aws_credentials[1],
-            "extra": {"region_name": REGION, "endpoint_url": endpoint},
+            "extra": {"region_name": local_aws.REGION, "endpoint_url": endpoint},
         }),
-        "AIRFLOW_VAR_OMNI_BACKUP_BUCKET": BACKUP_BUCKET,
+        "AIRFLOW_VAR_OMNI_BACKUP_BUCKET": local_aws.BACKUP_BUCKET,
         "AIRFLOW_VAR_OMNI_ENVIRONMENT": "local",
         "OMNI_PG_BIN_DIR": str(_pg_bin()),
         # The local server's superuser, for tests that create scratch databases. Local stack only.
@@ -286,17 +208,14 @@ def _wait_closed(port: int, timeout: float = 10) -> bool:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _group_alive(pid: int) -> bool:
-    try:  # reap the runner when it is our own child (tests), or it lingers as a zombie in its group
+    # Reap the runner when it is our own child (tests), or it lingers as a zombie in its group.
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
     try:
         os.killpg(pid, 0)
     except ProcessLookupError:

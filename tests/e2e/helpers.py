@@ -58,6 +58,6 @@ def push_image(service: str, tag: str) -> str:
     (preflight refuses a tag that was never pushed); return its digest."""
     import boto3
 
-    from devstack.stack import push_image as push
+    from devstack.aws import push_image as push
 
     return push(boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), service, tag)

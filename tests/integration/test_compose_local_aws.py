@@ -16,7 +16,7 @@ import boto3
 import pytest
 import yaml
 
-from devstack.stack import free_port, port_is_open
+from devstack.net import free_port, port_is_open
 from omnisphere_release.catalog import load_catalog
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def test_local_aws_serves_the_ecs_simulator_and_the_sample_services_the_connecti
         ready = process.stdout.readline()
         assert ready.startswith("local AWS ready"), f"local-aws did not start: {ready}"
         ecs = boto3.client("ecs", endpoint_url=f"http://127.0.0.1:{aws_port}", region_name="eu-west-1",
-                           aws_access_key_id="local-only", aws_secret_access_key="local-only")
+                           aws_access_key_id="local-only", aws_secret_access_key="local-only")  # noqa: S106 - moto's
         for index, service in enumerate(catalog.services):
             described = ecs.describe_services(cluster=service.ecs.cluster, services=[service.ecs.service])
             assert described["services"][0]["status"] == "ACTIVE"

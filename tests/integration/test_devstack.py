@@ -27,7 +27,7 @@ def aws(service: str):
 
 def deploy(ecs, service: str, tag: str, config: dict | None = None) -> str:
     """Push image ``tag``, register a revision with it and update the service; return the service deployment ARN."""
-    from devstack.stack import push_image
+    from devstack.aws import push_image
 
     push_image(aws("ecr"), service, tag)  # a later manual rollback to this revision checks that its image exists
     current = ecs.describe_services(cluster="omnisphere", services=[service])["services"][0]
@@ -54,7 +54,7 @@ def wait_final(ecs, arn: str, timeout: float = 30) -> dict:
 
 def get_json(url: str) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the devstack on 127.0.0.1
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -222,14 +222,15 @@ def test_make_style_start_and_stop_leave_no_process_or_port():
     import tempfile
 
     from devstack import stack
+    from devstack.net import port_is_open
 
     tmp_path = Path(tempfile.mkdtemp(prefix="omni-devstack-second-"))
     env = stack.start(tmp_path / "stack")
     state = json.loads((tmp_path / "stack" / "state.json").read_text())
     pid = state["pid"]
-    assert all(stack.port_is_open(port) for port in state["ports"].values())
+    assert all(port_is_open(port) for port in state["ports"].values())
     assert stack.stop(tmp_path / "stack") == []
-    assert not any(stack.port_is_open(port) for port in state["ports"].values())
+    assert not any(port_is_open(port) for port in state["ports"].values())
     ps = subprocess.run(["ps", "-eo", "pid,pgid,stat,args"], capture_output=True, text=True, check=True).stdout
     left = [line for line in ps.splitlines()[1:] if line.split()[1] == str(pid) or str(tmp_path) in line]
     assert left == [], "processes of the stopped stack still exist:\n" + "\n".join(left)
@@ -241,9 +242,8 @@ def test_registry_holds_the_built_images_and_push_image_adds_one_that_preflight_
     """The production check (ImageRegistryHook, through the Airflow AWS connection) against the local registry."""
     import sys
 
+    from devstack.aws import BUILT_TAGS
     from omnisphere_release.hooks.registry import ImageRegistryHook
-
-    from devstack.stack import BUILT_TAGS
 
     hook = ImageRegistryHook("aws_default")
     assert all(hook.check(IMAGE.format(service="auth-service", tag=tag)).digest for tag in BUILT_TAGS)
