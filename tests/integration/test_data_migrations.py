@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psycopg2
@@ -80,55 +79,98 @@ def test_run_copies_every_row_once_and_verifies(scratch_database, tmp_path, capl
     assert again.state == "already_done" and checksum(scratch_database)[0] == ROWS
 
 
-def test_sigkill_at_random_points_never_loses_or_duplicates_a_row(scratch_database, tmp_path):
-    """Ten trials: kill the process mid-run, then resume; the result equals an uninterrupted run."""
+def hold_row(dsn: str, key: int):
+    """Insert the row ``key`` into events_v2 in a transaction left open: the batch that copies that key waits for it,
+    inside its own transaction, until the test rolls the returned connection back (or closes it)."""
+    conn = psycopg2.connect(dsn)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO events_v2 VALUES (%s, 0, 'held by the test', 0)", [key])
+    return conn
+
+
+def batches_committed(pg_sessions, at_least: int) -> tuple:
+    return pg_sessions.wait_for(f"the checkpoint to show {at_least} committed batches",
+                                "SELECT batches FROM omnisphere_data_migrations WHERE name = 'copy_events' "
+                                "AND direction = 'forward' AND batches >= %s", [at_least])
+
+
+def test_sigkill_at_random_points_never_loses_or_duplicates_a_row(scratch_database, pg_sessions, tmp_path):
+    """Ten trials: kill the process mid-run, then resume; the result equals an uninterrupted run.
+
+    Where each kill lands is seen in the database, never guessed from time. Even trials kill right after the
+    checkpoint shows N committed batches, wherever the process then is (its throttle pause, the next batch's
+    statement, its commit). Odd trials kill inside batch N+1's INSERT, with part of the batch written: the test's own
+    open transaction inserted one of its rows first, so the batch waits for it (seen in pg_locks) until the kill.
+    """
     prepare(scratch_database)
-    path = spec_file(tmp_path, throttle={"pause_ms": 25})
+    # the longest lock wait a spec allows, so that a batch waiting for the test's row does not time out first
+    path = spec_file(tmp_path, throttle={"pause_ms": 25}, lock_timeout_ms=10_000)
     expected = expected_checksum(scratch_database)
+    batch_size, batch_count = 100, ROWS // 100
     script = ("import sys, psycopg2, pathlib; sys.path.insert(0, sys.argv[3])\n"
               "from omnisphere_release.datamigrate import DataMigrationEngine, load_spec\n"
               "DataMigrationEngine(load_spec(pathlib.Path(sys.argv[2])), lambda: psycopg2.connect(sys.argv[1]),"
               " run_by='doomed').run()\n")
     rng = random.Random(20261125)
-    killed_at = []
     for trial in range(10):
+        committed = rng.randrange(1, batch_count - 5)
         with psycopg2.connect(scratch_database) as conn, conn.cursor() as cur:
             cur.execute("TRUNCATE events_v2")
             cur.execute("DROP TABLE IF EXISTS omnisphere_data_migrations")
+        held = None
+        if trial % 2:  # a row of batch committed + 1 (keys are 3, 6, 9, ...: batch b holds 3 * ((b-1)*100 + 1..100))
+            held = hold_row(scratch_database, 3 * (committed * batch_size + rng.randint(1, batch_size)))
         process = subprocess.Popen([sys.executable, "-c", script, scratch_database, str(path), str(REPO / "plugins")])
-        time.sleep(rng.uniform(0.4, 1.8))
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+        try:
+            if held:
+                pg_sessions.wait_until_waiting("omni-datamigrate copy_events doomed", "transactionid")
+            else:
+                batches_committed(pg_sessions, committed)
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        finally:
+            if held:
+                held.close()  # rolls the test's row back
         partial = checksum(scratch_database)[0]
-        killed_at.append(partial)
-        deadline = time.monotonic() + 15
-        while True:  # the killed session's advisory lock goes once the server notices the dead client
-            try:
-                result = engine(scratch_database, path).run()
-                break
-            except Exception as exc:  # noqa: BLE001
-                if "already running" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        assert result.state in ("done", "already_done")  # already_done: the kill came after the last batch
+        assert partial % batch_size == 0, f"trial {trial}: {partial} rows: a batch was half committed"
+        if held:
+            assert partial == committed * batch_size, f"trial {trial}: the batch killed mid-statement left rows"
+        else:
+            assert partial >= committed * batch_size, f"trial {trial}: committed batches were lost"
+        # The killed client's session keeps the migration's advisory lock until the server notices it is gone.
+        pg_sessions.wait_until_gone("omni-datamigrate copy_events doomed")
+        result = engine(scratch_database, path).run()
+        # already_done only when an even trial's kill came after the last batch; an odd trial's came inside one
+        assert result.state in (("done",) if held else ("done", "already_done"))
         assert checksum(scratch_database) == expected, f"trial {trial}: killed with {partial} rows copied"
-    assert sum(0 < rows < ROWS for rows in killed_at) >= 5, f"too few kills landed mid-run: {killed_at}"
 
 
-def test_pause_request_stops_after_the_current_batch_and_resume_finishes(scratch_database, tmp_path):
+def test_pause_request_stops_after_the_current_batch_and_resume_finishes(scratch_database, pg_sessions, tmp_path):
     prepare(scratch_database)
-    path = spec_file(tmp_path, throttle={"pause_ms": 20})
+    path = spec_file(tmp_path, throttle={"pause_ms": 20}, lock_timeout_ms=10_000)
+    held = hold_row(scratch_database, 3000)  # the last row of the 10th batch: the run stops inside that batch
     outcome = {}
-    worker = threading.Thread(target=lambda: outcome.setdefault("first", engine(scratch_database, path).run()))
+
+    def first_run() -> None:
+        try:
+            outcome["first"] = engine(scratch_database, path).run()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["first"] = exc
+
+    worker = threading.Thread(target=first_run)
     worker.start()
-    time.sleep(0.5)
-    engine(scratch_database, path).request_pause()
-    worker.join(timeout=30)
+    try:
+        pg_sessions.wait_until_waiting("omni-datamigrate copy_events test", "transactionid")
+        engine(scratch_database, path).request_pause()  # asked while the 10th batch runs
+    finally:
+        held.close()  # the 10th batch goes on
+        worker.join(timeout=60)
+    assert not worker.is_alive(), "the run did not stop after the pause request"
     first = outcome["first"]
-    assert first.state == "paused" and 0 < first.rows < ROWS
+    assert first.state == "paused" and (first.batches, first.rows) == (10, 1000)
     assert engine(scratch_database, path).status().state == "paused"
     second = engine(scratch_database, path).run()
-    assert second.state == "done" and second.resumed_from is not None
+    assert second.state == "done" and second.resumed_from == 3000
     assert first.rows + second.rows == ROWS
     assert checksum(scratch_database) == expected_checksum(scratch_database)
 

@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psycopg2
 import pytest
 
-from omnisphere_release.migrations import (EngineSettings, InvalidMigrationInput, LockBusy, MigrationEngine,
-                                           MigrationFailed)
+from omnisphere_release.migrations import (
+    EngineSettings,
+    InvalidMigrationInput,
+    LockBusy,
+    MigrationEngine,
+    MigrationFailed,
+)
 from omnisphere_release.migrations.errors import LockNotGranted
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_engine(dsn: str, folder: Path, **settings) -> MigrationEngine:
+def make_engine(dsn: str, folder: Path, log: logging.Logger | None = None, **settings) -> MigrationEngine:
     defaults = {"lock_timeout_ms": 200, "statement_timeout_ms": 5000, "lock_retries": 2,
                 "retry_backoff_seconds": 0.1, "advisory_lock_wait_seconds": 1.0}
     return MigrationEngine("auth-service", folder, lambda: psycopg2.connect(dsn),
-                           EngineSettings(**{**defaults, **settings}), applied_by="test")
+                           EngineSettings(**{**defaults, **settings}), applied_by="test", log=log)
 
 
 def query(dsn: str, sql: str, params=None):
@@ -154,22 +158,40 @@ def test_lock_timeout_retries_then_gives_up_without_queueing(scratch_database, a
     (auth_dir / "004_users_last_login.down.sql").write_text("ALTER TABLE users DROP COLUMN last_login_at;")
     blocker = psycopg2.connect(scratch_database)
     try:
-        with blocker.cursor() as cur:  # an application transaction that holds the table
+        with blocker.cursor() as cur:  # an application transaction that holds the table, and never ends by itself
             cur.execute("LOCK TABLE users IN ACCESS SHARE MODE")
-        started = time.monotonic()
+        # Returning at all while the blocker holds the table is the proof that the migration did not queue behind it.
         with pytest.raises(LockNotGranted, match=r"could not get its lock within lock_timeout \(200 ms\) after 3 attempts"):
             engine.migrate("up")
-        assert time.monotonic() - started < 5
-        # released in the middle of the retries: the migration goes through
-        threading.Timer(0.3, blocker.rollback).start()
-        result = engine.migrate("up")
-        assert result.versions == [4] and result.steps[0].lock_retries >= 1
+        # The application transaction ends between two attempts (on the engine's first retry warning): the next
+        # attempt goes through.
+        log = logging.getLogger(f"{__name__}.retry")
+        end_on_first_retry = RunOnLog("retry 1 of", blocker.rollback)
+        log.addHandler(end_on_first_retry)
+        try:
+            result = make_engine(scratch_database, auth_dir, log=log).migrate("up")
+        finally:
+            log.removeHandler(end_on_first_retry)
+        assert result.versions == [4] and result.steps[0].lock_retries == 1
     finally:
         blocker.close()
 
 
+class RunOnLog(logging.Handler):
+    """Call ``action`` when a log record's message contains ``text``: a test then acts at a point the code under test
+    announces, instead of after a guessed time."""
+
+    def __init__(self, text: str, action) -> None:
+        super().__init__(logging.DEBUG)
+        self.text, self.action = text, action
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.action()
+
+
 def test_statement_timeout_rolls_back(scratch_database, auth_dir):
-    (auth_dir / "005_slow.up.sql").write_text("SELECT pg_sleep(3);")
+    (auth_dir / "005_slow.up.sql").write_text("SELECT pg_sleep(60);")  # cannot end before the timeout
     (auth_dir / "005_slow.down.sql").write_text("SELECT 1;")
     engine = make_engine(scratch_database, auth_dir, statement_timeout_ms=1000)
     with pytest.raises(MigrationFailed, match=r"005_slow exceeded statement_timeout \(1000 ms\)"):

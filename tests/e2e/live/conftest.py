@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="package")
-def live_airflow(devstack):
-    from devstack import airflow_server, stack
+def live_airflow(devstack, secret_watch):
+    from devstack import airflow_server
+    from devstack.net import free_port
 
     home = Path(tempfile.mkdtemp(prefix="omni-live-airflow-"))
     catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
@@ -28,10 +29,10 @@ def live_airflow(devstack):
     # A release_all window every minute, so that a test sees scheduled runs take (or not) a queued manifest.
     catalog["release_all_window"] = {"cron": "* * * * *", "duration_minutes": 1, "timezone": "UTC"}
     (home / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
-    port = stack.free_port()
+    port = free_port()
     extra = {"OMNISPHERE_CATALOG": str(home / "services.yaml"),
-             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(stack.free_port()),
-             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(stack.free_port())}
+             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port())}
     info = airflow_server.start(devstack, home, port, extra_env=extra)
     token = httpx.post(f"{info['url']}/auth/token", json={"username": info["username"],
                                                           "password": info["password"]}).json()["access_token"]
@@ -46,4 +47,5 @@ def live_airflow(devstack):
     finally:
         client.close()
         airflow_server.stop(home)
+        secret_watch.scan_logs("live Airflow log", home / "logs", home / "standalone.log")
         shutil.rmtree(home, ignore_errors=True)

@@ -129,6 +129,6 @@ def test_cli_bad_param_exits_2_with_the_api_message(live_airflow):
 
 
 def test_cli_wrong_password_exits_4(live_airflow):
-    result = omni_release(live_airflow, "status", "release_auth-service/whatever", password="wrong-password")
+    result = omni_release(live_airflow, "status", "release_auth-service/whatever", password="wrong-password")  # noqa: S106 - a wrong one
     assert result.returncode == 4
     assert "refused the credentials" in result.stderr
