@@ -41,6 +41,9 @@ class WindowDecision(TypedDict, total=False):
     window_start: str  # ISO 8601
     window_end: str | None  # None when forced: no window closes on it
     waited_deferred: bool
+    # What the service ran when the release was triggered: preflight refuses if it changed meanwhile (a hotfix
+    # released beside a run waiting for its window), so a waiting run never undoes a newer release.
+    task_definition_at_trigger: str | None
 
 
 class ReleasePlan(TypedDict):

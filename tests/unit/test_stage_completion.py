@@ -244,3 +244,49 @@ def test_wait_for_window_returns_the_decision_it_made_before_waiting():
 
     assert output == {**decision, "waited_deferred": True}
     assert context["ti"].pulls == [("wait_for_window", "window")]
+
+
+# --- whether a lease's run has ended ---------------------------------------------------------------------------------
+
+class FakeTi:
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    def get_dagrun_state(self, dag_id: str, run_id: str) -> object:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_lease_is_over_when_its_run_ended_or_no_longer_exists():
+    from airflow.sdk.exceptions import AirflowRuntimeError, ErrorType
+    from airflow.utils.state import DagRunState
+
+    from omnisphere_release.locks import Holder
+    from omnisphere_release.operators.common import run_is_over
+
+    holder = Holder("release_auth-service", "manual__1", "preflight", "release")
+    assert run_is_over(FakeTi(DagRunState.FAILED), holder) and run_is_over(FakeTi("success"), holder)
+    assert not run_is_over(FakeTi(DagRunState.RUNNING), holder) and not run_is_over(FakeTi("queued"), holder)
+
+    class Response:
+        status_code = 404
+
+    class ServerResponseError(Exception):
+        response = Response()
+
+    assert run_is_over(FakeTi(ServerResponseError("Server returned error")), holder)  # in process (dag.test)
+    from airflow.sdk.execution_time.comms import ErrorResponse
+
+    not_found = AirflowRuntimeError(ErrorResponse(error=ErrorType.API_SERVER_ERROR, detail={"status_code": 404}))
+    assert run_is_over(FakeTi(not_found), holder)  # under a supervisor
+
+
+def test_a_lease_is_not_taken_over_when_the_api_cannot_say():
+    from omnisphere_release.locks import Holder
+    from omnisphere_release.operators.common import run_is_over
+
+    holder = Holder("release_auth-service", "manual__1", "preflight", "release")
+    with pytest.raises(AirflowException, match="Cannot tell whether release .* is still going") as raised:
+        run_is_over(FakeTi(ConnectionError("API server unreachable")), holder)
+    assert not isinstance(raised.value, AirflowFailException)  # retried, never a take-over on a guess

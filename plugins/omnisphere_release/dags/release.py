@@ -99,7 +99,9 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         doc_md=doc_for(service),
         schedule=None,
         catchup=False,
-        max_active_runs=1,  # two triggers of one release never overlap; the second finds nothing left to release
+        # Several runs may exist: a forced hotfix must not queue behind a release waiting days for its window. They
+        # never act at once (the service's lease), and a waiting run is re-checked by its preflight when it wakes.
+        max_active_runs=5,
         # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
         render_template_as_native_obj=False,
         tags=["omnisphere", "release", name],

@@ -8,12 +8,13 @@ many migrate at once. The number of waves is the depth of the dependency graph, 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from airflow.sdk import DAG, Param, TriggerRule, task
+from airflow.sdk import DAG, Context, Param, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import Catalog
+from omnisphere_release.operators.common import hold_service
 from omnisphere_release.operators.migrations import PostgresApplyMigrationsOperator
 from omnisphere_release.params import optional_text
 
@@ -80,18 +81,24 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             return waves
 
         @task(retries=0)
-        def check_params(params: dict[str, Any] | None = None) -> None:
-            """Refuse contradictory params before any database is touched, and log the plan of waves."""
+        def check_params(params: dict[str, Any] | None = None, **context: Any) -> None:
+            """Refuse contradictory params and a service another run holds before any database is changed, and log
+            the plan of waves."""
             assert params is not None
+            log = context["task"].log  # the task's own logger: its lines land in the task log
             if not params["dry_run"] and not (params.get("reason") or "").strip():
                 raise AirflowFailException(
                     "param 'reason' is required when dry_run is false: say why the schema changes (it is recorded)")
             if params["service"] == "all" and params.get("target_version") is not None:
                 raise AirflowFailException(
                     "param 'target_version' needs a single service: versions are numbered per service")
+            if not params["dry_run"]:  # every service first: refused before the first wave changes anything
+                for name in (n for wave in waves_for(params) for n in wave):
+                    hold_service(cast("Context", context), catalog.get(name),
+                                 f"schema migrations of {name} {params['direction']}", log)
             for number, members in enumerate(waves_for(params), start=1):
                 if members:
-                    print(f"wave {number}: {', '.join(members)} ({params['direction']})")
+                    log.info("wave %d: %s (%s)", number, ", ".join(members), params["direction"])
 
         previous: Any = check_params()
         for index in range(wave_count):

@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
+from omnisphere_release.locks import LOCK_DDL
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, LockNotGranted, MigrationFailed
 from omnisphere_release.migrations.files import Migration, discover, split_statements
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
     reason       text,
     execution_ms integer
 );
-"""
+""" + LOCK_DDL  # the service's operation lease lives beside the history (omnisphere_release.locks)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from omnisphere_release.catalog import Service
+from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+from omnisphere_release.locks import Holder, ServiceBusy, ServiceLock, Taken
+from omnisphere_release.logs import Log
+
+FINISHED_RUN_STATES = ("success", "failed")
 
 
 def safe_key(text: str) -> str:
@@ -38,3 +46,51 @@ class ServiceStageOperator(BaseOperator):
     def __init__(self, *, service: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.service = service
+
+
+def run_is_over(ti: Any, holder: Holder) -> bool:
+    """Say whether the holder's DAG run has ended (or no longer exists): its lease may then be taken over."""
+    try:
+        state = ti.get_dagrun_state(holder.dag_id, holder.run_id)
+    except Exception as exc:  # noqa: BLE001 - the API's error types differ between the runtime and dag.test
+        if _not_found(exc):
+            return True  # the run was deleted
+        raise AirflowException(f"Cannot tell whether {holder.describe()} is still going: {exc}. Retrying if retries "
+                               f"remain; nothing was changed.") from None
+    return str(getattr(state, "value", state)) in FINISHED_RUN_STATES  # a DagRunState, or its value
+
+
+def _not_found(exc: Exception) -> bool:
+    """Say whether the Execution API answered 404: raised as ServerResponseError in process (dag.test), as
+    AirflowRuntimeError carrying the status in its detail under a supervisor."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    detail = getattr(getattr(exc, "error", None), "detail", None)
+    if status is None and isinstance(detail, dict):
+        status = detail.get("status_code")
+    return status == 404
+
+
+def hold_service(context: Context, service: Service, operation: str, log: Log) -> Taken:
+    """Take ``service``'s lease for this run (one operation per service at a time), or refuse the task for good,
+    naming the run that holds it. Every task of a run may call it: the run's own lease is simply kept."""
+    ti = context["ti"]
+    me = Holder(ti.dag_id, ti.run_id, ti.task_id, operation)
+    lease = ServiceLock(service.name, ServiceDatabaseHook(service.postgres_conn_id).get_conn)
+    try:
+        taken = lease.acquire(me, lambda holder: run_is_over(ti, holder))
+    except ServiceBusy as exc:
+        raise AirflowFailException(f"Refused, nothing was changed: {exc}") from None
+    if taken.previous:
+        log.info("%s: took over the lease of %s, whose run has ended.", service.name, taken.previous.describe())
+    if not taken.already_held:
+        log.info("%s is held by this run for: %s. No other release, rollback or migration of it starts until this "
+                 "run ends.", service.name, operation)
+    return taken
+
+
+def release_service(context: Context, service: Service, log: Log) -> None:
+    """Give ``service``'s lease up early, if this run holds it (a lease ends with its run anyway)."""
+    ti = context["ti"]
+    me = Holder(ti.dag_id, ti.run_id, ti.task_id, "")
+    if ServiceLock(service.name, ServiceDatabaseHook(service.postgres_conn_id).get_conn).release(me):
+        log.info("%s is free again for other operations.", service.name)

@@ -12,7 +12,7 @@ from omnisphere_release.contracts import DataMigrationOutcome
 from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import data_engine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
-from omnisphere_release.operators.common import ServiceStageOperator
+from omnisphere_release.operators.common import ServiceStageOperator, hold_service
 
 
 class PostgresDataMigrateOperator(ServiceStageOperator):
@@ -42,6 +42,9 @@ class PostgresDataMigrateOperator(ServiceStageOperator):
             if not specs:
                 raise AirflowFailException(f"{service.name} has no data migration {wanted!r} in "
                                            f"{catalog.sql_dir / service.name / 'data'}")
+        if self.action != "pause":  # a pause is a request to the run that holds the service, not a new operation
+            hold_service(context, service, f"data migration {wanted or 'all'} of {service.name} ({self.action})",
+                         self.log)
         results: list[DataMigrationOutcome] = []
         for spec in specs:
             engine = data_engine(service, spec, run_by=f"dag={self.dag_id} run={context['run_id']}", log=self.log)

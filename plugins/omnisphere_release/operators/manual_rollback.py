@@ -17,7 +17,7 @@ from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, 
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.registry import ImageRegistryHook
 from omnisphere_release.operators.backup import restore_database
-from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, as_optional_text
+from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, as_optional_text, hold_service
 from omnisphere_release.operators.ecs import return_service_to
 from omnisphere_release.operators.migrations import revert_schema_to
 
@@ -74,6 +74,7 @@ class ManualRollbackPlanOperator(ServiceStageOperator):
         if not any([task_definition, image_tag, schema_version is not None, backup_uri]):
             raise AirflowFailException("nothing to do: set task_definition or image_tag, schema_version, "
                                        "or restore_backup_uri")
+        hold_service(context, service, f"manual rollback of {service.name} ({self.reason.strip()})", self.log)
         plan: ManualRollbackPlan = {"service": service.name, "reason": self.reason}
         try:
             if image_tag:

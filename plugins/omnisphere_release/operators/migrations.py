@@ -14,7 +14,7 @@ from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
-from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int
+from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int, hold_service
 
 
 def revert_schema_to(service: Service, catalog: Catalog, version: int, *, applied_by: str, reason: str, log: Log,
@@ -69,6 +69,8 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         service = catalog.get(self.service)
         target = as_optional_int(self.target_version)
         dry_run = as_bool(self.plan_only)
+        if not dry_run:
+            hold_service(context, service, f"schema migrations of {service.name} {self.direction}", self.log)
         engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
         self.log.info("Migrating %s %s to %s%s (database %s)", service.name, self.direction,
                       "the latest version" if target is None and self.direction == "up" else

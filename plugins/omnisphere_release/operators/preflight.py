@@ -18,7 +18,7 @@ from omnisphere_release.hooks.ecs import EcsDeploymentError
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
 from omnisphere_release.migrations import InvalidMigrationInput, Plan
-from omnisphere_release.operators.common import as_bool, as_optional_int
+from omnisphere_release.operators.common import as_bool, as_optional_int, hold_service
 
 TOUCHED_TABLE = re.compile(
     r"\b(?:ALTER\s+TABLE(?:\s+IF\s+EXISTS)?(?:\s+ONLY)?|INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?)"
@@ -63,6 +63,8 @@ class ReleasePreflightOperator(BaseOperator):
         self.log.info("Preflight of the release of %s to image tag %s (%s%s): checking the migration plan, ECS, "
                       "the backup destination; nothing will change.", service.name, self.image_tag, self.strategy,
                       ", dry run" if dry_run else "")
+        if not dry_run:  # a dry run changes nothing, so it holds nothing either
+            hold_service(context, service, f"release of {service.name} to {self.image_tag}", self.log)
 
         engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
         status = engine.status()
@@ -78,6 +80,7 @@ class ReleasePreflightOperator(BaseOperator):
             problems += [f"lint: {f.describe()}" for f in plan.blocking]
         pending = [m.version for m in plan.steps] if plan else []
 
+        window = ReleaseRun(context).window
         target = None
         try:
             target = checks.target_image(service, self.image_tag)
@@ -90,6 +93,11 @@ class ReleasePreflightOperator(BaseOperator):
             if target.image == target.running_image and not pending:
                 problems.append(f"{service.name} already runs {target.image} with no pending migration: nothing to "
                                 f"release (a duplicate trigger?)")
+            was = window.get("task_definition_at_trigger")
+            if was and was != target.running_task_definition:
+                problems.append(f"{service.name} changed since this release was triggered: it ran {was} then and "
+                                f"runs {target.running_task_definition} now (a hotfix or another release went first): "
+                                f"trigger this release again if it is still wanted")
             if target.problem:
                 problems.append(target.problem)
             else:
@@ -101,7 +109,6 @@ class ReleasePreflightOperator(BaseOperator):
         except BackupError as exc:
             problems.append(str(exc))
 
-        window = ReleaseRun(context).window
         problems += self._checklist(service, window)
 
         if problems or target is None:

@@ -22,7 +22,7 @@ from omnisphere_release.contracts import (
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
-from omnisphere_release.operators.common import ServiceStageOperator, safe_key
+from omnisphere_release.operators.common import ServiceStageOperator, release_service, safe_key
 from omnisphere_release.report import build_report, render_markdown
 
 
@@ -69,6 +69,7 @@ class ReleaseReportOperator(ServiceStageOperator):
         report["stored_at"] = location
         self.log.info("Release report (%s)%s:\n%s", report["outcome"], f", stored at {location}" if location else "",
                       markdown)
+        release_service(context, service, self.log)
         return report
 
     def _after(self, service: Service, catalog: Catalog) -> dict[str, Any]:

@@ -9,9 +9,10 @@ from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from omnisphere_release.catalog import load_catalog
+from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.checks import Refused, decide_window, schedule_of
 from omnisphere_release.contracts import WindowDecision
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.operators.common import ServiceStageOperator
 
 
@@ -38,6 +39,7 @@ class WaitForMaintenanceWindowOperator(ServiceStageOperator):
             decision = decide_window(schedule, self.window, self.force_reason, now)
         except Refused as exc:
             raise AirflowFailException(str(exc)) from None
+        decision["task_definition_at_trigger"] = self._running_task_definition(service)
         if decision["mode"] == "now":
             self.log.info("Releasing %s now, outside its maintenance window (%s), because: %s", service.name,
                           schedule.summary(), self.force_reason)
@@ -51,6 +53,15 @@ class WaitForMaintenanceWindowOperator(ServiceStageOperator):
                       "(%s).", service.name, decision["window_start"], decision["window_end"], schedule.summary())
         context["ti"].xcom_push(key="window", value=decision)
         self.defer(trigger=DateTimeTrigger(moment=start), method_name="execute_complete")
+
+    def _running_task_definition(self, service: Service) -> str | None:
+        try:
+            return str(EcsDeploymentHook(service.aws_conn_id).describe_service(
+                service.ecs.cluster, service.ecs.service)["taskDefinition"])
+        except EcsDeploymentError as exc:  # preflight reads ECS again and refuses if it cannot
+            self.log.warning("Could not read what %s runs now (%s); preflight cannot tell whether it changed while "
+                             "this release waited.", service.name, exc)
+            return None
 
     def execute_complete(self, context: Context, event: Any = None) -> WindowDecision:
         decision = cast("WindowDecision", context["ti"].xcom_pull(task_ids=self.task_id, key="window") or {})
