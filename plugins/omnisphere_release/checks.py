@@ -7,6 +7,7 @@ the hooks. None of them raises an Airflow exception: the calling stage decides w
 
 from __future__ import annotations
 
+import difflib
 import re
 import statistics
 from collections.abc import Iterable
@@ -30,6 +31,24 @@ ENVIRONMENT_VARIABLE = "omni_environment"
 
 class Refused(ValueError):
     """A rule refused the request; the message names the param or entry at fault and what to do."""
+
+
+# --- Params -----------------------------------------------------------------------------------------------------
+
+def unknown_conf_problem(conf: Any, known: Iterable[str]) -> str | None:
+    """Return why a run's conf has keys its DAG does not know (a typo such as ``dryRun`` would otherwise be ignored
+    and run a real release), naming the closest known key; None when every key is known."""
+    known = sorted(known)
+    unknown = sorted(set(conf or {}) - set(known))
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5) or difflib.get_close_matches(
+            key.lower(), [k.lower() for k in known], n=1, cutoff=0.5)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"unknown param(s) in the run's conf: {', '.join(hints)}; this DAG takes {', '.join(known)}. Nothing "
+            f"was changed: trigger it again with the right names.")
 
 
 # --- The target image -------------------------------------------------------------------------------------------
