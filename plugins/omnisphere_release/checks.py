@@ -184,6 +184,50 @@ def window_room_problem(window: WindowDecision, needed: DurationEstimate, now: d
     return None
 
 
+# --- A green run is a true run ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ObservedState:
+    """What a service runs now, as finalize and verify_rollback read it, and who did it where that is recorded."""
+
+    task_definition: str
+    registered_by: str | None  # the release run a revision was registered by (its run tag), None: not by a release
+    schema_version: int
+    applied_versions: tuple[int, ...]
+    applied_by: dict[int, str]  # version -> who applied it
+    last_actions: dict[int, str]  # version -> the audit log's last entry ("reverted by ...")
+    drifted: tuple[str, ...]  # applied files whose content differs from the files now
+    dirty: tuple[int, ...]
+
+
+def truth_problems(service: str, observed: ObservedState, *, task_definition: str, schema_version: int,
+                   file_versions: list[int]) -> list[str]:
+    """Return every way the observed state differs from the intended one (running ``task_definition``, the schema at
+    ``schema_version`` with exactly the files' migrations up to it applied, unchanged), naming who changed it when
+    that is recorded. Empty: the run's outcome is true."""
+    problems = []
+    if observed.task_definition != task_definition:
+        by = (f"registered by run {observed.registered_by}" if observed.registered_by
+              else "not registered by a release run (deployed by hand, or by another tool)")
+        problems.append(f"{service} runs {observed.task_definition}, not {task_definition}: that revision was {by}")
+    expected = [v for v in file_versions if v <= schema_version]
+    missing = sorted(set(expected) - set(observed.applied_versions))
+    extra = sorted(set(observed.applied_versions) - set(expected))
+    if observed.schema_version != schema_version or missing or extra:
+        detail = [f"version {v} is not applied" + (f": {observed.last_actions[v]}" if v in observed.last_actions
+                                                    else "") for v in missing]
+        detail += [f"version {v} was applied by {observed.applied_by.get(v, 'someone')}" for v in extra]
+        problems.append(f"the schema of {service} is at version {observed.schema_version}, not {schema_version}"
+                        + (f" ({'; '.join(detail)})" if detail else ""))
+    if observed.dirty:
+        problems.append(f"the schema of {service} has dirty version(s) {list(observed.dirty)}: a migration was "
+                        f"interrupted")
+    if observed.drifted:
+        problems.append(f"applied migration file(s) of {service} changed since they were applied: "
+                        f"{', '.join(observed.drifted)}")
+    return problems
+
+
 # --- Environments -----------------------------------------------------------------------------------------------
 
 def staging_rule_problem(environment: str, staging_rehearsed: bool, forced: bool = False) -> str | None:

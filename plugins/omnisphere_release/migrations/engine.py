@@ -208,6 +208,20 @@ class MigrationEngine:
             drifted=self._drift(migrations, history),
         )
 
+    def last_actions(self, versions: list[int]) -> dict[int, str]:
+        """Return, for each version, the last thing the audit log says was done to it: "reverted by X (reason)"."""
+        if not versions:
+            return {}
+        with self._connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", [LOG_TABLE])
+            if not cur.fetchone()[0]:
+                return {}
+            cur.execute(sql.SQL("SELECT DISTINCT ON (version) version, action, by, reason, at FROM {} "
+                                "WHERE version = ANY(%s) ORDER BY version, at DESC, id DESC")
+                        .format(sql.Identifier(LOG_TABLE)), [versions])
+            return {version: f"{action} by {by} at {at:%Y-%m-%d %H:%M:%S %Z}" + (f" ({reason})" if reason else "")
+                    for version, action, by, reason, at in cur.fetchall()}
+
     def plan(self, direction: str, target: int | None = None, run_lint: bool = True) -> Plan:
         """Return what ``migrate`` would do; raise InvalidMigrationInput when it would be refused."""
         migrations = discover(self.migrations_dir)
