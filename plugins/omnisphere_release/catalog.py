@@ -70,6 +70,8 @@ class MaintenanceWindow(_Record):
     cron: str
     duration_minutes: int = Field(ge=1, le=24 * 60)
     timezone: str = "UTC"
+    # A release may be triggered for a start at most this far ahead: a run waiting longer only holds a place.
+    max_days_ahead: int = Field(default=14, ge=1, le=366)
 
     @field_validator("cron")
     @classmethod

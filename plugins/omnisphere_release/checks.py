@@ -25,6 +25,7 @@ from omnisphere_release.windows import WindowSchedule
 # (?!\n): as in IMAGE_TAG_PATTERN, Python's $ would also match before a final newline.
 WINDOW_PATTERN = r"^(next|now|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:\d{2}))(?!\n)$"
 PRODUCTION = "production"
+DEFAULT_MAX_DAYS_AHEAD = 14  # as the catalog's maintenance_window.max_days_ahead defaults
 # The Airflow Variable that says which environment this Airflow releases to.
 ENVIRONMENT_VARIABLE = "omni_environment"
 
@@ -34,6 +35,15 @@ class Refused(ValueError):
 
 
 # --- Params -----------------------------------------------------------------------------------------------------
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def plain_text(value: Any) -> str:
+    """Return free text (a reason) as one plain line: control characters (newlines, NUL, ANSI escapes) become a
+    space. PostgreSQL text cannot hold NUL, and a log or report line must not be rewritten by what someone typed."""
+    return _CONTROL_CHARACTERS.sub(" ", "" if value is None else str(value)).strip()
+
 
 def unknown_conf_problem(conf: Any, known: Iterable[str]) -> str | None:
     """Return why a run's conf has keys its DAG does not know (a typo such as ``dryRun`` would otherwise be ignored
@@ -106,14 +116,21 @@ def schedule_of(service: Service) -> WindowSchedule:
     return window_schedule(service.maintenance_window)
 
 
-def decide_window(schedule: WindowSchedule, window: str, force_reason: str, now: datetime) -> WindowDecision:
-    """Return when a release asked for with param ``window`` may run: ``next`` (the window open now or the next
-    one), an ISO 8601 start (lasting the schedule's duration), or ``now`` with a ``force_reason``."""
+def decide_window(schedule: WindowSchedule, window: str, force_reason: str | None, now: datetime,
+                  max_days_ahead: float = DEFAULT_MAX_DAYS_AHEAD) -> WindowDecision:
+    """Return when a release asked for with param ``window`` may run, and by which right:
+
+    - ``next``: the service's window open now, or the next one (mode ``window``);
+    - an ISO 8601 time inside one of the service's windows: from then to that window's end (mode ``window``);
+    - an ISO 8601 time outside them, or ``now``: only with a ``force_reason`` (mode ``forced``, no window end).
+    A start more than ``max_days_ahead`` days ahead is refused: a run waiting that long would only hold a place.
+    """
+    reason = (force_reason or "").strip()
     if window == "now":
-        if not (force_reason or "").strip():
+        if not reason:
             raise Refused(f"param window=now needs param force_reason: say why this release cannot wait for the "
                           f"maintenance window ({schedule.summary()})")
-        return {"mode": "now", "force_reason": force_reason, "window_start": now.isoformat(), "window_end": None}
+        return {"mode": "forced", "force_reason": reason, "window_start": now.isoformat(), "window_end": None}
     if window == "next":
         found = schedule.window_at(now) or schedule.next_window(now)
         start, end = found.start, found.end
@@ -126,7 +143,19 @@ def decide_window(schedule: WindowSchedule, window: str, force_reason: str, now:
         except ValueError as exc:  # the pattern's shape, but no such moment (2026-02-30, 25:00)
             raise Refused(f"param window {window!r} is not a real time ({exc}); e.g. 2026-12-06T02:00:00+01:00") \
                 from None
-        end = start + schedule.duration
+        if start > now + timedelta(days=max_days_ahead):
+            raise Refused(f"param window {window} is more than {max_days_ahead:g} days ahead (the catalog's "
+                          f"maintenance_window.max_days_ahead): trigger the release closer to its window")
+        inside = schedule.window_at(start)
+        if inside is None:
+            if not reason:
+                raise Refused(f"param window {window} is outside the maintenance windows of this service "
+                              f"({schedule.summary()}): give param force_reason to release then anyway, or pick a "
+                              f"time inside a window (the next one starts {schedule.next_window(now).start.isoformat()})")
+            if start < now:
+                raise Refused(f"param window {window} has passed: use window=now with the same force_reason")
+            return {"mode": "forced", "force_reason": reason, "window_start": start.isoformat(), "window_end": None}
+        end = inside.end
         if end <= now:
             raise Refused(f"param window {window}: that window ended at {end.isoformat()}")
     return {"mode": "window", "window_start": start.isoformat(), "window_end": end.isoformat(), "force_reason": ""}
@@ -231,8 +260,8 @@ def truth_problems(service: str, observed: ObservedState, *, task_definition: st
 # --- Environments -----------------------------------------------------------------------------------------------
 
 def staging_rule_problem(environment: str, staging_rehearsed: bool, forced: bool = False) -> str | None:
-    """In production the checklist requires a staging rehearsal first; a forced release (window=now with a reason,
-    kept in the report) may go without it. Return what is missing, or None."""
+    """In production the checklist requires a staging rehearsal first; a forced release (outside its window, with a
+    reason kept in the report) may go without it. Return what is missing, or None."""
     if environment != PRODUCTION or staging_rehearsed or forced:
         return None
     return ("the checklist requires a staging rehearsal in production: release the same image on staging first, "

@@ -36,7 +36,7 @@ ROLLBACK_STAGES = (ROLLBACK_ECS, ROLLBACK_SCHEMA, RESTORE_BACKUP, VERIFY_ROLLBAC
 class WindowDecision(TypedDict, total=False):
     """wait_for_window: when the release may run, and why (``now`` needs a force_reason)."""
 
-    mode: str  # "window" or "now"
+    mode: str  # "window": inside a maintenance window; "forced": outside one, with force_reason
     force_reason: str
     window_start: str  # ISO 8601
     window_end: str | None  # None when forced: no window closes on it

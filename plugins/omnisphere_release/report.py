@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
+from omnisphere_release.checks import plain_text
 from omnisphere_release.contracts import (
     BACKUP,
     ECS_DEPLOY,
@@ -87,8 +89,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"**{report['summary']}**",
         "",
-        f"- Triggered by: {report.get('triggered_by') or 'unknown'}; reason: {report.get('reason') or '(none given)'}",
-        f"- Params: `{json.dumps(report['params'], sort_keys=True, default=str)}`",
+        f"- Triggered by: {_text(report.get('triggered_by')) or 'unknown'}; "
+        f"reason: {_text(report.get('reason')) or '(none given)'}",
+        # One JSON line in a fenced block: json.dumps escapes newlines, so nothing in a param can close the fence.
+        "- Params:",
+        "",
+        "```json",
+        json.dumps(report["params"], sort_keys=True, default=str),
+        "```",
         f"- Window: {_window(report.get('window'))}",
         "",
         "| | image | task definition | schema version |",
@@ -126,9 +134,20 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _window(window: Any) -> str:
     if not window:
         return "not reached"
-    if window.get("mode") == "now":
-        return f"forced outside the maintenance window: {window.get('force_reason')}"
+    if window.get("mode") == "forced":
+        return (f"FORCED outside the maintenance window from {window.get('window_start')}, because: "
+                f"{_text(window.get('force_reason'))}")
     return f"{window.get('window_start')} to {window.get('window_end')}"
+
+
+# Control characters (newlines, NUL, ANSI escapes) go; Markdown's own characters are escaped, so that a reason such
+# as "**RELEASED**" or "# done" reads as the text someone typed, never as the report's own words.
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
+
+
+def _text(value: Any) -> str:
+    """Return free text (a reason, a name) safe to put in the Markdown report: one line, shown as typed."""
+    return _MARKDOWN.sub(r"\\\1", plain_text(value))
 
 
 def _short(arn: Any) -> str:

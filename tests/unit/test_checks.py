@@ -55,10 +55,10 @@ def test_window_now_needs_a_force_reason_and_says_which_window_it_skips(force_re
     assert "(Sun 02:00-04:00 Europe/Paris)" in message
 
 
-def test_window_now_with_a_reason_starts_now_with_no_window_end():
-    decision = decide_window(SCHEDULE, "now", "CVE-2026-1234 in the session library", WEDNESDAY)
+def test_window_now_with_a_reason_is_forced_from_now_with_no_window_end():
+    decision = decide_window(SCHEDULE, "now", "  CVE-2026-1234 in the session library ", WEDNESDAY)
 
-    assert decision == {"mode": "now", "force_reason": "CVE-2026-1234 in the session library",
+    assert decision == {"mode": "forced", "force_reason": "CVE-2026-1234 in the session library",
                         "window_start": WEDNESDAY.isoformat(), "window_end": None}
 
 
@@ -90,32 +90,61 @@ def test_window_next_outside_a_window_is_the_next_one(now, next_start):
     assert at(decision["window_end"]) == next_start + timedelta(minutes=120)
 
 
-@pytest.mark.parametrize("window", ["2026-12-02T22:30:00+01:00", "2026-12-02T21:30Z", "2026-12-02T21:30:00.000Z"])
-def test_an_iso_window_starts_then_and_lasts_the_schedules_duration(window):
-    # Any time may be asked for, not only a scheduled start; it lasts as long as the service's windows do.
+@pytest.mark.parametrize("window", ["2026-11-29T02:30:00+01:00", "2026-11-29T01:30Z", "2026-11-29T01:30:00.000Z"])
+def test_an_iso_time_inside_a_window_runs_then_until_that_window_closes(window):
     decision = decide_window(SCHEDULE, window, "", WEDNESDAY)
 
     assert decision["mode"] == "window"
     assert decision["force_reason"] == ""
-    assert at(decision["window_start"]) == datetime(2026, 12, 2, 21, 30, tzinfo=timezone.utc)
-    assert at(decision["window_end"]) == datetime(2026, 12, 2, 23, 30, tzinfo=timezone.utc)
+    assert at(decision["window_start"]) == datetime(2026, 11, 29, 1, 30, tzinfo=timezone.utc)
+    assert at(decision["window_end"]) == SUNDAY_0100_UTC + timedelta(minutes=120)  # the window's own end
 
 
-def test_an_iso_window_that_started_but_has_not_ended_is_accepted():
-    decision = decide_window(SCHEDULE, "2026-11-25T12:00:00+01:00", "", WEDNESDAY)  # 11:00 UTC, an hour ago
-
-    assert at(decision["window_end"]) == datetime(2026, 11, 25, 13, 0, tzinfo=timezone.utc)
-
-
-@pytest.mark.parametrize(("window", "ended"), [
-    ("2026-11-22T02:00:00+01:00", "2026-11-22T04:00:00+01:00"),
-    ("2026-11-25T11:00:00+01:00", "2026-11-25T13:00:00+01:00"),  # ends at this very instant
-])
-def test_an_iso_window_that_has_ended_is_refused_naming_its_end(window, ended):
+@pytest.mark.parametrize("force_reason", ["", "  ", None])
+def test_an_iso_time_outside_the_windows_needs_a_force_reason(force_reason):
+    # A Thursday 09:16 UTC start for a "Sun 02:00-04:00 Europe/Paris" service is no maintenance window.
     with pytest.raises(Refused) as raised:
-        decide_window(SCHEDULE, window, "", WEDNESDAY)
+        decide_window(SCHEDULE, "2026-11-26T09:16:00Z", force_reason, WEDNESDAY)
 
-    assert str(raised.value) == f"param window {window}: that window ended at {ended}"
+    message = str(raised.value)
+    assert message.startswith("param window 2026-11-26T09:16:00Z is outside the maintenance windows of this service "
+                              "(Sun 02:00-04:00 Europe/Paris): give param force_reason")
+    assert "the next one starts 2026-11-29T01:00:00+00:00" in message
+
+
+def test_an_iso_time_outside_the_windows_with_a_reason_is_forced_then_with_no_window_end():
+    decision = decide_window(SCHEDULE, "2026-11-26T09:16:00Z", "vendor deadline", WEDNESDAY)
+
+    assert decision == {"mode": "forced", "force_reason": "vendor deadline",
+                        "window_start": "2026-11-26T09:16:00+00:00", "window_end": None}
+
+
+def test_a_forced_time_that_has_passed_is_refused():
+    with pytest.raises(Refused, match="has passed: use window=now"):
+        decide_window(SCHEDULE, "2026-11-25T09:16:00Z", "vendor deadline", WEDNESDAY)
+
+
+@pytest.mark.parametrize("window", ["9999-12-31T00:00:00Z", "2026-12-13T02:00:00+01:00"])
+def test_a_start_further_ahead_than_the_catalog_allows_is_refused(window):
+    # 9999-12-31 would wait for ever and hold a place; 18 days ahead is past the default of 14.
+    with pytest.raises(Refused, match=r"is more than 14 days ahead \(the catalog's maintenance_window.max_days_ahead\)"):
+        decide_window(SCHEDULE, window, "any reason", WEDNESDAY)
+    assert decide_window(SCHEDULE, "2026-12-13T02:00:00+01:00", "", WEDNESDAY, max_days_ahead=30)["mode"] == "window"
+
+
+def test_an_iso_time_in_a_window_that_is_open_now_is_accepted():
+    now = SUNDAY_0100_UTC + timedelta(minutes=60)
+    decision = decide_window(SCHEDULE, "2026-11-29T02:30:00+01:00", "", now)  # 01:30 UTC, half an hour ago
+
+    assert decision["mode"] == "window"
+    assert at(decision["window_end"]) == SUNDAY_0100_UTC + timedelta(minutes=120)
+
+
+def test_an_iso_time_in_a_window_that_has_ended_is_refused_naming_its_end():
+    with pytest.raises(Refused) as raised:
+        decide_window(SCHEDULE, "2026-11-22T02:00:00+01:00", "", WEDNESDAY)
+
+    assert str(raised.value) == "param window 2026-11-22T02:00:00+01:00: that window ended at 2026-11-22T03:00:00+00:00"
 
 
 @pytest.mark.parametrize("window", ["tomorrow", "", "Next", "2026-12-06T02:00:00", "2026-12-06 02:00:00+01:00",

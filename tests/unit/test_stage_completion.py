@@ -290,3 +290,69 @@ def test_a_lease_is_not_taken_over_when_the_api_cannot_say():
     with pytest.raises(AirflowException, match="Cannot tell whether release .* is still going") as raised:
         run_is_over(FakeTi(ConnectionError("API server unreachable")), holder)
     assert not isinstance(raised.value, AirflowFailException)  # retried, never a take-over on a guess
+
+
+# --- release_all: each release's window --------------------------------------------------------------------------
+
+class FakeVariable:
+    values: dict[str, object] = {}
+
+    @classmethod
+    def get(cls, key: str, default: object = None, deserialize_json: bool = False) -> object:
+        return cls.values.get(key, default)
+
+    @classmethod
+    def set(cls, key: str, value: object, serialize_json: bool = False) -> None:
+        cls.values[key] = value
+
+
+@pytest.fixture()
+def check_manifest(monkeypatch):
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    import omnisphere_release.operators.release_all as release_all
+
+    FakeVariable.values = {"omni_environment": "staging"}
+    monkeypatch.setattr(release_all, "Variable", FakeVariable)
+    monkeypatch.setattr(release_all, "accept_manifest", lambda catalog, manifest, log, refusal: manifest)
+    task = DagBag(dag_folder="dags").dags["release_all"].get_task("check_manifest")
+
+    def run(params: dict, run_type: str = "manual") -> dict:
+        full = {"manifest": {}, "reason": None, "staging_rehearsed": False, "force_reason": None, **params}
+        start = datetime(2026, 11, 29, 1, 0, tzinfo=timezone.utc)
+        FakeVariable.values["omni_release_queue"] = {"2026-11-29T01:00+00:00": {
+            "manifest": full["manifest"], "reason": "queued", "staging_rehearsed": True}}
+        context = {"params": full, "dag_run": SimpleNamespace(run_type=run_type, conf=params),
+                   "data_interval_start": start, "run_id": "rid"}
+        return task.execute(context)
+
+    return run
+
+
+def test_a_hand_triggered_release_all_releases_each_service_in_its_own_window(check_manifest):
+    out = check_manifest({"manifest": {"auth-service": "1.4.0", "billing-service": "2.0.0"}, "reason": "train 12"})
+    assert out["order"] == ["auth-service", "billing-service"]
+    assert out["release_confs"]["billing-service"] == {
+        "image_tag": "2.0.0", "reason": "release_all rid: train 12", "window": "next", "force_reason": "",
+        "staging_rehearsed": False}
+
+
+def test_a_hand_triggered_release_all_forced_with_a_reason_releases_now(check_manifest):
+    out = check_manifest({"manifest": {"auth-service": "1.4.0"}, "force_reason": "  incident 42\n"})
+    conf = out["release_confs"]["auth-service"]
+    assert (conf["window"], conf["force_reason"]) == ("now", "release_all forced: incident 42")
+
+
+def test_a_scheduled_release_all_releases_in_its_own_window_and_passes_the_staging_evidence(check_manifest):
+    out = check_manifest({"manifest": {"auth-service": "1.4.0"}}, run_type="scheduled")
+    conf = out["release_confs"]["auth-service"]
+    assert conf["window"] == "now" and conf["force_reason"].startswith("in the release_all window 2026-11-29T01:00")
+    assert conf["staging_rehearsed"] is True and conf["reason"] == "release_all rid: queued"
+
+
+def test_release_all_refuses_an_unknown_param(check_manifest):
+    with pytest.raises(AirflowFailException, match=r"'forcereason' \(did you mean 'force_reason'\?\)"):
+        check_manifest({"manifest": {"auth-service": "1.4.0"}, "forcereason": "x"})

@@ -44,6 +44,9 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "reason": optional_text("Why; passed to every release."),
             "staging_rehearsed": Param(False, type="boolean", description="The manifest went through staging."),
+            "force_reason": optional_text("Release every service now, outside its window, for this reason (a "
+                                          "hand-triggered run otherwise releases each in its own window).",
+                                          title="Force reason"),
         },
     ) as dag:
         previous: Any = ReleaseManifestCheckOperator(task_id=CHECK_MANIFEST, retries=0)
@@ -62,10 +65,9 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
                 task_id=f"release_{name}",
                 trigger_dag_id=f"release_{name}",
                 trigger_run_id=f"{{{{ run_id }}}}__{name}",
-                conf={"image_tag": f"{{{{ {checked}['manifest']['{name}'] }}}}",
-                      "reason": f"{{{{ 'release_all ' ~ run_id ~ ': ' ~ {checked}['reason'] }}}}",
-                      # release_all itself runs in its window (or was started by a person): its releases go now.
-                      "window": "now", "force_reason": "{{ 'part of release_all ' ~ run_id }}"},
+                # As JSON, which the operator parses: booleans stay booleans (check_manifest builds each conf).
+                # (typed dict only, but a str is documented and json.loads'ed by the operator)
+                conf=f"{{{{ {checked}['release_confs']['{name}'] | tojson }}}}",  # type: ignore[arg-type]
                 wait_for_completion=True,
                 deferrable=True,
                 poke_interval=5,
@@ -73,8 +75,9 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
                 failed_states=["failed"],
                 skip_when_already_exists=True,
                 retries=0,
-                # Waits, deferred, for a whole release of the service (each of its stages is bounded).
-                execution_timeout=timedelta(hours=12),
+                # Waits, deferred, for a whole release of the service (each of its stages is bounded), which may first
+                # wait for the service's own weekly window when release_all was triggered by hand.
+                execution_timeout=timedelta(days=8),
             )
             previous >> gate >> release
             previous = release

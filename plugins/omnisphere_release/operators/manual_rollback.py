@@ -62,12 +62,16 @@ class ManualRollbackPlanOperator(ServiceStageOperator):
         self.schema_version, self.restore_backup_uri, self.reason = schema_version, restore_backup_uri, reason
 
     def execute(self, context: Context) -> ManualRollbackPlan:
+        unknown = checks.unknown_conf_problem(getattr(context.get("dag_run"), "conf", None), self.dag.params.keys())
+        if unknown:
+            raise AirflowFailException(unknown)
         catalog = load_catalog()
         service = catalog.get(self.service)
         # Params arrive as rendered text; "None" is an unset optional param.
         task_definition, image_tag = as_optional_text(self.task_definition), as_optional_text(self.image_tag)
         backup_uri, schema_version = as_optional_text(self.restore_backup_uri), as_optional_int(self.schema_version)
-        if not (self.reason or "").strip():
+        self.reason = checks.plain_text(self.reason)
+        if not self.reason:
             raise AirflowFailException("param 'reason' is required: say why this manual rollback happens")
         if task_definition and image_tag:
             raise AirflowFailException("give either param 'task_definition' or param 'image_tag', not both")

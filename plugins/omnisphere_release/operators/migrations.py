@@ -9,6 +9,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import Catalog, Service, load_catalog
+from omnisphere_release.checks import plain_text
 from omnisphere_release.contracts import ReleaseRun
 from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
@@ -78,8 +79,8 @@ class PostgresApplyMigrationsOperator(BaseOperator):
                       " as a dry run: nothing will change" if dry_run else "",
                       ServiceDatabaseHook(service.postgres_conn_id).describe())
         try:
-            result = engine.migrate(self.direction, target, dry_run=dry_run, reason=self.reason or None,
-                                    acknowledge_drift=self.acknowledge_drift or None)
+            result = engine.migrate(self.direction, target, dry_run=dry_run, reason=plain_text(self.reason) or None,
+                                    acknowledge_drift=plain_text(self.acknowledge_drift) or None)
         except InvalidMigrationInput as exc:
             raise AirflowFailException(f"Refused, nothing changed: {exc}") from None
         except MigrationFailed as exc:

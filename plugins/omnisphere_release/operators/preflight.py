@@ -123,7 +123,7 @@ class ReleasePreflightOperator(BaseOperator):
             "image_tag": self.image_tag,
             "strategy": self.strategy,
             "dry_run": dry_run,
-            "reason": self.reason,
+            "reason": checks.plain_text(self.reason),
             "previous_task_definition": target.running_task_definition,
             "previous_image": target.running_image,
             "target_image": target.image,
@@ -151,7 +151,7 @@ class ReleasePreflightOperator(BaseOperator):
         self.log.info("Checklist: backup before any change: the backup stage; rollback plan: the migration plan above, "
                       "reversed; staging rehearsal: %s.", "done" if rehearsed else "NOT declared")
         problems = [p for p in [checks.staging_rule_problem(self.environment, rehearsed,
-                                                            forced=window.get("mode") == "now")] if p]
+                                                            forced=window.get("mode") == "forced")] if p]
         if window.get("window_end"):
             needed = self._estimate(service)
             now = datetime.now(timezone.utc)
@@ -161,7 +161,7 @@ class ReleasePreflightOperator(BaseOperator):
             room = checks.window_room_problem(window, needed, now)
             if room:
                 problems.append(room)
-        elif window.get("mode") == "now":
+        elif window.get("mode") == "forced":
             self.log.info("Outside the maintenance window by choice: %s", window.get("force_reason"))
         return problems
 

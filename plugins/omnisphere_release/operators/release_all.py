@@ -19,11 +19,15 @@ CHECK_MANIFEST = "check_manifest"
 
 
 class CheckedManifest(TypedDict):
-    """check_manifest's output: what release_all releases, in which order."""
+    """check_manifest's output: what release_all releases, in which order, and in which window."""
 
     order: list[str]
     manifest: dict[str, str]
     reason: str
+    # The conf of each service's release run. Its window: a scheduled release_all runs in the catalog's release_all
+    # window, which stands for the services' windows; a hand-triggered one keeps each service's window ("next")
+    # unless it is forced with a reason.
+    release_confs: dict[str, dict[str, Any]]
 
 
 def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str) -> dict[str, str]:
@@ -50,10 +54,14 @@ class ReleaseManifestCheckOperator(BaseOperator):
     def execute(self, context: Context) -> CheckedManifest:
         catalog = load_catalog()
         params, dag_run = context["params"], context["dag_run"]
+        unknown = checks.unknown_conf_problem(dag_run.conf, self.dag.params.keys())
+        if unknown:
+            raise AirflowFailException(unknown)
         entry = {"manifest": params["manifest"], "reason": params.get("reason") or "",
                  "staging_rehearsed": params.get("staging_rehearsed", False)}
-        if str(getattr(dag_run, "run_type", "")).lower().endswith("scheduled"):
-            start = context["data_interval_start"]
+        scheduled = str(getattr(dag_run, "run_type", "")).lower().endswith("scheduled")
+        start = context["data_interval_start"]
+        if scheduled:
             assert start is not None, "a scheduled release_all run has a window"
             queued, rest = take_manifest(Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True), start)
             Variable.set(QUEUE_VARIABLE, rest, serialize_json=True)
@@ -69,8 +77,22 @@ class ReleaseManifestCheckOperator(BaseOperator):
         if staging:
             raise AirflowFailException(staging)
         order = [s.name for s in catalog.release_order(list(manifest))]
-        self.log.info("Releasing in this order: %s", ", ".join(f"{s} {manifest[s]}" for s in order))
-        return {"order": order, "manifest": manifest, "reason": entry.get("reason") or ""}
+        if scheduled and start is not None:
+            window, force_reason = "now", (f"in the release_all window {window_key(start)} "
+                                           f"({checks.window_schedule(catalog.release_all_window).summary()})"
+                                           if catalog.release_all_window else "release_all")
+        elif checks.plain_text(params.get("force_reason")):
+            window, force_reason = "now", f"release_all forced: {checks.plain_text(params['force_reason'])}"
+        else:
+            window, force_reason = "next", ""
+        self.log.info("Releasing in this order: %s; %s.", ", ".join(f"{s} {manifest[s]}" for s in order),
+                      f"each release now ({force_reason})" if window == "now"
+                      else "each release in its own service's next maintenance window")
+        reason = checks.plain_text(entry.get("reason"))
+        confs = {name: {"image_tag": manifest[name], "reason": f"release_all {context['run_id']}: {reason}",
+                        "window": window, "force_reason": force_reason,
+                        "staging_rehearsed": bool(entry.get("staging_rehearsed"))} for name in order}
+        return {"order": order, "manifest": manifest, "reason": reason, "release_confs": confs}
 
 
 class ReleaseAllSummaryOperator(BaseOperator):
@@ -103,6 +125,9 @@ class QueueReleaseOperator(BaseOperator):
             raise AirflowFailException(f"{catalog.path}: release_all_window is not set; nothing can be queued")
         schedule = checks.window_schedule(catalog.release_all_window)
         params = context["params"]
+        unknown = checks.unknown_conf_problem(getattr(context.get("dag_run"), "conf", None), self.dag.params.keys())
+        if unknown:
+            raise AirflowFailException(unknown)
         try:
             start = checks.queued_window_start(schedule, params["window"], datetime.now(timezone.utc))
         except checks.Refused as exc:
@@ -110,7 +135,7 @@ class QueueReleaseOperator(BaseOperator):
         # Found now, in daylight, rather than when the window opens; release_all checks again then.
         manifest = accept_manifest(catalog, params["manifest"], self.log,
                                    "Not queued; fix these, then queue the manifest again")
-        entry = {"manifest": manifest, "reason": params["reason"] or "",
+        entry = {"manifest": manifest, "reason": checks.plain_text(params["reason"]),
                  "staging_rehearsed": params["staging_rehearsed"], "queued_by": context["run_id"]}
         current = Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True)
         Variable.set(QUEUE_VARIABLE, queue_manifest(current, start, entry), serialize_json=True)

@@ -10,7 +10,7 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import Service, load_catalog
-from omnisphere_release.checks import Refused, decide_window, schedule_of
+from omnisphere_release.checks import Refused, decide_window, plain_text, schedule_of, unknown_conf_problem
 from omnisphere_release.contracts import WindowDecision
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.operators.common import ServiceStageOperator
@@ -32,25 +32,32 @@ class WaitForMaintenanceWindowOperator(ServiceStageOperator):
         self.force_reason = force_reason
 
     def execute(self, context: Context) -> WindowDecision:
+        unknown = unknown_conf_problem(getattr(context.get("dag_run"), "conf", None), self.dag.params.keys())
+        if unknown:
+            raise AirflowFailException(unknown)
         service = load_catalog().get(self.service)
         schedule = schedule_of(service)
         now = datetime.now(timezone.utc)
         try:
-            decision = decide_window(schedule, self.window, self.force_reason, now)
+            decision = decide_window(schedule, self.window, plain_text(self.force_reason), now,
+                                     service.maintenance_window.max_days_ahead)
         except Refused as exc:
             raise AirflowFailException(str(exc)) from None
         decision["task_definition_at_trigger"] = self._running_task_definition(service)
-        if decision["mode"] == "now":
-            self.log.info("Releasing %s now, outside its maintenance window (%s), because: %s", service.name,
-                          schedule.summary(), self.force_reason)
-            return decision
         start = datetime.fromisoformat(decision["window_start"])
-        if start <= now:
+        if decision["mode"] == "forced":
+            self.log.info("Releasing %s %s, outside its maintenance window (%s), because: %s", service.name,
+                          "now" if start <= now else f"at {decision['window_start']}", schedule.summary(),
+                          decision["force_reason"])
+            if start <= now:
+                return decision
+        elif start <= now:
             self.log.info("The maintenance window is open (%s to %s, %s); starting the release.",
                           decision["window_start"], decision["window_end"], schedule.summary())
             return decision
-        self.log.info("Waiting (deferred, no worker slot held) for the maintenance window of %s: opens %s, closes %s "
-                      "(%s).", service.name, decision["window_start"], decision["window_end"], schedule.summary())
+        self.log.info("Waiting (deferred, no worker slot held) until %s to release %s: %s.", decision["window_start"],
+                      service.name, f"its maintenance window closes {decision['window_end']} ({schedule.summary()})"
+                      if decision["mode"] == "window" else "forced, outside its maintenance window")
         context["ti"].xcom_push(key="window", value=decision)
         self.defer(trigger=DateTimeTrigger(moment=start), method_name="execute_complete")
 
