@@ -7,8 +7,14 @@ from datetime import timedelta
 from airflow.sdk import DAG, Param
 
 from omnisphere_release.catalog import Catalog
+from omnisphere_release.checks import WINDOW_PATTERN
 from omnisphere_release.datamigrate import discover_specs
-from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
+from omnisphere_release.operators.standalone import (
+    BACKUP_BUCKET_TEMPLATE,
+    ENVIRONMENT_TEMPLATE,
+    StandaloneDataMigrateOperator,
+)
+from omnisphere_release.params import optional_text
 
 DOC_MD = """
 ### data_migrations
@@ -18,6 +24,12 @@ transaction each, with a checkpoint row in the service database, so a failed or 
 stopped. The task log shows progress every few seconds (rows done / estimated total, rate, ETA) and the verification
 at the end. `action`: `run` (also resumes), `pause` (the running migration stops after its current batch),
 `revert` (only for reversible specs).
+
+In production (Variable `omni_environment`), `run` and `revert` need a **reason**, wait for the service's maintenance
+window (**window** `next`; or an ISO 8601 start; outside a window, or `now`, only with a **force_reason**), and back
+the service's database up to S3 (`<service>/<run id>/data_migrations.dump`, sha256-tagged, verified) before the
+first batch. A `pause` is a request to the running migration and needs none of it. A conf key the DAG does not know
+is refused, with the closest known one.
 """
 
 
@@ -38,12 +50,26 @@ def build_data_migrations_dag(catalog: Catalog) -> DAG:
             "migration": Param(choices[0] if choices else "", type="string", enum=choices or [""],
                                description="<service>/<name> of the data migration"),
             "action": Param("run", type="string", enum=["run", "pause", "revert"]),
+            "reason": optional_text("Why this data changes (required in production for run and revert); kept in "
+                                    "the task log and the checkpoint."),
+            "window": Param("next", type="string", pattern=WINDOW_PATTERN,
+                            description="Production only. next: wait for the service's maintenance window; an ISO "
+                                        "8601 start time (outside a window: needs force_reason); or now (needs "
+                                        "force_reason)."),
+            "force_reason": optional_text("Why this change cannot wait for the maintenance window (required in "
+                                          "production with window=now or a time outside the window)."),
         },
     ) as dag:
-        PostgresDataMigrateOperator(
+        # The DAG's first and only task: it refuses unknown conf keys itself, then waits, backs up and migrates.
+        StandaloneDataMigrateOperator(
             task_id="data_migrate",
             service="{{ params.migration.split('/')[0] }}",
             migration="{{ params.migration.split('/')[1] }}",
             action="{{ params.action }}",
+            reason="{{ params.reason or '' }}",
+            window="{{ params.window }}",
+            force_reason="{{ params.force_reason or '' }}",
+            environment=ENVIRONMENT_TEMPLATE,
+            backup_bucket=BACKUP_BUCKET_TEMPLATE,
         )
     return dag

@@ -3,19 +3,34 @@
 ``all`` runs one mapped task per service, in waves that follow the catalog's ``depends_on`` (a service migrates
 after the services it depends on; ``down`` runs the waves in reverse), and the ``omnisphere_migrations`` pool bounds how
 many migrate at once. The number of waves is the depth of the dependency graph, known when the DAG is parsed.
+
+In production each service's task waits for that service's own maintenance window (operators/standalone.py): the
+services' windows need not overlap (auth-service's is on Sunday, billing-service's on Tuesday), so waiting for one
+moment when a whole wave, or all of them, is inside a window could wait for ever. Waiting per service keeps both rules:
+every database changes inside its window, and no wave starts before the one it depends on has finished. The run may
+then take days; it holds every service it migrates from check_params on, so nobody changes a service a later wave
+depends on meanwhile. A fixed time (``now``, or an ISO 8601 start, outside a window only with a ``force_reason``)
+starts the first wave then, and the later waves follow it back to back.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
 from airflow.sdk import DAG, Context, Param, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import Catalog
-from omnisphere_release.operators.common import hold_service
-from omnisphere_release.operators.migrations import PostgresApplyMigrationsOperator
+from omnisphere_release.checks import PRODUCTION, WINDOW_PATTERN, plain_text, schedule_of, unknown_conf_problem
+from omnisphere_release.operators.common import as_optional_text, hold_service
+from omnisphere_release.operators.standalone import (
+    BACKUP_BUCKET_TEMPLATE,
+    ENVIRONMENT_TEMPLATE,
+    StandaloneApplyMigrationsOperator,
+    check_backup_bucket,
+    production_window,
+)
 from omnisphere_release.params import optional_text
 
 MIGRATIONS_POOL = "omnisphere_migrations"
@@ -31,7 +46,12 @@ Applies (`up`) or reverts (`down`) the schema migrations of one OmniSphere servi
 * **target_version**: `up` applies up to it (default: the latest); `down` reverts every version above it
   (default: the last one only; `0` reverts everything). Only with a single service.
 * A file changed after it was applied is refused (drift) unless **acknowledge_drift** says why.
-* Each task log says what was applied, in what time, from which version to which.
+* In production (Variable `omni_environment`), a change also waits for each service's maintenance window
+  (**window** `next`; or an ISO 8601 start; outside a window, or `now`, only with a **force_reason**) and backs the
+  service's database up to S3 (`<service>/<run id>/schema_migrations.dump`, sha256-tagged, verified) just before
+  changing it. With `all` and `next`, each service waits for its own window, wave after wave: the run can take days.
+  A dry run, and a service with nothing to change, wait for nothing and need no backup.
+* Each task log says what was applied, in what time, from which version to which, and where the backup is.
 """
 
 
@@ -47,6 +67,24 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
     levels = dependency_levels(catalog)
     wave_count = max(levels.values()) + 1
     names = catalog.names
+    windows = "; ".join(f"{s.name} {schedule_of(s).summary()}" for s in catalog.services)
+    dag_params = {
+        "service": Param("all", type="string", enum=["all", *names],
+                         description="The service to migrate, or all of them in dependency order."),
+        "direction": Param("up", type="string", enum=["up", "down"]),
+        "target_version": Param(None, type=["null", "integer"], minimum=0,
+                                description="up: apply up to this version; down: revert every version above it."),
+        "dry_run": Param(True, type="boolean",
+                         description="Print the plan and change nothing. Applying is a choice: turn it off."),
+        "reason": optional_text("Why this run happens; recorded in each database's migration log."),
+        "acknowledge_drift": optional_text("Accept applied files whose content changed, for this reason."),
+        "window": Param("next", type="string", pattern=WINDOW_PATTERN,
+                        description="Production only. next: each service waits for its maintenance window "
+                                    f"({windows}); an ISO 8601 start time (outside a window: needs force_reason); "
+                                    "or now (needs force_reason)."),
+        "force_reason": optional_text("Why this change cannot wait for the maintenance window (required in "
+                                      "production with window=now or a time outside the window)."),
+    }
 
     with DAG(
         dag_id=dag_id,
@@ -59,17 +97,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
         tags=["omnisphere", "migrations"],
         default_args={"owner": "platform", "retries": 2, "retry_delay": timedelta(seconds=30),
                       "execution_timeout": timedelta(hours=3)},
-        params={
-            "service": Param("all", type="string", enum=["all", *names],
-                             description="The service to migrate, or all of them in dependency order."),
-            "direction": Param("up", type="string", enum=["up", "down"]),
-            "target_version": Param(None, type=["null", "integer"], minimum=0,
-                                    description="up: apply up to this version; down: revert every version above it."),
-            "dry_run": Param(True, type="boolean",
-                             description="Print the plan and change nothing. Applying is a choice: turn it off."),
-            "reason": optional_text("Why this run happens; recorded in each database's migration log."),
-            "acknowledge_drift": optional_text("Accept applied files whose content changed, for this reason."),
-        },
+        params=dag_params,
     ) as dag:
 
         def waves_for(params: dict[str, Any]) -> list[list[str]]:
@@ -81,26 +109,45 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             return waves
 
         @task(retries=0)
-        def check_params(params: dict[str, Any] | None = None, **context: Any) -> None:
-            """Refuse contradictory params and a service another run holds before any database is changed, and log
-            the plan of waves."""
+        def check_params(environment: str, backup_bucket: str, params: dict[str, Any] | None = None,
+                         **context: Any) -> None:
+            """Refuse unknown conf keys, contradictory params, a change production forbids now, and a service another
+            run holds, before any database is changed; log the plan of waves."""
             assert params is not None
             log = context["task"].log  # the task's own logger: its lines land in the task log
-            if not params["dry_run"] and not (params.get("reason") or "").strip():
+            problem = unknown_conf_problem(context["dag_run"].conf, dag_params)
+            if problem:
+                raise AirflowFailException(problem)
+            if not params["dry_run"] and not plain_text(params.get("reason")):
                 raise AirflowFailException(
                     "param 'reason' is required when dry_run is false: say why the schema changes (it is recorded)")
             if params["service"] == "all" and params.get("target_version") is not None:
                 raise AirflowFailException(
                     "param 'target_version' needs a single service: versions are numbered per service")
+            chosen = [catalog.get(n) for wave in waves_for(params) for n in wave]
+            if not params["dry_run"] and str(environment) == PRODUCTION:
+                # Refused now rather than when a window opens: a wrong window param, or no place for the backups.
+                check_backup_bucket(chosen, as_optional_text(backup_bucket))
+                now = datetime.now(timezone.utc)
+                for service in chosen:
+                    decision = production_window(service, params["window"], params.get("force_reason") or "", now,
+                                                 context["dag_run"].run_after)
+                    log.info("%s: changes from %s, %s; backed up just before", service.name,
+                             decision["window_start"],
+                             f"in its window until {decision['window_end']}" if decision.get("window_end") else
+                             "outside its window (force_reason given)")
+                if params["window"] == "next":
+                    log.info("window=next: each wave waits for the next window of each of its services when it "
+                             "starts; with service=all the run can take days.")
             if not params["dry_run"]:  # every service first: refused before the first wave changes anything
-                for name in (n for wave in waves_for(params) for n in wave):
-                    hold_service(cast("Context", context), catalog.get(name),
-                                 f"schema migrations of {name} {params['direction']}", log)
+                for service in chosen:
+                    hold_service(cast("Context", context), service,
+                                 f"schema migrations of {service.name} {params['direction']}", log)
             for number, members in enumerate(waves_for(params), start=1):
                 if members:
                     log.info("wave %d: %s (%s)", number, ", ".join(members), params["direction"])
 
-        previous: Any = check_params()
+        previous: Any = check_params(environment=ENVIRONMENT_TEMPLATE, backup_bucket=BACKUP_BUCKET_TEMPLATE)
         for index in range(wave_count):
 
             @task(task_id=f"services_of_wave_{index + 1}", retries=0, trigger_rule=TriggerRule.NONE_FAILED)
@@ -110,7 +157,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                 return waves_for(params)[wave]
 
             members = services_of_wave()
-            migrate = PostgresApplyMigrationsOperator.partial(
+            migrate = StandaloneApplyMigrationsOperator.partial(
                 task_id=f"migrate_wave_{index + 1}",
                 pool=MIGRATIONS_POOL,
                 direction="{{ params.direction }}",
@@ -118,6 +165,11 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                 dry_run="{{ params.dry_run }}",
                 reason="{{ params.reason }}",
                 acknowledge_drift="{{ params.acknowledge_drift }}",
+                # Each service waits for its own window in its own task (see the module's docstring).
+                window="{{ params.window }}",
+                force_reason="{{ params.force_reason or '' }}",
+                environment=ENVIRONMENT_TEMPLATE,
+                backup_bucket=BACKUP_BUCKET_TEMPLATE,
                 # A wave with nobody in it is skipped; the next wave still runs unless something failed.
                 trigger_rule=TriggerRule.NONE_FAILED,
             ).expand(service=members)

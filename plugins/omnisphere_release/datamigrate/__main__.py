@@ -1,6 +1,8 @@
-"""Command line: ``python -m omnisphere_release.datamigrate <service> <name> <run|revert|pause|status>``.
+"""Command line: ``python -m omnisphere_release.datamigrate <service> <name> <run|revert|pause|status> [--reason ...]``.
 
-The database comes from ``OMNI_PG_DSN_<SERVICE>``. Exit codes: 0 done (or paused on request), 1 failed, 2 bad input.
+The database comes from ``OMNI_PG_DSN_<SERVICE>``. ``run`` and ``revert`` change data and need --reason, kept in the
+checkpoint; ``pause`` (a request to the running migration) and ``status`` need none.
+Exit codes: 0 done (or paused on request), 1 failed, 2 bad input or refused (nothing changed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from omnisphere_release.datamigrate.engine import DataMigrationEngine
 from omnisphere_release.datamigrate.spec import load_spec
 from omnisphere_release.migrations.errors import InvalidMigrationInput, MigrationError
 
+CHANGING_ACTIONS = {"run", "revert"}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m omnisphere_release.datamigrate", description=__doc__)
@@ -25,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="the spec's file name in include/sql/<service>/data/, without .yaml")
     parser.add_argument("action", choices=["run", "revert", "pause", "status"])
     parser.add_argument("--max-batches", type=int, help="stop after this many batches (resume later)")
+    parser.add_argument("--reason", help="why the data changes (required by run and revert); kept in the checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -33,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         path = catalog.sql_dir / service.name / "data" / f"{args.name}.yaml"
         if not path.exists():
             raise InvalidMigrationInput(f"{path}: no such data migration")
+        reason = (args.reason or "").strip()
+        if args.action in CHANGING_ACTIONS and not reason:
+            raise InvalidMigrationInput(f"{args.action} changes data: give --reason '...' (why; it is kept in the "
+                                        f"checkpoint). Nothing was changed.")
         dsn = os.environ.get(f"OMNI_PG_DSN_{service.env_suffix}")
         if not dsn:
             raise InvalidMigrationInput(f"OMNI_PG_DSN_{service.env_suffix} is not set (locally: . .devstack/env)")
         engine = DataMigrationEngine(load_spec(path), lambda: psycopg2.connect(dsn),
-                                     run_by=f"cli:{getpass.getuser()}")
+                                     run_by=f"cli:{getpass.getuser()}" + (f" ({reason})" if reason else ""))
         if args.action == "status":
             checkpoint = engine.status()
             print(checkpoint.describe() if checkpoint else f"{args.name}: never run")

@@ -2,6 +2,7 @@
 
 The replacement of ``run-migrations.sh <service|all> <up|down>``. The database of service ``auth-service`` is read from
 ``OMNI_PG_DSN_AUTH_SERVICE`` (never from the command line, where every user of the machine could read it).
+A change (up, down, resolve) needs --reason, kept in the migration log; plan, status and --dry-run need none.
 Exit codes: 0 done, 1 failed, 2 bad input or refused (nothing changed).
 """
 
@@ -21,6 +22,7 @@ from omnisphere_release.migrations.engine import EngineSettings, MigrationEngine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, MigrationError
 
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+READ_ONLY_ACTIONS = {"plan", "status"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "every version above it, 0 for all; default: up to the latest, down by one)")
     parser.add_argument("--direction", choices=["up", "down"], default="up", help="direction of 'plan'")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
-    parser.add_argument("--reason", default=None, help="why: recorded in the migration log")
+    parser.add_argument("--reason", default=None, help="why: recorded in the migration log (required by up, down and "
+                        "resolve, unless --dry-run)")
     parser.add_argument("--acknowledge-drift", metavar="REASON",
                         help="accept applied files whose checksum changed, recording REASON")
     parser.add_argument("--version", type=int, help="resolve: the dirty version")
     parser.add_argument("--as", dest="outcome", choices=["applied", "reverted"], help="resolve: what it really is")
     parser.add_argument("--no-lint", action="store_true", help="skip squawk (not recommended)")
     return parser
+
+
+def changes_schema(args: argparse.Namespace) -> bool:
+    """Say whether the command writes to a database: every action but plan, status and a dry run does."""
+    return args.action not in READ_ONLY_ACTIONS and not (args.dry_run and args.action in {"up", "down"})
 
 
 def engine_for(service, catalog) -> MigrationEngine:
@@ -67,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             services = list(reversed(services))
         if args.action == "resolve" and (args.version is None or not args.outcome or not args.reason):
             raise InvalidMigrationInput("resolve needs --version N, --as applied|reverted and --reason '...'")
+        if changes_schema(args) and not (args.reason or "").strip():
+            dry_run_hint = ", or --dry-run to see the plan" if args.action in {"up", "down"} else ""
+            raise InvalidMigrationInput(f"{args.action} changes the schema: give --reason '...' (why; it is kept in "
+                                        f"the migration log){dry_run_hint}. Nothing was changed.")
         for service in services:
             engine = engine_for(service, catalog)
             if args.action == "status":

@@ -7,9 +7,10 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from omnisphere_release.catalog import load_catalog
+from omnisphere_release.catalog import Catalog, Service, load_catalog
+from omnisphere_release.checks import plain_text
 from omnisphere_release.contracts import DataMigrationOutcome
-from omnisphere_release.datamigrate import discover_specs
+from omnisphere_release.datamigrate import DataMigrationSpec, discover_specs
 from omnisphere_release.hooks.postgres import data_engine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
 from omnisphere_release.operators.common import ServiceStageOperator, hold_service
@@ -20,34 +21,54 @@ class PostgresDataMigrateOperator(ServiceStageOperator):
 
     An Airflow retry resumes where the failed try stopped: committed batches are never run again. ``action`` is
     ``run``, ``revert`` or ``pause`` (a pause request; the running migration stops after its current batch).
+    ``reason``, when given, is logged and kept as part of ``run_by`` in the checkpoint the run creates.
     """
 
-    template_fields = ("service", "migration", "action")
+    template_fields: tuple[str, ...] = ("service", "migration", "action", "reason")
 
-    def __init__(self, *, service: str, migration: str | None = None, action: str = "run", **kwargs: Any) -> None:
+    def __init__(self, *, service: str, migration: str | None = None, action: str = "run", reason: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
         self.migration = migration
         self.action = action
+        self.reason = reason
 
-    def execute(self, context: Context) -> dict[str, list[DataMigrationOutcome]]:
-        catalog = load_catalog()
-        service = catalog.get(self.service)
+    @property
+    def wanted(self) -> str | None:
+        """The one data migration asked for, or None for all of them."""
+        return None if self.migration in (None, "", "None", "all") else self.migration
+
+    def operation(self, service: Service) -> str:
+        """Say what this task does to ``service``, as its lease records it."""
+        return f"data migration {self.wanted or 'all'} of {service.name} ({self.action})"
+
+    def specs(self, catalog: Catalog, service: Service) -> list[DataMigrationSpec]:
+        """Return the specs this task runs, in name order; refuse for good a broken spec or an unknown name."""
         try:
             specs = discover_specs(catalog.sql_dir / service.name / "data")
         except InvalidMigrationInput as exc:
             raise AirflowFailException(str(exc)) from None
-        wanted = None if self.migration in (None, "", "None", "all") else self.migration
-        if wanted:
-            specs = [s for s in specs if s.name == wanted]
+        if self.wanted:
+            specs = [s for s in specs if s.name == self.wanted]
             if not specs:
-                raise AirflowFailException(f"{service.name} has no data migration {wanted!r} in "
+                raise AirflowFailException(f"{service.name} has no data migration {self.wanted!r} in "
                                            f"{catalog.sql_dir / service.name / 'data'}")
+        return specs
+
+    def execute(self, context: Context) -> dict[str, list[DataMigrationOutcome]]:
+        catalog = load_catalog()
+        service = catalog.get(self.service)
+        specs = self.specs(catalog, service)
         if self.action != "pause":  # a pause is a request to the run that holds the service, not a new operation
-            hold_service(context, service, f"data migration {wanted or 'all'} of {service.name} ({self.action})",
-                         self.log)
+            hold_service(context, service, self.operation(service), self.log)
+        reason = plain_text(self.reason)
+        if reason:
+            self.log.info("Data migration %s of %s (%s) because: %s", self.wanted or "all", service.name,
+                          self.action, reason)
+        run_by = f"dag={self.dag_id} run={context['run_id']}" + (f" ({reason})" if reason else "")
         results: list[DataMigrationOutcome] = []
         for spec in specs:
-            engine = data_engine(service, spec, run_by=f"dag={self.dag_id} run={context['run_id']}", log=self.log)
+            engine = data_engine(service, spec, run_by=run_by, log=self.log)
             if self.action == "pause":
                 engine.request_pause()
                 self.log.info("Pause requested for %s: it stops after its current batch.", spec.name)
