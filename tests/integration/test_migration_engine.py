@@ -244,14 +244,14 @@ def test_cli_exit_codes_and_all_in_dependency_order(devstack, sql_dir):
     assert "auth-service: version 4" in status.stdout and status.returncode == 0
     bad = cli("payments-service", "up")
     assert bad.returncode == 2 and "unknown service 'payments-service'" in bad.stderr
-    bad_target = cli("auth-service", "up", "--to", "99")
+    bad_target = cli("auth-service", "up", "--to", "99", "--reason", "cli test")
     assert bad_target.returncode == 2 and "target version 99" in bad_target.stderr
     (sql_dir / "billing-service" / "migrations" / "005_fails.up.sql").write_text("SELECT * FROM nowhere;")
     (sql_dir / "billing-service" / "migrations" / "005_fails.down.sql").write_text("SELECT 1;")
-    failed = cli("billing-service", "up")
+    failed = cli("billing-service", "up", "--reason", "cli test")
     assert failed.returncode == 1 and "005_fails failed" in failed.stderr
-    down = cli("all", "down")
+    down = cli("all", "down", "--reason", "cli test")
     assert down.returncode == 0
     assert down.stdout.index("notification-service") < down.stdout.index("billing-service") < down.stdout.index("auth-service")
     for service in ("auth-service", "billing-service", "notification-service"):
-        assert cli(service, "down", "--to", "0").returncode == 0
+        assert cli(service, "down", "--to", "0", "--reason", "cli test").returncode == 0
