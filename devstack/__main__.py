@@ -3,8 +3,9 @@
 ``python -m devstack aws [--host H] [--port P] [--first-sample-port S]`` serves only its AWS side in the foreground
 (devstack/aws.py), as the docker-compose `local` profile does.
 
-``python -m devstack push-image SERVICE TAG [TAG ...]`` puts images into the running stack's local ECR registry, as
-CI's docker push would: a release of a tag that was never pushed is refused by preflight."""
+``python -m devstack push-image SERVICE TAG [TAG ...] [--build B]`` puts images into the running stack's local ECR
+registry, as CI's docker push would: a release of a tag that was never pushed is refused by preflight. ``--build``
+pushes a rebuild: the tag moves to a new image (a new digest), as when CI pushes the same tag again."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["start", "stop", "status", "run", "aws", "push-image"])
     parser.add_argument("arguments", nargs="*", metavar="SERVICE TAG", help="push-image: a service and its tag(s)")
     parser.add_argument("--state-dir", type=Path, default=stack.DEFAULT_STATE_DIR)
+    parser.add_argument("--build", default="", help="push-image: a build id; another one moves the tag to a new image")
     parser.add_argument("--host", default="127.0.0.1", help="aws: the address to listen on")
     parser.add_argument("--port", type=int, default=5000, help="aws: the AWS endpoint's port")
     parser.add_argument("--first-sample-port", type=int, default=5001,
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_aws(args.host, args.port, args.first_sample_port)
         return 0
     if args.command == "push-image":
-        return push_images(args.state_dir.resolve(), args.arguments)
+        return push_images(args.state_dir.resolve(), args.arguments, args.build)
     if args.command == "run":
         stack.run(args.state_dir.resolve())
         return 0
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if running else 1
 
 
-def push_images(state_dir: Path, arguments: list[str]) -> int:
-    """Push SERVICE:TAG images into the running devstack's registry."""
+def push_images(state_dir: Path, arguments: list[str], build: str = "") -> int:
+    """Push SERVICE:TAG images (of ``build``) into the running devstack's registry."""
     import re
 
     import boto3
@@ -64,7 +66,7 @@ def push_images(state_dir: Path, arguments: list[str]) -> int:
     from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE
 
     if len(arguments) < 2:
-        print("usage: python -m devstack push-image SERVICE TAG [TAG ...]", file=sys.stderr)
+        print("usage: python -m devstack push-image SERVICE TAG [TAG ...] [--build B]", file=sys.stderr)
         return 2
     if not stack.is_running(state_dir):
         print(f"the devstack is not running (state folder {state_dir}): start it with `make devstack`",
@@ -85,7 +87,7 @@ def push_images(state_dir: Path, arguments: list[str]) -> int:
               f"include/services.yaml", file=sys.stderr)
         return 2
     for tag in tags:
-        digest = local_aws.push_image(ecr, service, tag)
+        digest = local_aws.push_image(ecr, service, tag, build)
         print(f"pushed {local_aws.IMAGE_REPOSITORY}/{service}:{tag} ({digest})")
     return 0
 

@@ -1,6 +1,6 @@
-"""The devstack's AWS side: moto with the ECS deployment simulator and the S3 faults, the catalog's cluster, services,
-task definitions and backup buckets, the ECR registry with the images CI has built (``push_image`` adds one), one
-sample service per catalog entry and the CloudWatch metrics they publish.
+"""The devstack's AWS side: moto with the ECS deployment simulator, the S3 faults and ECR's image retention, the
+catalog's cluster, services, task definitions and backup buckets, the ECR registry with the images CI has built
+(``push_image`` adds one), one sample service per catalog entry and the CloudWatch metrics they publish.
 
 The devstack starts it on 127.0.0.1 with free ports; the docker-compose `local` profile runs it on its own
 (``python -m devstack aws --host 0.0.0.0 --port 5000 --first-sample-port 5001``), inside its container network.
@@ -8,6 +8,7 @@ The devstack starts it on 127.0.0.1 with free ports; the docker-compose `local` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,7 +59,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
     from botocore.config import Config
     from moto.server import ThreadedMotoServer
 
-    from devstack import s3_faults
+    from devstack import ecr, s3_faults
     from devstack.ecs_simulator import EcsDeploymentSimulator
     from devstack.sample_services import MetricsPublisher, SampleService
 
@@ -74,6 +75,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
         simulator.install()
         simulator.start()
         s3_faults.install()
+        ecr.install()
         aws.parts.append(simulator)
         moto = ThreadedMotoServer(ip_address=host, port=port or free_port(), verbose=False)
         moto.start()
@@ -106,19 +108,23 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
     return aws
 
 
-def push_image(ecr: Any, service: str, tag: str) -> str:
+def push_image(ecr: Any, service: str, tag: str, build: str = "") -> str:
     """Put an image ``omnisphere/<service>:<tag>`` into the local registry, as CI's docker push would; return its
-    digest. The manifest names the tag, so each tag is an image of its own."""
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
-                           "digest": "sha256:" + hashlib.sha256(f"{service}:{tag}".encode()).hexdigest()},
-                "layers": []}
+    digest. The manifest names the tag and the build, so each tag is an image of its own, and pushing a tag again
+    with another ``build`` (a rebuild) moves the tag to a new image. Pushing the same build again changes nothing.
+
+    The digest is the manifest's sha256, as a registry computes it: moto would give every image here the same one.
+    """
+    built = f"{service}:{tag}" + (f"+{build}" if build else "")
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 2,
+                                      "digest": "sha256:" + hashlib.sha256(built.encode()).hexdigest()},
+                           "layers": []})
+    digest = "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
     repository = f"{REPOSITORY_PREFIX}/{service}"
-    try:
-        image = ecr.put_image(repositoryName=repository, imageManifest=json.dumps(manifest), imageTag=tag)["image"]
-    except ecr.exceptions.ImageAlreadyExistsException:
-        image = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"][0]
-    return image["imageId"]["imageDigest"] if "imageId" in image else image["imageDigest"]
+    with contextlib.suppress(ecr.exceptions.ImageAlreadyExistsException):  # this build is under this tag already
+        ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag, imageDigest=digest)
+    return digest
 
 
 def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:

@@ -11,7 +11,8 @@ orchestrator must be tested against that behaviour, so this module patches moto'
   ``bakeTimeInMinutes``, CANARY with ``canaryConfiguration``, LINEAR with ``linearConfiguration``;
 - answer ``DescribeServiceDeployments``, ``ListServiceDeployments`` and ``StopServiceDeployment`` (ROLLBACK, ABORT).
 
-Faults are chosen by the image tag, so a test picks its failure by the tag it deploys:
+Faults are chosen by the image tag, so a test picks its failure by the tag it deploys (an image deployed by digest,
+as releases do, by the tag it was pushed as: see devstack/ecr.py):
 ``-crashloop`` tasks never start (the deployment FAILS once the circuit breaker trips, or for the traffic-shifting
 strategies during SCALE_UP); ``-unhealthy`` and ``-errors`` start fine and are acted out by the sample services.
 
@@ -35,15 +36,21 @@ from moto.ecs import responses as ecs_responses
 from moto.ecs.exceptions import EcsClientException, InvalidParameterException
 from moto.moto_api._internal import mock_random
 
+from devstack.ecr import tag_of
+
 IN_PROGRESS_STATES = {"PENDING", "IN_PROGRESS", "ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS", "STOP_REQUESTED"}
 
 
 def image_tag(image: str) -> str:
-    """Return the tag of an image reference (``repo/name:tag`` -> ``tag``; no tag -> ``latest``)."""
-    name = image.rsplit("/", 1)[-1]
-    if "@" in name:
-        return name.split("@", 1)[1]
-    return name.split(":", 1)[1] if ":" in name else "latest"
+    """Return the tag of an image reference: ``repo/name:tag`` -> ``tag``, no tag -> ``latest``, and a digest reference
+    (``repo/name@sha256:...``, as a release deploys) -> the tag its image was pushed as in the local registry (a digest
+    the registry never had stays the digest: no fault)."""
+    reference, _, digest = image.partition("@")
+    name = reference.rsplit("/", 1)[-1]
+    tag = name.split(":", 1)[1] if ":" in name else None
+    if digest:
+        return tag_of(image) or tag or digest
+    return tag or "latest"
 
 
 def _now() -> datetime:

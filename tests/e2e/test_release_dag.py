@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import boto3
@@ -15,6 +16,7 @@ import psycopg2
 import pytest
 import yaml
 
+from devstack.aws import IMAGE_REPOSITORY
 from tests.e2e.helpers import RunOutcome, push_image, run_dag
 from tests.pg import schema_dump
 
@@ -106,7 +108,8 @@ def test_good_release_updates_image_and_schema_and_reports(release_env):
     assert after["version"] == 4 and after["task_definition"] != release_env["before"]["task_definition"]
     report = outcome.outputs["report"]
     assert report["outcome"] == "released"
-    assert report["after"]["image"].endswith(":3.10")
+    # Deployed by digest: the image preflight found under the tag, whatever the tag points at later.
+    assert report["after"]["image"] == f"{IMAGE_REPOSITORY}/{SERVICE}@{digest}"
     assert report["target"]["image_digest"] == digest  # what the tag meant when it was released
     assert report["migrations_applied"] == [4]
     assert report["backup"]["sha256"] and report["backup"]["uri"].startswith("s3://")
@@ -114,6 +117,37 @@ def test_good_release_updates_image_and_schema_and_reports(release_env):
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     bucket, key = report["stored_at"].removeprefix("s3://").split("/", 1)
     assert b'"outcome": "released"' in s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_a_tag_pushed_again_after_preflight_changes_nothing_that_is_deployed(release_env, monkeypatch):
+    """CI pushes the tag again (a rebuild, a hotfix under the same name) while the release is backing up: the release
+    still deploys the image preflight checked, by its digest."""
+    from devstack.aws import push_image as push_build
+    from omnisphere_release.hooks.backups import BackupHook
+
+    ecr = boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    tag = f"2.{uuid.uuid4().hex[:6]}"
+    checked = push_image(SERVICE, tag)
+    pushed_again: list[str] = []
+    dump_to_s3 = BackupHook.dump_to_s3
+
+    def push_again_then_dump(self, *args, **kwargs):  # the backup stage: after preflight, before ecs_deploy
+        pushed_again.append(push_build(ecr, SERVICE, tag, build="pushed after preflight"))
+        return dump_to_s3(self, *args, **kwargs)
+
+    monkeypatch.setattr(BackupHook, "dump_to_s3", push_again_then_dump)
+    outcome = run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW})
+    assert outcome.state == "success", outcome.tasks
+    assert len(pushed_again) == 1 and pushed_again[0] != checked
+    now = ecr.describe_images(repositoryName=f"omnisphere/{SERVICE}", imageIds=[{"imageTag": tag}])["imageDetails"]
+    assert now[0]["imageDigest"] == pushed_again[0]  # the tag really moved
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    running = ecs.describe_services(cluster="omnisphere", services=[SERVICE])["services"][0]["taskDefinition"]
+    [container] = ecs.describe_task_definition(taskDefinition=running)["taskDefinition"]["containerDefinitions"]
+    assert container["image"] == f"{IMAGE_REPOSITORY}/{SERVICE}@{checked}"
+    report = outcome.outputs["report"]
+    assert report["target"]["image_digest"] == checked
+    assert report["after"]["image"] == container["image"]
 
 
 def test_dry_run_changes_nothing(release_env):
@@ -284,15 +318,33 @@ def test_manual_rollback_refuses_contradictory_params_and_an_image_the_registry_
 
 
 def _iso(seconds_from_now: float) -> str:
-    from datetime import datetime, timedelta, timezone
-
     return (datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)).isoformat(timespec="seconds")
 
 
-def test_window_a_few_seconds_ahead_defers_then_releases(release_env):
+def _window_from(starts: datetime, tmp_path: Path, monkeypatch, **deploy) -> str:
+    """Give auth-service a daily maintenance window of 120 minutes that starts at ``starts`` (to the minute, UTC),
+    with ``deploy`` settings of the catalog changed; return that start as the window param.
+
+    An ISO window param must lie inside one of the service's windows (outside one it needs a force_reason), and lasts
+    until that window's end: so these tests move the catalog's window to where they need it.
+    """
+    starts = starts.replace(second=0, microsecond=0)
+    catalog = yaml.safe_load(Path(os.environ["OMNISPHERE_CATALOG"]).read_text())
+    service = next(s for s in catalog["services"] if s["name"] == SERVICE)
+    service["maintenance_window"] = {"cron": f"{starts.minute} {starts.hour} * * *", "duration_minutes": 120,
+                                     "timezone": "UTC"}
+    service["deploy"].update(deploy)
+    path = tmp_path / "services-window.yaml"
+    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(path))
+    return starts.isoformat(timespec="seconds")
+
+
+def test_window_a_few_seconds_ahead_defers_then_releases(release_env, monkeypatch, tmp_path):
     import time as _time
 
-    opens = _iso(20)  # dag.test needs a few seconds to reach its first task
+    _window_from(datetime.now(timezone.utc), tmp_path, monkeypatch)  # open now, for two hours
+    opens = _iso(20)  # a start inside it; dag.test needs a few seconds to reach its first task
     started = _time.monotonic()
     outcome = release(window=opens, force_reason="")
     assert outcome.state == "success", outcome.tasks
@@ -320,23 +372,22 @@ def _fresh_backup_bucket(monkeypatch) -> None:
     monkeypatch.setenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET", bucket)
 
 
-def test_window_without_room_for_the_release_is_refused_before_schema_up(release_env, monkeypatch):
+def test_window_without_room_for_the_release_is_refused_before_schema_up(release_env, monkeypatch, tmp_path):
     _fresh_backup_bucket(monkeypatch)  # estimate: the catalog's 20 minutes
-    # auth-service windows last 120 min (catalog); this one opened 118 min ago and closes in two minutes.
-    outcome = release(window=_iso(-118 * 60), force_reason="")
+    # A window that opened 118 minutes ago (to the minute) and closes within two minutes.
+    window = _window_from(datetime.now(timezone.utc) - timedelta(minutes=118), tmp_path, monkeypatch)
+    outcome = release(window=window, force_reason="")
     assert outcome.state == "failed" and outcome.task("preflight") == "failed"
     assert outcome.task("schema_up") == "upstream_failed"
     assert snapshot()["version"] == BASE_VERSION
 
 
 def test_window_closing_during_the_bake_fails_the_gate_and_rolls_back(release_env, monkeypatch, tmp_path):
-    # The estimate is the catalog's (no earlier reports in a fresh bucket); make it small enough to start.
-    catalog = yaml.safe_load(Path(os.environ["OMNISPHERE_CATALOG"]).read_text())
-    catalog["services"][0]["deploy"]["estimated_minutes"] = 0.1
-    path = tmp_path / "services-window.yaml"
-    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
-    monkeypatch.setenv("OMNISPHERE_CATALOG", str(path))
+    # A window that closes on the first whole minute more than 45 s from now: time enough to reach the monitoring
+    # gate, not to bake for 3 minutes. The estimate is the catalog's (no earlier reports in a fresh bucket): small.
+    closes = (datetime.now(timezone.utc) + timedelta(seconds=45 + 60)).replace(second=0, microsecond=0)
+    window = _window_from(closes - timedelta(minutes=120), tmp_path, monkeypatch, estimated_minutes=0.1)
     _fresh_backup_bucket(monkeypatch)
-    outcome = release(window=_iso(-120 * 60 + 45), force_reason="", bake_minutes=3)
+    outcome = release(window=window, force_reason="", bake_minutes=3)
     assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
-    assert outcome.outputs["report"]["window"]["window_end"]
+    assert datetime.fromisoformat(outcome.outputs["report"]["window"]["window_end"]) == closes

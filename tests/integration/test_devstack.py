@@ -25,14 +25,16 @@ def aws(service: str):
     return boto3.client(service, endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="eu-west-1")
 
 
-def deploy(ecs, service: str, tag: str, config: dict | None = None) -> str:
-    """Push image ``tag``, register a revision with it and update the service; return the service deployment ARN."""
+def deploy(ecs, service: str, tag: str, config: dict | None = None, image: str | None = None) -> str:
+    """Push image ``tag`` (or take ``image`` as it is), register a revision with it and update the service; return the
+    service deployment ARN."""
     from devstack.aws import push_image
 
-    push_image(aws("ecr"), service, tag)  # a later manual rollback to this revision checks that its image exists
+    if image is None:
+        push_image(aws("ecr"), service, tag)  # a later manual rollback to this revision checks that its image exists
     current = ecs.describe_services(cluster="omnisphere", services=[service])["services"][0]
     family = ecs.describe_task_definition(taskDefinition=current["taskDefinition"])["taskDefinition"]
-    container = dict(family["containerDefinitions"][0], image=IMAGE.format(service=service, tag=tag))
+    container = dict(family["containerDefinitions"][0], image=image or IMAGE.format(service=service, tag=tag))
     revision = ecs.register_task_definition(family=family["family"], containerDefinitions=[container],
                                             networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
                                             cpu="256", memory="512")["taskDefinition"]["taskDefinitionArn"]
@@ -192,6 +194,34 @@ def test_unhealthy_image_fails_health_endpoints(devstack):
     assert get_json(url + "/health")[0] == 200
 
 
+def test_an_image_deployed_by_digest_acts_as_the_tag_it_was_pushed_as_after_the_tag_moved(devstack):
+    """Releases deploy ``<repository>@sha256:...``: the simulator and the sample services find the tag in the registry."""
+    from devstack.aws import IMAGE_REPOSITORY, push_image
+
+    ecs, ecr = aws("ecs"), aws("ecr")
+    url = devstack["OMNI_SAMPLE_URL_NOTIFICATION_SERVICE"]
+    tag = f"1.6.{int(time.time())}-unhealthy"
+    pinned = push_image(ecr, "notification-service", tag)
+    assert push_image(ecr, "notification-service", tag) == pinned  # the same build again: the same image
+    moved = push_image(ecr, "notification-service", tag, build="rebuilt")
+    assert moved != pinned
+    # As in ECR, the image the tag left stays in the repository, untagged, and can still be pulled by its digest.
+    left = ecr.describe_images(repositoryName="omnisphere/notification-service",
+                               imageIds=[{"imageDigest": pinned}])["imageDetails"][0]
+    assert "imageTags" not in left
+    image = f"{IMAGE_REPOSITORY}/notification-service@{pinned}"
+    assert wait_final(ecs, deploy(ecs, "notification-service", tag, image=image))["status"] == "SUCCESSFUL"
+    assert get_json(url + "/version") == (200, {"image": image, "version": tag})
+    assert get_json(url + "/health")[0] == 503
+    # An image under several tags is the newest of them.
+    manifest = ecr.batch_get_image(repositoryName="omnisphere/notification-service",
+                                   imageIds=[{"imageDigest": pinned}])["images"][0]["imageManifest"]
+    ecr.put_image(repositoryName="omnisphere/notification-service", imageManifest=manifest, imageTag=f"{tag}-again")
+    assert get_json(url + "/version")[1]["version"] == f"{tag}-again"
+    assert wait_final(ecs, deploy(ecs, "notification-service", "1.6.1"))["status"] == "SUCCESSFUL"
+    assert get_json(url + "/health")[0] == 200
+
+
 def test_errors_image_publishes_a_5xx_rate_above_the_catalog_threshold(devstack):
     from omnisphere_release.catalog import load_catalog
 
@@ -260,6 +290,9 @@ def test_registry_holds_the_built_images_and_push_image_adds_one_that_preflight_
     assert pushed.returncode == 0, pushed.stderr
     check = hook.check(image)
     assert check.problem is None and f"({check.digest})" in pushed.stdout
+    rebuilt = push("billing-service", tag, "--build", "ci-rerun")  # the same tag pushed again: a new image
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert hook.check(image).digest not in (None, check.digest) and f"({hook.check(image).digest})" in rebuilt.stdout
     bad_tag = push("billing-service", "not a tag!")
     assert bad_tag.returncode == 2 and "not an image tag: 'not a tag!'" in bad_tag.stderr
     unknown = push("payments-service", "1.0")

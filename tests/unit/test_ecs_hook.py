@@ -22,6 +22,7 @@ from omnisphere_release.hooks.ecs import (
     LiveRevision,
     deployment_configuration,
     image_of,
+    pinned_image,
     summarize,
     with_image,
 )
@@ -131,6 +132,34 @@ def test_an_unknown_strategy_is_refused_by_name(strategy):
 ])
 def test_with_image_replaces_the_tag(image, expected):
     assert with_image(image, "1.5.0") == expected
+
+
+OTHER_DIGEST = "sha256:" + "cd" * 32
+
+
+@pytest.mark.parametrize(("image", "expected"), [
+    (f"{ECR}/omnisphere/auth-service:1.4.0", f"{ECR}/omnisphere/auth-service@{DIGEST}"),
+    (f"{ECR}/omnisphere/auth-service", f"{ECR}/omnisphere/auth-service@{DIGEST}"),
+    (f"{ECR}/omnisphere/auth-service@{OTHER_DIGEST}", f"{ECR}/omnisphere/auth-service@{DIGEST}"),
+    (f"{ECR}/omnisphere/auth-service:1.4.0@{OTHER_DIGEST}", f"{ECR}/omnisphere/auth-service@{DIGEST}"),
+    ("localhost:5000/team/auth:1.4.0", f"localhost:5000/team/auth@{DIGEST}"),
+])
+def test_pinned_image_names_the_repository_by_digest_without_the_tag(image, expected):
+    # <repository>@<digest>: the form ECS documents; a tag beside the digest would only mislead a reader.
+    assert pinned_image(image, DIGEST) == expected
+
+
+@pytest.mark.parametrize("digest", [None, ""])
+def test_pinned_image_without_a_digest_keeps_the_tag(digest):
+    assert pinned_image("nginx:1.27", digest) == "nginx:1.27"
+
+
+@pytest.mark.parametrize("digest", ["ab" * 32, "sha256:" + "ab" * 31, "sha512:" + "ab" * 64, DIGEST + "\n",
+                                    "sha256:" + "AB" * 32])
+def test_pinned_image_refuses_what_is_not_an_ecr_digest_naming_it(digest):
+    with pytest.raises(ValueError, match="expected sha256: and 64 hex digits") as raised:
+        pinned_image(f"{ECR}/omnisphere/auth-service:1.4.0", digest)
+    assert repr(digest) in str(raised.value)
 
 
 TASK_DEFINITION: dict[str, Any] = {

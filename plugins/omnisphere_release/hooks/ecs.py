@@ -6,11 +6,14 @@ Errors from boto are translated at this boundary into :class:`EcsDeploymentError
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+
+from omnisphere_release.hooks.registry import DIGEST_PATTERN
 
 RUN_TAG = "omnisphere:release-run"
 IN_FLIGHT = {"PENDING", "IN_PROGRESS", "STOP_REQUESTED", "ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS"}
@@ -22,6 +25,7 @@ REGISTERABLE = ("family", "taskRoleArn", "executionRoleArn", "networkMode", "con
                 "placementConstraints", "requiresCompatibilities", "cpu", "memory", "pidMode", "ipcMode",
                 "proxyConfiguration", "inferenceAccelerators", "ephemeralStorage", "runtimePlatform",
                 "enableFaultInjection", "trustedExecutionConfiguration")
+DIGEST = re.compile(DIGEST_PATTERN)
 
 
 class EcsDeploymentError(RuntimeError):
@@ -57,13 +61,31 @@ def image_of(task_definition: dict[str, Any], container: str) -> str:
                              f"{container!r}; check ecs.container in the catalog")
 
 
-def with_image(image: str, tag: str) -> str:
-    """Return ``image`` with its tag replaced by ``tag`` (a digest reference loses its digest)."""
+def repository_of(image: str) -> str:
+    """Return the repository of an image reference: ``image`` without its tag and digest."""
     repository = image.split("@", 1)[0]
-    name_start = repository.rfind("/") + 1
+    name_start = repository.rfind("/") + 1  # a registry's port (localhost:5000/...) is not a tag
     if ":" in repository[name_start:]:
         repository = repository[: repository.rfind(":")]
-    return f"{repository}:{tag}"
+    return repository
+
+
+def with_image(image: str, tag: str) -> str:
+    """Return ``image`` with its tag replaced by ``tag`` (a digest reference loses its digest)."""
+    return f"{repository_of(image)}:{tag}"
+
+
+def pinned_image(image: str, digest: str | None) -> str:
+    """Return ``image`` referenced by ``digest`` (``<repository>@sha256:...``), or ``image`` as it is without one.
+
+    A tag can be pushed again at any time; a digest names one image for good, so ECS starts exactly the image the
+    registry check saw, however often the tag moves afterwards.
+    """
+    if not digest:
+        return image
+    if not DIGEST.fullmatch(digest):
+        raise ValueError(f"image digest {digest!r} of {image}: expected sha256: and 64 hex digits, as ECR reports it")
+    return f"{repository_of(image)}@{digest}"
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+DIGEST_PATTERN = r"sha256:[0-9a-f]{64}"  # how ECR names an image for good
 ECR_IMAGE = re.compile(
     r"^(?P<registry>\d{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
-    r"(?P<repository>[a-z0-9][a-z0-9._/-]*?)(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
+    r"(?P<repository>[a-z0-9][a-z0-9._/-]*?)(?::(?P<tag>[\w][\w.-]{0,127}))?"
+    r"(?:@(?P<digest>" + DIGEST_PATTERN + r"))?$")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import Service, load_catalog
-from omnisphere_release.contracts import DeploymentOutput, ReleaseRun
+from omnisphere_release.contracts import DeploymentOutput, ReleasePlan, ReleaseRun
 from omnisphere_release.hooks.ecs import (
     EcsDeploymentError,
     EcsDeploymentHook,
     EcsNotOnTarget,
     ReturnResult,
     deployment_configuration,
+    pinned_image,
     summarize,
 )
 from omnisphere_release.logs import Log
@@ -27,6 +28,10 @@ from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 class EcsDeployServiceOperator(ServiceStageOperator):
     """Register a revision that differs from the current one only by the image, update the service with the chosen
     strategy, and wait (deferred, no worker slot held) until the deployment completes, fails or times out.
+
+    The image is named by the digest preflight recorded (``<repository>@sha256:...``), so the release deploys the
+    image that was checked even if its tag is pushed again in between; only an image preflight could not check
+    (outside ECR, no digest) is deployed by its tag.
 
     The revision is tagged with the run, so a retry finds the deployment its first try started and waits for it
     again instead of starting a second one. For blue_green, canary and linear the task ends when the new revision
@@ -60,10 +65,11 @@ class EcsDeployServiceOperator(ServiceStageOperator):
                               arn, revision)
             else:
                 if not revision:
+                    image = self._image_to_deploy(before)
                     current = ecs.describe_task_definition(before["previous_task_definition"])
-                    revision = ecs.register_revision(current, service.ecs.container, before["target_image"], run_tag)
+                    revision = ecs.register_revision(current, service.ecs.container, image, run_tag)
                     self.log.info("Registered %s: same as %s except the image %s.", revision,
-                                  before["previous_task_definition"], before["target_image"])
+                                  before["previous_task_definition"], image)
                 arn = ecs.update_service(service.ecs.cluster, service.ecs.service, revision, configuration)
                 self.log.info("Started a %s deployment of %s to %s: %s (timeout %d min).", configuration["strategy"],
                               service.ecs.service, revision, arn, service.deploy.timeout_minutes)
@@ -80,6 +86,21 @@ class EcsDeployServiceOperator(ServiceStageOperator):
             method_name="execute_complete",
             timeout=timedelta(minutes=service.deploy.timeout_minutes + 5),
         )
+
+    def _image_to_deploy(self, before: ReleasePlan) -> str:
+        """Return the image preflight checked, by the digest the registry gave it then: a tag pushed again since then
+        (a CI re-run, a hotfix under the same tag) must not change what this release deploys."""
+        digest = before["target_image_digest"]
+        image = pinned_image(before["target_image"], digest)
+        if digest:
+            self.log.info("Deploying %s by digest %s: the image the tag named when preflight checked it (a push "
+                          "of the tag since then changes nothing this release deploys).", before["target_image"],
+                          digest)
+        else:
+            self.log.warning("Deploying %s by its tag, pinned by no digest: its registry is not ECR, so preflight "
+                             "could not check it; ECS starts whatever the tag points at when each task starts.",
+                             image)
+        return image
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> DeploymentOutput:
         deployment = cast("DeploymentOutput", context["ti"].xcom_pull(task_ids=self.task_id, key="deployment") or {})
