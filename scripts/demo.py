@@ -130,13 +130,14 @@ def main() -> int:
                 say("    rollback: " + ", ".join(f"{t} {tasks.get(t, '-')}" for t in (
                     "rollback_ecs", "rollback_schema", "restore_backup", "verify_rollback", "release_failed")))
         service_now = service_image(env, "auth-service")
-        say(f"auth-service now runs {service_now} at schema version {history(env, 'auth-service')[-1][0]}: the "
-            f"failing release was undone.")
+        good_digest = tag_digest(env, "auth-service", "1.1.0")
+        say(f"auth-service now runs {service_now} (the digest of tag 1.1.0, deployed by digest) at schema version "
+            f"{history(env, 'auth-service')[-1][0]}: the failing release was undone.")
         say("")
         say(f"Airflow's task logs of every run, with the release reports: {log_path}")
         say("Next: `make up` opens the Airflow UI on http://localhost:8080 with the same stack.")
         expected = (state(real), state(dry), state(good), state(bad)) == ("success", "success", "success", "failed")
-        return 0 if expected and service_now.endswith(":1.1.0") else 1
+        return 0 if expected and service_now.endswith(f"@{good_digest}") else 1
     finally:
         if started_here:
             stack.stop(stack.DEFAULT_STATE_DIR)
@@ -154,6 +155,16 @@ def service_image(env: dict[str, str], service: str) -> str:
                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
     arn = ecs.describe_services(cluster="omnisphere", services=[service])["services"][0]["taskDefinition"]
     return ecs.describe_task_definition(taskDefinition=arn)["taskDefinition"]["containerDefinitions"][0]["image"]
+
+
+def tag_digest(env: dict[str, str], service: str, tag: str) -> str:
+    """Return the digest ``tag`` points at in the local registry (a release deploys by digest)."""
+    import boto3
+
+    ecr = boto3.client("ecr", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                       aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    details = ecr.describe_images(repositoryName=f"omnisphere/{service}", imageIds=[{"imageTag": tag}])
+    return str(details["imageDetails"][0]["imageDigest"])
 
 
 def history(env: dict[str, str], service: str) -> list[tuple[int, str]]:

@@ -17,7 +17,13 @@ from typing import Any
 
 from omnisphere_release.catalog import Catalog, MaintenanceWindow, Service
 from omnisphere_release.contracts import WindowDecision
-from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, LiveRevision, with_image
+from omnisphere_release.hooks.ecs import (
+    EcsDeploymentError,
+    EcsDeploymentHook,
+    LiveRevision,
+    pinned_image,
+    with_image,
+)
 from omnisphere_release.hooks.registry import ImageCheck, ImageRegistryHook
 from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE
 from omnisphere_release.windows import WindowSchedule
@@ -83,6 +89,12 @@ class TargetImage:
     @property
     def problem(self) -> str | None:
         return self.registry.problem
+
+    @property
+    def already_running(self) -> bool:
+        """Whether the service runs this image now: by its tag, or by the digest the tag points at (ecs_deploy
+        deploys by digest)."""
+        return self.running_image in {self.image, pinned_image(self.image, self.registry.digest)}
 
     def describe(self) -> str:
         if self.registry.problem:

@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from omnisphere_release import checks
 from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.hooks.backups import BackupHook
-from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, image_of, pinned_image
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.registry import ImageRegistryHook
 from omnisphere_release.operators.backup import restore_database
@@ -83,7 +83,9 @@ class ManualRollbackPlanOperator(ServiceStageOperator):
         try:
             if image_tag:
                 target = checks.target_image(service, image_tag)
-                plan["current_task_definition"], plan["image"] = target.running_task_definition, target.image
+                # By the digest checked now, as a release deploys: the tag may be pushed again before the ECS step.
+                plan["current_task_definition"] = target.running_task_definition
+                plan["image"] = pinned_image(target.image, target.registry.digest)
                 image_problem = target.problem
             elif task_definition:
                 ecs = EcsDeploymentHook(service.aws_conn_id)

@@ -90,8 +90,9 @@ class ReleasePreflightOperator(BaseOperator):
             if any(d.get("rolloutState") == "IN_PROGRESS" for d in target.live.service.get("deployments", [])):
                 problems.append(f"ECS service {service.ecs.service} has a deployment in progress; wait for it to "
                                 f"finish")
-            if target.image == target.running_image and not pending:
-                problems.append(f"{service.name} already runs {target.image} with no pending migration: nothing to "
+            if target.already_running and not pending:
+                problems.append(f"{service.name} already runs {target.image} ({target.running_image}) with no "
+                                f"pending migration: nothing to "
                                 f"release (a duplicate trigger?)")
             was = window.get("task_definition_at_trigger")
             if was and was != target.running_task_definition:

@@ -92,7 +92,7 @@ def run_count(live_airflow) -> int:
 def test_release_triggered_from_the_form_runs_to_success(page, live_airflow):
     url = live_airflow.info["url"]
     tag = f"8.0.{int(time.time())}"
-    push_image("auth-service", tag)  # CI built and pushed it
+    digest = push_image("auth-service", tag)  # CI built and pushed it
     form = open_trigger_form(page, url)
     fill_release(form, tag, "canary", "UI test: released from the trigger form")
     form.get_by_test_id("trigger-dag-submit").click()
@@ -121,7 +121,7 @@ def test_release_triggered_from_the_form_runs_to_success(page, live_airflow):
         "taskDefinition"]
     image = ecs.describe_task_definition(taskDefinition=task_definition)["taskDefinition"][
         "containerDefinitions"][0]["image"]
-    assert image.endswith(f":{tag}")
+    assert image.endswith(f"@{digest}")  # deployed by the digest preflight checked, not by the tag
 
 
 def test_bad_image_tag_is_refused_by_the_form_and_starts_nothing(page, live_airflow):
