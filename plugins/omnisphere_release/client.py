@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--image-tag", required=True)
     trigger.add_argument("--strategy", choices=["rolling", "blue_green", "canary", "linear"])
     trigger.add_argument("--window", default=None, help="next (default), now, or an ISO 8601 start time")
-    trigger.add_argument("--force-reason", default=None, help="required with --window now")
+    trigger.add_argument("--force-reason", default=None,
+                         help="required with --window now or a time outside the service's maintenance windows")
     trigger.add_argument("--bake-minutes", type=float)
     trigger.add_argument("--reason", default=None)
     trigger.add_argument("--staging-rehearsed", action="store_true")

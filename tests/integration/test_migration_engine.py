@@ -67,7 +67,8 @@ def test_up_to_a_target_then_down_to_a_target_in_reverse(scratch_database, auth_
     assert engine.migrate("up").versions == [3, 4]
     down = engine.migrate("down", target=1)
     assert down.versions == [4, 3, 2] and down.to_version == 1
-    assert tables(scratch_database) == {"users", "omnisphere_schema_history", "omnisphere_schema_log"}
+    assert tables(scratch_database) == {"users", "omnisphere_schema_history", "omnisphere_schema_log",
+                                      "omnisphere_operation_lock"}  # the service lease lives beside the history
     assert engine.migrate("down").versions == [1]  # without a target: one step
 
 

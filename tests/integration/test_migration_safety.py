@@ -32,7 +32,7 @@ def engine_for(dsn: str, folder: Path, **settings) -> MigrationEngine:
 
 
 def schema_dump(dsn: str, pg_bin: str) -> str:
-    return shared_schema_dump(dsn, pg_bin, exclude="omnisphere_schema_*", privileges=False)
+    return shared_schema_dump(dsn, pg_bin, exclude="omnisphere_*", privileges=False)
 
 
 def history(dsn: str) -> list[tuple]:

@@ -97,7 +97,8 @@ def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
     tag = f"6.0.{int(time.time())}"
     push_image("auth-service", tag)  # as CI does before it triggers
     result = omni_release(live_airflow, "trigger", "auth-service", "--image-tag", tag,
-                          "--window", opens, "--reason", "CI release", "--wait", "--poll", "1")
+                          "--window", opens, "--force-reason", "CI release at a chosen time, outside the window",
+                          "--reason", "CI release", "--wait", "--poll", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Triggered release_auth-service/" in result.stdout and "/dags/release_auth-service/runs/" in result.stdout
     assert "wait_for_window: deferred" in result.stdout  # waiting held no worker slot
