@@ -61,3 +61,22 @@ def push_image(service: str, tag: str) -> str:
     from devstack.aws import push_image as push
 
     return push(boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), service, tag)
+
+
+def auth_service_at_version_3(tmp_path: Path, monkeypatch: Any) -> Any:
+    """Use a catalog with short smoke and no-data deadlines, put auth-service's schema at version 3 (one migration
+    pending), and return omni-migrate's ``main`` for the test's own changes."""
+    import yaml
+
+    from omnisphere_release.migrations.__main__ import main as migrate
+
+    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
+    for service in catalog["services"]:
+        service["smoke_deadline_seconds"] = 4
+        service["monitoring"]["missing_data_minutes"] = 1
+    path = tmp_path / "services.yaml"
+    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(path))
+    assert migrate(["auth-service", "down", "--to", "0", "--reason", "test reset"]) == 0
+    assert migrate(["auth-service", "up", "--to", "3", "--reason", "test reset"]) == 0
+    return migrate

@@ -5,33 +5,19 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import boto3
 import pytest
-import yaml
 
-from tests.e2e.helpers import push_image, run_dag
+from tests.e2e.helpers import auth_service_at_version_3, push_image, run_dag
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
 SERVICE = "auth-service"
 
 
 @pytest.fixture()
 def auth_at_version_3(devstack, airflow_db, tmp_path, monkeypatch):
-    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
-    for service in catalog["services"]:
-        service["smoke_deadline_seconds"] = 4
-        service["monitoring"]["missing_data_minutes"] = 1
-    path = tmp_path / "services.yaml"
-    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
-    monkeypatch.setenv("OMNISPHERE_CATALOG", str(path))
-    from omnisphere_release.migrations.__main__ import main as migrate
-
-    assert migrate([SERVICE, "down", "--to", "0", "--reason", "test reset"]) == 0
-    assert migrate([SERVICE, "up", "--to", "3", "--reason", "test reset"]) == 0
-    return migrate
+    return auth_service_at_version_3(tmp_path, monkeypatch)
 
 
 def release(**conf):
