@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from devstack.aws import IMAGE_REPOSITORY
-from tests.e2e.helpers import RunOutcome, push_image, run_dag
+from tests.e2e.helpers import RunOutcome, auth_service_at_version_3, push_image, run_dag
 from tests.pg import schema_dump
 
 pytestmark = pytest.mark.e2e
@@ -32,22 +32,13 @@ NOW = {"bake_minutes": 0.1, "reason": "e2e", "window": "now", "force_reason": "e
 @pytest.fixture()
 def release_env(devstack, airflow_db, sql_dir, tmp_path, monkeypatch):
     """A catalog with short deadlines, auth-service at schema version 3 with some users, and its "before" state."""
-    catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
-    for service in catalog["services"]:
-        service["smoke_deadline_seconds"] = 4
-        service["monitoring"]["missing_data_minutes"] = 1
-    catalog_path = tmp_path / "services.yaml"
-    catalog_path.write_text(yaml.safe_dump(catalog, sort_keys=False))
-    monkeypatch.setenv("OMNISPHERE_CATALOG", str(catalog_path))
-    from omnisphere_release.migrations.__main__ import main as migrate
-
+    assert BASE_VERSION == 3
     dsn = os.environ[DSN_VAR]
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass('users') IS NOT NULL")
         if cur.fetchone()[0]:
             cur.execute("TRUNCATE users CASCADE")
-    assert migrate([SERVICE, "down", "--to", "0", "--reason", "test reset"]) == 0
-    assert migrate([SERVICE, "up", "--to", str(BASE_VERSION), "--reason", "test reset"]) == 0
+    auth_service_at_version_3(tmp_path, monkeypatch)
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.executemany("INSERT INTO users (email, password_hash) VALUES (%s, %s)",
                         [(f"user{i}@example.com", f"hash-{i}") for i in range(40)])

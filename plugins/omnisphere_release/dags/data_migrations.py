@@ -10,8 +10,7 @@ from omnisphere_release.catalog import Catalog
 from omnisphere_release.checks import WINDOW_PATTERN
 from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.operators.standalone import (
-    BACKUP_BUCKET_TEMPLATE,
-    ENVIRONMENT_TEMPLATE,
+    GUARD_TEMPLATES,
     StandaloneDataMigrateOperator,
 )
 from omnisphere_release.params import optional_text
@@ -67,9 +66,6 @@ def build_data_migrations_dag(catalog: Catalog) -> DAG:
             migration="{{ params.migration.split('/')[1] }}",
             action="{{ params.action }}",
             reason="{{ params.reason or '' }}",
-            window="{{ params.window }}",
-            force_reason="{{ params.force_reason or '' }}",
-            environment=ENVIRONMENT_TEMPLATE,
-            backup_bucket=BACKUP_BUCKET_TEMPLATE,
+            **GUARD_TEMPLATES,
         )
     return dag

@@ -27,6 +27,7 @@ from omnisphere_release.operators.common import as_optional_text, hold_service
 from omnisphere_release.operators.standalone import (
     BACKUP_BUCKET_TEMPLATE,
     ENVIRONMENT_TEMPLATE,
+    GUARD_TEMPLATES,
     StandaloneApplyMigrationsOperator,
     check_backup_bucket,
     production_window,
@@ -166,10 +167,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                 reason="{{ params.reason }}",
                 acknowledge_drift="{{ params.acknowledge_drift }}",
                 # Each service waits for its own window in its own task (see the module's docstring).
-                window="{{ params.window }}",
-                force_reason="{{ params.force_reason or '' }}",
-                environment=ENVIRONMENT_TEMPLATE,
-                backup_bucket=BACKUP_BUCKET_TEMPLATE,
+                **GUARD_TEMPLATES,
                 # A wave with nobody in it is skipped; the next wave still runs unless something failed.
                 trigger_rule=TriggerRule.NONE_FAILED,
             ).expand(service=members)

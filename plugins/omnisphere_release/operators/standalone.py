@@ -44,6 +44,10 @@ from omnisphere_release.operators.migrations import PostgresApplyMigrationsOpera
 ENVIRONMENT_TEMPLATE = f"{{{{ var.value.get('{ENVIRONMENT_VARIABLE}', '{PRODUCTION}') }}}}"
 BACKUP_BUCKET_TEMPLATE = "{{ var.value.get('omni_backup_bucket', '') }}"
 GUARD_FIELDS = ("window", "force_reason", "environment", "backup_bucket")
+# What both standalone DAGs pass a guarded operator: their own window params, and the environment and bucket as the
+# release reads them.
+GUARD_TEMPLATES = {"window": "{{ params.window }}", "force_reason": "{{ params.force_reason or '' }}",
+                   "environment": ENVIRONMENT_TEMPLATE, "backup_bucket": BACKUP_BUCKET_TEMPLATE}
 
 
 def backup_key(service: str, dag_id: str, run_id: str) -> str:
@@ -113,7 +117,7 @@ class StandaloneGuard(BaseOperator):
         self.environment = environment
         self.backup_bucket = backup_bucket
 
-    # ---- what the stage says -----------------------------------------------------------------------------------
+    # ---- what the stage says: each guarded operator below answers these three ---------------------------------
     def _asks_for_change(self) -> bool:
         raise NotImplementedError
 
