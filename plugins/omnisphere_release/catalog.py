@@ -95,12 +95,20 @@ class MigrationSettings(_Record):
     lock_timeout_ms: int = Field(default=3000, ge=100, le=10_000)
     statement_timeout_ms: int = Field(default=300_000, ge=1000)
     lock_retries: int = Field(default=5, ge=0, le=50)
+    # The squawk rules whose findings block a plan when they touch a table that exists and holds rows;
+    # None means the engine's documented default (migrations/lint.py DEFAULT_BLOCKING_RULES).
+    blocking_rules: tuple[str, ...] | None = None
 
 
 class IntegrityPolicy(_Record):
     # Share of a touched table's rows that may disappear during a release (the application keeps writing
     # meanwhile); growth is always fine. A migration that deletes rows on purpose raises this for its service.
     max_row_loss: float = Field(default=0.01, ge=0, le=1)
+
+
+class ReleaseTrain(_Record):
+    # How many services release_all releases at once (a run may lower or raise it with its max_parallel param).
+    max_parallel: int = Field(default=4, ge=1, le=50)
 
 
 class Service(_Record):
@@ -139,6 +147,7 @@ class Catalog(_Record):
     services: tuple[Service, ...]
     # When release_all releases the queued manifest; None: release_all runs only when triggered.
     release_all_window: MaintenanceWindow | None = None
+    release_train: ReleaseTrain = ReleaseTrain()
 
     @property
     def names(self) -> list[str]:
@@ -237,10 +246,10 @@ def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
         raise CatalogError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or "services" not in raw or set(raw) - {"services", "release_all_window"}:
+    if not isinstance(raw, dict) or "services" not in raw or set(raw) - {"services", "release_all_window", "release_train"}:
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CatalogError(f"{path}: the top level must be a mapping of 'services' and optionally "
-                           f"'release_all_window' (found {found})")
+                           f"'release_all_window' and 'release_train' (found {found})")
     raw_services = raw["services"]
     if not isinstance(raw_services, list) or not raw_services:
         raise CatalogError(f"{path}: field 'services' must be a non-empty list of service entries")
@@ -290,7 +299,14 @@ def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
             err = exc.errors()[0]
             raise CatalogError(f"{path}: field release_all_window.{'.'.join(map(str, err['loc']))}: "
                                f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
-    return Catalog(path=path, sql_dir=sql_dir, services=services, release_all_window=release_all_window)
+    try:
+        release_train = ReleaseTrain.model_validate(raw.get("release_train") or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise CatalogError(f"{path}: field release_train.{'.'.join(map(str, err['loc']))}: "
+                           f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+    return Catalog(path=path, sql_dir=sql_dir, services=services, release_all_window=release_all_window,
+                   release_train=release_train)
 
 
 def _is_valid(entry: object) -> bool:
