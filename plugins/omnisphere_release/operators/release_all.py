@@ -1,21 +1,41 @@
-"""release_all's check_manifest and summary, and queue_release's queue: a manifest (service -> image tag) taken,
-checked before any release starts, released in depends_on order, and told."""
+"""release_all's check_manifest, start gates and summary, and queue_release's queue: a manifest (service -> image
+tag) taken, checked before any release starts, released in waves that follow depends_on, and told."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, TypedDict
+from urllib.parse import quote
 
-from airflow.sdk import BaseOperator, Context, Variable
+from airflow.sdk import BaseOperator, BaseSensorOperator, Context, Variable
+from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from omnisphere_release import checks
-from omnisphere_release.catalog import Catalog, load_catalog
-from omnisphere_release.contracts import ReleaseRun
+from omnisphere_release import checks, release_train
+from omnisphere_release.catalog import Catalog, ReleaseTrain, load_catalog
+from omnisphere_release.contracts import VERIFY_ROLLBACK, ReleaseRun
 from omnisphere_release.logs import Log
 from omnisphere_release.release_queue import QUEUE_VARIABLE, queue_manifest, take_manifest, window_key
 
 CHECK_MANIFEST = "check_manifest"
+
+
+def max_parallel_bounds() -> tuple[int, int]:
+    """Return the lowest and highest max_parallel, as the catalog's release_train.max_parallel allows them, so that
+    the param's schema, check_manifest and the catalog agree."""
+    metadata = ReleaseTrain.model_fields["max_parallel"].metadata
+    return (next(m.ge for m in metadata if hasattr(m, "ge")), next(m.le for m in metadata if hasattr(m, "le")))
+
+
+def child_run_id(run_id: str, service: str) -> str:
+    """Return the run id of ``service``'s release run started by the release_all run ``run_id``."""
+    return f"{run_id}__{service}"
+
+
+def run_url(dag_id: str, run_id: str) -> str:
+    """Return the UI's page of a run (base URL from [api] base_url, as Airflow's own log links)."""
+    base = conf.get("api", "base_url", fallback="http://localhost:8080/")
+    return f"{base.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
 
 
 class CheckedManifest(TypedDict):
@@ -24,6 +44,7 @@ class CheckedManifest(TypedDict):
     order: list[str]
     manifest: dict[str, str]
     reason: str
+    max_parallel: int
     # The conf of each service's release run. Its window: a scheduled release_all runs in the catalog's release_all
     # window, which stands for the services' windows; a hand-triggered one keeps each service's window ("next")
     # unless it is forced with a reason.
@@ -57,6 +78,10 @@ class ReleaseManifestCheckOperator(BaseOperator):
         unknown = checks.unknown_conf_problem(dag_run.conf, self.dag.params.keys())
         if unknown:
             raise AirflowFailException(unknown)
+        max_parallel = params.get("max_parallel", catalog.release_train.max_parallel)
+        problem = release_train.max_parallel_problem(max_parallel, *max_parallel_bounds())
+        if problem:
+            raise AirflowFailException(problem)
         entry = {"manifest": params["manifest"], "reason": params.get("reason") or "",
                  "staging_rehearsed": params.get("staging_rehearsed", False)}
         scheduled = str(getattr(dag_run, "run_type", "")).lower().endswith("scheduled")
@@ -85,35 +110,94 @@ class ReleaseManifestCheckOperator(BaseOperator):
             window, force_reason = "now", f"release_all forced: {checks.plain_text(params['force_reason'])}"
         else:
             window, force_reason = "next", ""
-        self.log.info("Releasing in this order: %s; %s.", ", ".join(f"{s} {manifest[s]}" for s in order),
+        waits = {s: [d for d in catalog.get(s).depends_on if d in manifest] for s in order}
+        self.log.info("Releasing %s, at most %d at once, each after what it depends on (%s); %s.",
+                      ", ".join(f"{s} {manifest[s]}" for s in order), max_parallel,
+                      "; ".join(f"{s} after {', '.join(d)}" for s, d in waits.items() if d) or "none depends on another",
                       f"each release now ({force_reason})" if window == "now"
                       else "each release in its own service's next maintenance window")
         reason = checks.plain_text(entry.get("reason"))
         confs = {name: {"image_tag": manifest[name], "reason": f"release_all {context['run_id']}: {reason}",
                         "window": window, "force_reason": force_reason,
                         "staging_rehearsed": bool(entry.get("staging_rehearsed"))} for name in order}
-        return {"order": order, "manifest": manifest, "reason": reason, "release_confs": confs}
+        return {"order": order, "manifest": manifest, "reason": reason, "max_parallel": max_parallel,
+                "release_confs": confs}
+
+
+class ReleaseTrainSlotSensor(BaseSensorOperator):
+    """start_<service>: wait, without holding a worker slot, until fewer than max_parallel services of this run are
+    releasing, then let the service's release start; skip it when the manifest leaves it out or when a release of
+    this run has failed (what has not started does not start)."""
+
+    def __init__(self, *, service: str, **kwargs: Any) -> None:
+        # Rescheduled, not poking in place: a waiting gate holds no worker slot between its checks.
+        kwargs.setdefault("mode", "reschedule")
+        kwargs.setdefault("poke_interval", 10)
+        # A hand-triggered train releases each service in its own weekly window, one after another when they depend
+        # on each other: a gate may wait for a few such windows.
+        kwargs.setdefault("timeout", timedelta(days=22).total_seconds())
+        kwargs.setdefault("execution_timeout", timedelta(minutes=5))  # one check, not the whole wait
+        super().__init__(**kwargs)
+        self.service = service
+
+    def poke(self, context: Context) -> bool:
+        run = ReleaseRun(context)
+        checked: CheckedManifest | None = run.output(CHECK_MANIFEST)
+        if checked is None:
+            raise AirflowSkipException("check_manifest returned nothing: nothing to release")
+        decision = release_train.start_decision(self.service, checked["order"], run.task_states(),
+                                                checked["max_parallel"])
+        if decision.action == "skip":
+            raise AirflowSkipException(f"{self.service}: not attempted: {decision.why}")
+        if decision.action == "wait":
+            self.log.info("%s waits for a release slot: %s; checking again in %ds.", self.service, decision.why,
+                          self.poke_interval)
+            return False
+        self.log.info("%s %s starts its release: %s.", self.service, checked["manifest"][self.service], decision.why)
+        return True
 
 
 class ReleaseAllSummaryOperator(BaseOperator):
-    """summary: say which services were released, which failed (and rolled back), which were not attempted."""
+    """summary: say of each service whether it was released, failed, rolled back or not attempted (and why), with
+    the link to its release run; fail the run when any release failed."""
 
-    def execute(self, context: Context) -> dict[str, str]:
+    def execute(self, context: Context) -> dict[str, dict[str, str]]:
         run = ReleaseRun(context)
         states = run.task_states()
         checked: CheckedManifest | None = run.output(CHECK_MANIFEST)
-        manifest = checked["manifest"] if checked else {}
-        outcome = {}
-        for name in (checked["order"] if checked else []):
-            state = states.get(f"release_{name}", "none")
-            outcome[name] = {"success": "released", "failed": "failed and rolled back (see its release run)",
-                             }.get(state, "not attempted (an earlier release failed)")
-            self.log.info("%s %s: %s", name, manifest[name], outcome[name])
-        if states.get(CHECK_MANIFEST) == "skipped":
-            self.log.info("Nothing was queued for this window: nothing released.")
-        if any(text.startswith("failed") for text in outcome.values()) or states.get(CHECK_MANIFEST) == "failed":
-            raise AirflowFailException(f"release_all stopped: {outcome or 'the manifest was refused'}")
-        return outcome
+        if checked is None:
+            if states.get(CHECK_MANIFEST) == "skipped":
+                self.log.info("Nothing was queued for this window: nothing released.")
+                return {}
+            raise AirflowFailException("release_all stopped: the manifest was refused (see check_manifest); "
+                                       "nothing was released")
+        catalog = load_catalog()
+        order, manifest = checked["order"], checked["manifest"]
+        run_id = context["run_id"]
+        rolled_back = {}
+        for name in order:
+            if states.get(release_train.RELEASE_PREFIX + name) == "failed":
+                child = context["ti"].get_task_states(dag_id=f"release_{name}", task_ids=[VERIFY_ROLLBACK],
+                                                      run_ids=[child_run_id(run_id, name)])
+                rolled_back[name] = (child.get(child_run_id(run_id, name)) or {}).get(VERIFY_ROLLBACK) == "success"
+        outcomes = release_train.train_outcomes(order, {s.name: s.depends_on for s in catalog.services}, states,
+                                                rolled_back)
+        summary = {}
+        for o in outcomes:
+            attempted = o.outcome != release_train.NOT_ATTEMPTED
+            url = run_url(f"release_{o.service}", child_run_id(run_id, o.service)) if attempted else ""
+            summary[o.service] = {"outcome": o.outcome, "why": o.why, "image_tag": manifest[o.service],
+                                  "run_url": url}
+            self.log.info("%-24s %-14s %s: %s%s", o.service, manifest[o.service], o.outcome.upper(), o.why,
+                          f" ({url})" if url else "")
+        stopped = [o for o in outcomes if o.outcome in (release_train.FAILED, release_train.ROLLED_BACK)]
+        if stopped:
+            # Kept as the task's result even though it fails, for the API, the CLI and the UI's XCom tab.
+            context["ti"].xcom_push(key="return_value", value=summary)
+            raise AirflowFailException(
+                f"release_all stopped: {', '.join(f'{o.service} {o.outcome}' for o in stopped)}; "
+                + "; ".join(f"{o.service}: {o.outcome} ({o.why})" for o in outcomes))
+        return summary
 
 
 class QueueReleaseOperator(BaseOperator):
