@@ -5,7 +5,10 @@
 
 ``python -m devstack push-image SERVICE TAG [TAG ...] [--build B]`` puts images into the running stack's local ECR
 registry, as CI's docker push would: a release of a tag that was never pushed is refused by preflight. ``--build``
-pushes a rebuild: the tag moves to a new image (a new digest), as when CI pushes the same tag again."""
+pushes a rebuild: the tag moves to a new image (a new digest), as when CI pushes the same tag again.
+
+``python -m devstack faults aws --rate 0.2 | --outage 20 | --clear`` and ``python -m devstack faults postgres
+--restart`` inject faults into the running stack (devstack/faults.py; ``faults --help`` says more)."""
 
 from __future__ import annotations
 
@@ -19,8 +22,14 @@ from devstack import stack
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
-    parser.add_argument("command", choices=["start", "stop", "status", "run", "aws", "push-image"])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["faults"]:  # a command with targets and options of its own
+        from devstack import faults
+
+        return faults.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop", "status", "run", "aws", "push-image", "faults"])
     parser.add_argument("arguments", nargs="*", metavar="SERVICE TAG", help="push-image: a service and its tag(s)")
     parser.add_argument("--state-dir", type=Path, default=stack.DEFAULT_STATE_DIR)
     parser.add_argument("--build", default="", help="push-image: a build id; another one moves the tag to a new image")
@@ -29,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-sample-port", type=int, default=5001,
                         help="aws: the sample services listen on this port and the next ones, in catalog order")
     args = parser.parse_intermixed_args(argv)
+    if args.command == "faults":
+        parser.error("put `faults` first: python -m devstack faults aws|postgres [--state-dir DIR] ...")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "aws":
         serve_aws(args.host, args.port, args.first_sample_port)

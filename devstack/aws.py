@@ -2,6 +2,11 @@
 catalog's cluster, services, task definitions and backup buckets, the ECR registry with the images CI has built
 (``push_image`` adds one), one sample service per catalog entry and the CloudWatch metrics they publish.
 
+moto answers on two listeners: the endpoint that clients use, where ``python -m devstack faults aws`` injects its
+faults (devstack/faults.py), and an internal one on 127.0.0.1 for the devstack's own calls (seeding, the metrics the
+sample services publish), which faults never touch: in AWS, a load balancer's metrics reach CloudWatch even while a
+client cannot.
+
 The devstack starts it on 127.0.0.1 with free ports; the docker-compose `local` profile runs it on its own
 (``python -m devstack aws --host 0.0.0.0 --port 5000 --first-sample-port 5001``), inside its container network.
 """
@@ -14,8 +19,10 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from devstack.net import free_port
@@ -40,6 +47,7 @@ class LocalAws:
     port: int
     credentials: tuple[str, str]
     sample_ports: dict[str, int]  # service name -> port of its sample service
+    internal_port: int = 0  # the devstack's own calls go there: never faulted
     parts: list[Any] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -52,12 +60,86 @@ class LocalAws:
             log.info("stopped %s in %.1fs", type(part).__name__, time.monotonic() - started)
 
 
-def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_port: int = 0) -> LocalAws:
+class MotoEndpoint:
+    """moto's WSGI application on two listeners: ``port`` for clients, with the faults of ``faults_file`` (none when
+    it is None), and ``internal_port`` on 127.0.0.1 for the devstack itself.
+
+    An outage closes the client listener, so that connections are refused, and opens it again on the same port when
+    the outage ends; a watcher thread looks every 0.1 s, since no request arrives to notice it then.
+    """
+
+    def __init__(self, host: str, port: int, faults_file: Path | None = None) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+        from devstack.faults import FaultInjector, FaultState
+
+        self.host = host
+        self.port = port or free_port()
+        self.internal_port = 0
+        self.app = DomainDispatcherApplication(create_backend_app)
+        self.faults = FaultState(faults_file) if faults_file else None
+        self.client_app = FaultInjector(self.app, self.faults) if self.faults else self.app
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._client_server: Any = None
+        self._internal_server: Any = None
+        self._watcher = threading.Thread(target=self._watch, name="aws-faults-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._internal_server = self._serve(self.app, "127.0.0.1", 0)
+        self.internal_port = self._internal_server.server_port
+        self._client_server = self._serve(self.client_app, self.host, self.port)
+        if self.faults:
+            self._watcher.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher.is_alive():
+            self._watcher.join(timeout=5)
+        with self._lock:
+            for server in (self._client_server, self._internal_server):
+                if server is not None:
+                    server.shutdown()
+                    server.server_close()
+            self._client_server = self._internal_server = None
+
+    @staticmethod
+    def _serve(app: Any, host: str, port: int) -> Any:
+        from moto.moto_server.werkzeug_app import MotoRequestHandler
+        from werkzeug.serving import make_server
+
+        server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"moto-{server.server_port}",
+                         daemon=True).start()
+        return server
+
+    def _watch(self) -> None:
+        assert self.faults is not None
+        while not self._stopping.wait(0.1):
+            try:
+                in_outage = self.faults.current().in_outage()
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    if in_outage and self._client_server is not None:
+                        self._client_server.shutdown()
+                        self._client_server.server_close()
+                        self._client_server = None
+                        log.warning("AWS endpoint on port %d closed: outage (connections are refused)", self.port)
+                    elif not in_outage and self._client_server is None:
+                        self._client_server = self._serve(self.client_app, self.host, self.port)
+                        log.warning("AWS endpoint on port %d open again: outage over", self.port)
+            except OSError:  # the port cannot be bound again yet: try on the next round, and say so
+                log.exception("cannot open the AWS endpoint on port %d again after an outage; retrying", self.port)
+
+
+def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_port: int = 0,
+          faults_file: Path | None = None) -> LocalAws:
     """Start every part; port 0 takes a free port, first_sample_port 0 a free port per sample service (otherwise the
-    sample services take consecutive ports in catalog order)."""
+    sample services take consecutive ports in catalog order). ``faults_file`` is where ``python -m devstack faults
+    aws`` writes the endpoint's faults (none without it)."""
     import boto3
     from botocore.config import Config
-    from moto.server import ThreadedMotoServer
 
     from devstack import ecr, s3_faults
     from devstack.ecs_simulator import EcsDeploymentSimulator
@@ -77,14 +159,15 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
         s3_faults.install()
         ecr.install()
         aws.parts.append(simulator)
-        moto = ThreadedMotoServer(ip_address=host, port=port or free_port(), verbose=False)
+        moto = MotoEndpoint(host, port, faults_file)
         moto.start()
         aws.parts.append(moto)
-        aws.port = moto._server.server_port  # type: ignore[union-attr]
+        aws.port, aws.internal_port = moto.port, moto.internal_port
         aws.endpoint = f"http://127.0.0.1:{aws.port}"
+        internal_endpoint = f"http://127.0.0.1:{aws.internal_port}"
         session = boto3.session.Session(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1],
                                         region_name=REGION)
-        seed_aws(session, aws.endpoint, catalog)
+        seed_aws(session, internal_endpoint, catalog)
 
         samples = []
         for index, service in enumerate(catalog.services):
@@ -98,7 +181,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
             aws.sample_ports[service.name] = sample.port
             samples.append((sample, service.monitoring.target_group))
         quick = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
-        publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=aws.endpoint, config=quick), samples,
+        publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=internal_endpoint, config=quick), samples,
                                      interval=float(os.environ.get("OMNI_METRICS_INTERVAL_SECONDS", "2")))
         publisher.start()
         aws.parts.append(publisher)

@@ -2,6 +2,7 @@
 
 ``python -m devstack start`` runs the stack in the background (its own process group), returns when it is ready and
 writes ``<state>/env``; ``python -m devstack stop`` stops the group and checks that no process or port is left.
+``python -m devstack faults`` acts on a running stack through its state folder (devstack/faults.py).
 Tests use the same code through the session fixture in tests/conftest.py, with a state folder of their own.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack import aws as local_aws
+from devstack.faults import FAULTS_FILE
 from devstack.net import free_port, port_is_open
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,14 +53,16 @@ def run(state_dir: Path) -> None:
         dsns = {service.name: postgres.create_database(service.name.replace("-", "_")) for service in catalog.services}
         log.info("PostgreSQL ready on 127.0.0.1:%d with %d databases", postgres.port, len(dsns))
 
-        aws = local_aws.start(catalog)
+        faults_file = state_dir / FAULTS_FILE
+        faults_file.unlink(missing_ok=True)  # a new stack starts without the faults a previous one was given
+        aws = local_aws.start(catalog, faults_file=faults_file)
         log.info("local AWS endpoint ready on 127.0.0.1:%d", aws.port)
         env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), aws.endpoint, aws.sample_ports,
                         aws.credentials)
         write_env(state_dir / "env", env)
         (state_dir / "state.json").write_text(json.dumps({
             "pid": os.getpid(), "pgdata": str(postgres.data_dir), "ports": {
-                "postgres": postgres.port, "aws": aws.port,
+                "postgres": postgres.port, "aws": aws.port, "aws-internal": aws.internal_port,
                 **{f"sample:{name}": port for name, port in aws.sample_ports.items()}},
         }, indent=2))
         (state_dir / "ready").write_text(f"{time.monotonic() - started:.1f}\n")
