@@ -1,6 +1,8 @@
-"""release_all and queue_release refuse a manifest whose image was never pushed, before anything is released or queued.
+"""release_all and queue_release refuse a manifest whose image was never pushed, or a max_parallel that is not a count,
+before anything is released or queued.
 
-(Their happy paths need a scheduler, for release_all triggers and waits for other DAGs: see tests/e2e/live.)
+(Their happy paths, the waves, max_parallel and a failure stopping the train need a scheduler, for release_all
+triggers and waits for other DAGs: see tests/e2e/live/test_release_train.py.)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def test_release_all_refuses_the_whole_manifest_when_one_image_was_never_pushed(
     assert outcome.state == "failed", outcome.tasks
     assert outcome.task("check_manifest") == "failed"
     # auth-service comes first in release order: without the check it would have been released, then billing failed.
+    assert outcome.task("start_auth-service") == "upstream_failed", outcome.tasks
     assert outcome.task("release_auth-service") == "upstream_failed", outcome.tasks
     assert outcome.task("summary") == "failed"
     assert task_definitions() == before
@@ -46,6 +49,16 @@ def test_release_all_refuses_the_whole_manifest_when_one_image_was_never_pushed(
     assert f"billing-service: image omnisphere/billing-service:{missing} (ECR registry" in log
     assert f"auth-service: image 123456789012.dkr.ecr.eu-west-1.amazonaws.com/omnisphere/auth-service:{pushed} is in " \
            f"ECR ({digest})" in log
+
+
+def test_release_all_refuses_a_max_parallel_that_is_not_a_count_naming_the_param(devstack, airflow_db):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    before = task_definitions()
+    for bad in (0, 51, "4"):
+        with pytest.raises(ParamValidationError, match="max_parallel"):
+            run_dag("release_all", {"manifest": {"auth-service": "1.0.0"}, "max_parallel": bad})
+    assert task_definitions() == before
 
 
 def test_queue_release_refuses_an_image_never_pushed_and_queues_it_once_pushed(devstack, airflow_db, capfd):
