@@ -18,6 +18,7 @@ from omnisphere_release.migrations import (
     MigrationEngine,
     MigrationFailed,
 )
+from omnisphere_release.migrations.engine import NOTHING_APPLIED
 from omnisphere_release.migrations.errors import LockNotGranted
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,7 @@ def auth_dir(sql_dir: Path) -> Path:
 
 def test_up_applies_every_file_and_records_history(scratch_database, auth_dir):
     result = make_engine(scratch_database, auth_dir).migrate("up", reason="first install")
-    assert result.versions == [1, 2, 3, 4] and (result.from_version, result.to_version) == (0, 4)
+    assert result.versions == [1, 2, 3, 4] and (result.from_version, result.to_version) == (NOTHING_APPLIED, 4)
     assert {"users", "sessions", "api_tokens"} <= tables(scratch_database)
     rows = query(scratch_database, "SELECT version, state, applied_by, checksum_up FROM omnisphere_schema_history "
                                    "ORDER BY version")
@@ -96,6 +97,7 @@ def test_dry_run_fails_on_blocking_lint_findings(scratch_database, auth_dir):
     (auth_dir / "005_email_idx.down.sql").write_text("DROP INDEX users_email_idx;")
     engine = make_engine(scratch_database, auth_dir)
     engine.migrate("up", target=4)
+    query(scratch_database, "INSERT INTO users (email, password_hash) VALUES ('a@example.com', 'x')")  # a lock on an empty table is advice
     with pytest.raises(InvalidMigrationInput, match="005_email_idx.up.sql:1: require-concurrent-index-creation"):
         engine.migrate("up", dry_run=True)
     with pytest.raises(InvalidMigrationInput, match="require-concurrent-index-creation"):

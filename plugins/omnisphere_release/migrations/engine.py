@@ -1,12 +1,18 @@
 """Apply and revert a service's schema migrations safely: one transaction each, bounded locks, one run at a time.
 
 The engine knows nothing of Airflow: the schema_migrations DAG, the release DAGs and the CLI all drive it the same way.
+
+Versions are the numbers of the files, and 0 is one of them (golang-migrate's ``0_initial``): a database where nothing
+is applied is at :data:`NOTHING_APPLIED`, shown as ``none``. A database that other tools built is adopted with
+:meth:`MigrationEngine.baseline` (or :meth:`MigrationEngine.adopt`, from golang-migrate's own table): the versions it
+already has are recorded as applied without running them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +34,17 @@ LOG_TABLE = "omnisphere_schema_log"
 # pg_try_advisory_lock(int4, int4): the first key is the project ('OMNI'), the second the kind of run.
 ADVISORY_LOCK_NAMESPACE = 0x4F4D4E49
 SCHEMA_MIGRATION_LOCK = 1
+#: The version of a database where no migration is applied: below every file version, 0 included. Shown as "none".
+NOTHING_APPLIED = -1
+#: golang-migrate's table: one row (version bigint, dirty boolean), or none when nothing is applied.
+GOLANG_MIGRATE_TABLE = "schema_migrations"
+BASELINE_ACTION = "baselined"
+
+
+def version_label(version: int | None) -> str:
+    """Show a version as a person reads it: ``none`` when nothing is applied, never a made-up 0."""
+    return "none" if version is None or version == NOTHING_APPLIED else str(version)
+
 
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
@@ -63,11 +80,15 @@ class EngineSettings:
     lock_retries: int = 5
     retry_backoff_seconds: float = 1.0
     advisory_lock_wait_seconds: float = 60.0
+    # The squawk rules that block a plan (lint.py); None: lint.DEFAULT_BLOCKING_RULES.
+    blocking_rules: tuple[str, ...] | None = None
 
     @classmethod
     def from_catalog(cls, settings: Any, **overrides: Any) -> EngineSettings:
         return cls(lock_timeout_ms=settings.lock_timeout_ms, statement_timeout_ms=settings.statement_timeout_ms,
-                   lock_retries=settings.lock_retries, **overrides)
+                   lock_retries=settings.lock_retries,
+                   blocking_rules=overrides.pop("blocking_rules", getattr(settings, "blocking_rules", None)),
+                   **overrides)
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,7 @@ class Plan:
     steps: list[Migration]
     findings: list[Finding] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
+    gaps: list[str] = field(default_factory=list)  # numbers the steps skip: allowed, shown so nobody wonders
 
     @property
     def blocking(self) -> list[Finding]:
@@ -104,10 +126,12 @@ class Plan:
 
     def render(self, with_sql: bool = True) -> str:
         if not self.steps:
-            return f"{self.service}: nothing to {self.direction}; schema is at version {self.current_version}."
+            return (f"{self.service}: nothing to {self.direction}; schema is at version "
+                    f"{version_label(self.current_version)}.")
         verb = "apply" if self.direction == "up" else "revert"
-        lines = [f"{self.service}: {verb} {len(self.steps)} migration(s), version {self.current_version} -> "
-                 f"{self.target_version}:"]
+        lines = [f"{self.service}: {verb} {len(self.steps)} migration(s), version {version_label(self.current_version)}"
+                 f" -> {version_label(self.target_version)}:"]
+        lines += [f"  gap: {gap}" for gap in self.gaps]
         for migration in self.steps:
             source = migration.up if self.direction == "up" else migration.down
             mode = "outside a transaction" if source and source.no_transaction else "in one transaction"
@@ -148,11 +172,31 @@ class RunResult:
     def summary(self) -> str:
         if self.dry_run:
             return (f"{self.service}: dry run, would {('apply' if self.direction == 'up' else 'revert')} "
-                    f"{len(self.plan.steps)} migration(s) ({self.from_version} -> {self.plan.target_version}); "
-                    f"nothing changed")
+                    f"{len(self.plan.steps)} migration(s) ({version_label(self.from_version)} -> "
+                    f"{version_label(self.plan.target_version)}); nothing changed")
         verb = "Applied" if self.direction == "up" else "Reverted"
         return (f"{self.service}: {verb} {len(self.steps)} migration(s) in {self.seconds:.1f}s "
-                f"(version {self.from_version} -> {self.to_version})")
+                f"(version {version_label(self.from_version)} -> {version_label(self.to_version)})")
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """What baseline or adopt recorded: the versions now marked applied without running, and the baseline."""
+
+    service: str
+    version: int
+    recorded: list[int]
+    source: str  # "baseline --version N", or what adopt read: "golang-migrate schema_migrations version N"
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        if not self.recorded:
+            return (f"{self.service}: already baselined at version {version_label(self.version)} ({self.source}); "
+                    f"nothing changed")
+        verb = "would record" if self.dry_run else "recorded"
+        return (f"{self.service}: {verb} {len(self.recorded)} version(s) as applied without running them "
+                f"({', '.join(map(str, self.recorded))}); baseline {self.version} from {self.source}"
+                + ("; nothing changed (dry run)" if self.dry_run else ". Lint skips these files from now on."))
 
 
 @dataclass(frozen=True)
@@ -163,12 +207,14 @@ class Status:
     pending: list[Migration]
     dirty: list[AppliedVersion]
     drifted: list[str]
+    baseline: int | None = None  # the highest version recorded by baseline or adopt, if any
 
     def render(self) -> str:
-        lines = [f"{self.service}: version {self.current_version}, {len(self.applied)} applied, "
-                 f"{len(self.pending)} pending"]
+        lines = [f"{self.service}: version {version_label(self.current_version)}, {len(self.applied)} applied, "
+                 f"{len(self.pending)} pending"
+                 + (f", baseline {self.baseline}" if self.baseline is not None else "")]
         lines += [f"  pending {m.label}" for m in self.pending]
-        lines += [f"  DIRTY {d.version:03d}_{d.name} ({d.dirty_direction}): {d.error or 'interrupted'}" for d in self.dirty]
+        lines += [f"  DIRTY {d.version}_{d.name} ({d.dirty_direction}): {d.error or 'interrupted'}" for d in self.dirty]
         lines += [f"  DRIFT {d}" for d in self.drifted]
         return "\n".join(lines)
 
@@ -197,8 +243,9 @@ class MigrationEngine:
         migrations = discover(self.migrations_dir)
         with self._connection() as conn:
             history = self._read_history(conn)
+            baseline = self._read_baseline(conn)
         applied = [h for h in history.values() if h.state == "applied"]
-        current = max((h.version for h in applied), default=0)
+        current = max((h.version for h in applied), default=NOTHING_APPLIED)
         return Status(
             service=self.service,
             current_version=current,
@@ -206,6 +253,7 @@ class MigrationEngine:
             pending=[m for m in migrations if m.version not in history],
             dirty=[h for h in history.values() if h.state == "dirty"],
             drifted=self._drift(migrations, history),
+            baseline=baseline,
         )
 
     def last_actions(self, versions: list[int]) -> dict[int, str]:
@@ -226,8 +274,8 @@ class MigrationEngine:
         """Return what ``migrate`` would do; raise InvalidMigrationInput when it would be refused."""
         migrations = discover(self.migrations_dir)
         with self._connection() as conn:
-            history = self._read_history(conn)
-        return self._plan(migrations, history, direction, target, run_lint, drift_reason=None)
+            return self._plan(conn, migrations, self._read_history(conn), direction, target, run_lint,
+                              drift_reason=None)
 
     def migrate(
         self,
@@ -243,7 +291,7 @@ class MigrationEngine:
         migrations = discover(self.migrations_dir)  # every file is validated before the database is touched
         with self._connection() as conn:
             if dry_run:
-                plan = self._plan(migrations, self._read_history(conn), direction, target, run_lint,
+                plan = self._plan(conn, migrations, self._read_history(conn), direction, target, run_lint,
                                   acknowledge_drift)
                 self.log.info("%s", plan.render())
                 self._refuse_blocking_findings(plan)
@@ -252,7 +300,7 @@ class MigrationEngine:
             try:
                 self._ensure_history(conn)
                 history = self._read_history(conn)
-                plan = self._plan(migrations, history, direction, target, run_lint, acknowledge_drift)
+                plan = self._plan(conn, migrations, history, direction, target, run_lint, acknowledge_drift)
                 self._refuse_blocking_findings(plan)
                 for finding in plan.findings:
                     if finding.severity == "ignored":
@@ -263,8 +311,8 @@ class MigrationEngine:
                     self._acknowledge_drift(conn, migrations, history, acknowledge_drift or "")
                 result = RunResult(self.service, direction, plan.current_version, plan.current_version, False, plan)
                 if not plan.steps:
-                    self.log.info("%s: nothing to %s; schema is at version %d", self.service, direction,
-                                  plan.current_version)
+                    self.log.info("%s: nothing to %s; schema is at version %s", self.service, direction,
+                                  version_label(plan.current_version))
                 for index, migration in enumerate(plan.steps, start=1):
                     self.log.info("%s: %s %s (%d of %d)", self.service,
                                   "applying" if direction == "up" else "reverting", migration.label, index,
@@ -315,19 +363,157 @@ class MigrationEngine:
             finally:
                 self._release_lock(conn)
 
+    def baseline(self, version: int, reason: str, *, dry_run: bool = False, source: str | None = None) -> BaselineResult:
+        """Record every migration up to ``version`` as applied without running it: the database has them already.
+
+        The current files' checksums are recorded (a later edit is drift, as for any applied file) and the reason
+        goes to the migration log. Refused, changing nothing, when the history already says something else: a dirty
+        version, a version above ``version``, a different checksum, or some of the versions but not all. Run again
+        on a database baselined the same way, it changes nothing.
+        """
+        if not (reason or "").strip():
+            raise InvalidMigrationInput(f"{self.service}: baseline needs a reason: say how you know the database is "
+                                        f"at version {version} (it is kept in the migration log)")
+        migrations = discover(self.migrations_dir)
+        by_version = {m.version: m for m in migrations}
+        if version not in by_version:
+            raise InvalidMigrationInput(
+                f"{self.service}: no migration file numbered {version} in {self.migrations_dir} (known versions: "
+                f"{', '.join(str(v) for v in sorted(by_version)) or 'none'}); the baseline is the version of the "
+                f"newest file the database already has")
+        source = source or f"baseline --version {version}"
+        wanted = [m for m in migrations if m.version <= version]
+        with self._connection() as conn:
+            if dry_run:
+                recorded = self._baseline_steps(self._read_history(conn), wanted, version, source)
+                result = BaselineResult(self.service, version, [m.version for m in recorded], source, dry_run=True)
+                self.log.info("%s", result.summary())
+                return result
+            self._acquire_lock(conn)
+            try:
+                self._ensure_history(conn)
+                recorded = self._baseline_steps(self._read_history(conn), wanted, version, source)
+                with conn, conn.cursor() as cur:  # all of it or nothing
+                    for migration in recorded:
+                        cur.execute(sql.SQL(
+                            "INSERT INTO {} (version, name, checksum_up, checksum_down, applied_by) "
+                            "VALUES (%s, %s, %s, %s, %s)").format(sql.Identifier(HISTORY_TABLE)),
+                            [migration.version, migration.name, migration.up.checksum,
+                             migration.down.checksum if migration.down else None, self.applied_by])
+                        self._log_row(cur, migration.version, migration.name, BASELINE_ACTION,
+                                      f"{source}: {reason.strip()}", None)
+            finally:
+                self._release_lock(conn)
+        result = BaselineResult(self.service, version, [m.version for m in recorded], source)
+        self.log.info("%s", result.summary())
+        return result
+
+    def adopt(self, reason: str, *, table: str = GOLANG_MIGRATE_TABLE, dry_run: bool = False) -> BaselineResult:
+        """Baseline at the version golang-migrate's table records, refusing a dirty one; leave that table as it is."""
+        if not (reason or "").strip():
+            raise InvalidMigrationInput(f"{self.service}: adopt needs a reason (it is kept in the migration log)")
+        with self._connection() as conn:
+            version = self._golang_migrate_version(conn, table)
+            history = self._read_history(conn)
+        if version is None:
+            if history:
+                raise InvalidMigrationInput(
+                    f"{self.service}: golang-migrate's {table} says nothing is applied, but this engine's history "
+                    f"records version(s) {', '.join(str(v) for v in sorted(history))}; they disagree, nothing was "
+                    f"changed. Find out which is right before going on (`status`).")
+            result = BaselineResult(self.service, NOTHING_APPLIED, [], f"golang-migrate's {table} (empty)", dry_run)
+            self.log.info("%s: golang-migrate's %s is empty: nothing is applied, nothing to adopt; `up` applies "
+                          "every file.", self.service, table)
+            return result
+        return self.baseline(version, reason, dry_run=dry_run,
+                             source=f"golang-migrate's {table} (version {version}, clean)")
+
+    def _baseline_steps(self, history: dict[int, AppliedVersion], wanted: list[Migration], version: int,
+                        source: str) -> list[Migration]:
+        """Return the migrations a baseline must record; refuse when the history disagrees with it."""
+        self._refuse_dirty(history, wanted)
+        refused = f"{self.service}: {source} refused, nothing was changed:"
+        above = sorted(v for v in history if v > version)
+        if above:
+            row = history[above[-1]]
+            raise InvalidMigrationInput(
+                f"{refused} the history already records version {row.version} ({row.name}) applied by "
+                f"{row.applied_by} at {row.applied_at}, above {version}. The database is past {version} by this "
+                f"engine's account: check which is right (`status`) before going on.")
+        wanted_versions = {m.version for m in wanted}
+        unknown = sorted(set(history) - wanted_versions)
+        if unknown:
+            raise InvalidMigrationInput(
+                f"{refused} the history records version(s) {', '.join(map(str, unknown))}, which have no file in "
+                f"{self.migrations_dir}.")
+        differ = [m for m in wanted if m.version in history and history[m.version].checksum_up != m.up.checksum]
+        if differ:
+            raise InvalidMigrationInput(
+                f"{refused} {differ[0].up.path} differs from the file recorded when version {differ[0].version} "
+                f"was applied; restore it, or acknowledge the drift with `up --acknowledge-drift`.")
+        missing = [m for m in wanted if m.version not in history]
+        if history and missing:
+            current = max(history)
+            raise InvalidMigrationInput(
+                f"{refused} the history records version(s) up to {current} applied by this engine; a baseline at "
+                f"{version} would mark {', '.join(m.label for m in missing)} applied without running them. If the "
+                f"database has them, the history is wrong: find out how before going on. If it does not, "
+                f"`up --to {version}` applies them.")
+        return missing
+
+    def _golang_migrate_version(self, conn: Any, table: str) -> int | None:
+        """Return the version golang-migrate's table records (None: nothing applied); refuse a dirty one."""
+        if not re.fullmatch(r"[A-Za-z_][\w$]*(\.[A-Za-z_][\w$]*)?", table):
+            raise InvalidMigrationInput(f"--table {table!r}: give a table name, optionally schema-qualified "
+                                        f"(golang-migrate's x-migrations-table), e.g. schema_migrations")
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped", [table])
+            columns = dict(cur.fetchall())
+            if not columns:
+                raise InvalidMigrationInput(
+                    f"{self.service}: the database has no table {table}, so golang-migrate did not migrate it "
+                    f"(or its table has another name: --table). If you know the version the database is at, "
+                    f"`baseline --version N --reason ...` records it. Nothing was changed.")
+            if columns.get("version") not in {"bigint", "integer"} or columns.get("dirty") != "boolean":
+                raise InvalidMigrationInput(
+                    f"{self.service}: {table} is not golang-migrate's table: it has columns "
+                    f"{', '.join(f'{k} {v}' for k, v in columns.items())}, not (version bigint, dirty boolean). "
+                    f"Use `baseline --version N` with the version you know. Nothing was changed.")
+            cur.execute(sql.SQL("SELECT version, dirty FROM {}").format(sql.Identifier(*table.split("."))))
+            rows = cur.fetchall()
+        if len(rows) > 1:
+            raise InvalidMigrationInput(
+                f"{self.service}: golang-migrate's {table} holds {len(rows)} rows "
+                f"({', '.join(f'{v} dirty={d}' for v, d in rows)}); golang-migrate keeps exactly one. Find out "
+                f"which is true, then `baseline --version N`. Nothing was changed.")
+        if not rows or (rows[0][0] < 0 and not rows[0][1]):
+            return None
+        version, dirty = rows[0]
+        if dirty:
+            raise InvalidMigrationInput(
+                f"{self.service}: golang-migrate's {table} says version {version} is dirty: that migration failed "
+                f"part-way, and the database may hold part of it. Check what of version {version} ran and finish "
+                f"or undo it by hand, then mark it clean with golang-migrate (`migrate ... force {version}`, or the "
+                f"version below if you undid it) and adopt again. Nothing was changed.")
+        return int(version)
+
+    def _read_baseline(self, conn: Any) -> int | None:
+        """Return the highest version ever recorded by baseline or adopt (its files are not linted again)."""
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", [LOG_TABLE])
+            if not cur.fetchone()[0]:
+                return None
+            cur.execute(sql.SQL("SELECT max(version) FROM {} WHERE action = %s").format(sql.Identifier(LOG_TABLE)),
+                        [BASELINE_ACTION])
+            return cur.fetchone()[0]
+
     # ---- planning ----------------------------------------------------------------------------------------------------
-    def _plan(self, migrations: list[Migration], history: dict[int, AppliedVersion], direction: str,
+    def _plan(self, conn: Any, migrations: list[Migration], history: dict[int, AppliedVersion], direction: str,
               target: int | None, run_lint: bool, drift_reason: str | None) -> Plan:
         if direction not in {"up", "down"}:
             raise InvalidMigrationInput(f"direction must be 'up' or 'down', not {direction!r}")
-        dirty = [h for h in history.values() if h.state == "dirty"]
-        if dirty:
-            d = dirty[0]
-            raise InvalidMigrationInput(
-                f"{self.service}: version {d.version:03d}_{d.name} was interrupted while running outside a "
-                f"transaction ({d.dirty_direction}, by {d.applied_by} at {d.applied_at}): {d.error or 'no error recorded'}. "
-                f"Check the database, then run `python -m omnisphere_release.migrations {self.service} resolve "
-                f"--version {d.version} --as applied|reverted --reason '...'`.")
+        self._refuse_dirty(history, migrations)
         drift = self._drift(migrations, history)
         if drift and not (drift_reason and drift_reason.strip()):
             raise InvalidMigrationInput(
@@ -336,13 +522,14 @@ class MigrationEngine:
                 + "\nRestore the files, or acknowledge the change with a reason (--acknowledge-drift 'why').")
         by_version = {m.version: m for m in migrations}
         applied = sorted(v for v, h in history.items() if h.state == "applied")
-        current = applied[-1] if applied else 0
+        current = applied[-1] if applied else NOTHING_APPLIED
         pending = [m for m in migrations if m.version not in history]
         early = [m for m in pending if m.version < current]
         if early:
             raise InvalidMigrationInput(
                 f"{self.service}: {early[0].up.path} (version {early[0].version}) is older than the applied "
                 f"version {current}; out-of-order migrations are refused: renumber it above {current}")
+        known = ", ".join(str(v) for v in sorted(by_version)) or "none"
         if direction == "up":
             if target is None:
                 target = pending[-1].version if pending else current
@@ -353,19 +540,22 @@ class MigrationEngine:
             if target != current and target not in by_version:
                 raise InvalidMigrationInput(
                     f"{self.service}: target version {target} has no migration file in {self.migrations_dir}; "
-                    f"known versions: {', '.join(str(v) for v in sorted(by_version)) or 'none'}")
+                    f"known versions: {known}")
             steps = [m for m in pending if m.version <= target]
         else:
             if target is None:
-                target = applied[-2] if len(applied) >= 2 else 0  # one step down by default
+                target = applied[-2] if len(applied) >= 2 else NOTHING_APPLIED  # one step down by default
             if target > current:
                 raise InvalidMigrationInput(
-                    f"{self.service}: target version {target} is above the current version {current}; "
-                    f"use direction 'up' to apply")
-            if target != 0 and target not in history:
+                    f"{self.service}: target version {target} is above the current version "
+                    f"{version_label(current)}; use direction 'up' to apply")
+            # The target stays applied. A number without a file (0 in a set that starts at 1) keeps nothing, so it
+            # reverts everything above it, as `down --to 0` always did; a pending file's number is ambiguous.
+            if target != NOTHING_APPLIED and target not in history and target in by_version:
                 raise InvalidMigrationInput(
-                    f"{self.service}: target version {target} is not an applied version; "
-                    f"applied: {', '.join(str(v) for v in applied) or 'none'} (0 reverts everything)")
+                    f"{self.service}: target version {target} is not an applied version, so it cannot be kept; "
+                    f"applied: {', '.join(str(v) for v in applied) or 'none'}. `down --to V` keeps V applied; "
+                    f"`down --all` reverts everything")
             missing = [v for v in applied if v > target and v not in by_version]
             if missing:
                 raise InvalidMigrationInput(
@@ -378,8 +568,49 @@ class MigrationEngine:
                 raise InvalidMigrationInput(
                     f"{self.service}: {m.label} is irreversible ({m.irreversible_reason}); it cannot be reverted "
                     f"by SQL: restore the backup taken before it was applied")
-        findings = lint(steps) if run_lint and direction == "up" and steps else []
-        return Plan(self.service, direction, current, target, steps, findings, drift if drift_reason else [])
+        findings: list[Finding] = []
+        if run_lint and direction == "up" and steps:
+            # Files at or below the baseline ran before this engine knew the database: they are never linted again.
+            baseline = self._read_baseline(conn)
+            to_lint = [m for m in steps if baseline is None or m.version > baseline]
+            if to_lint:
+                findings = lint(to_lint, blocking_rules=self.settings.blocking_rules,
+                                relation_rows=lambda name: self._relation_rows(conn, name))
+        return Plan(self.service, direction, current, target, steps, findings, drift if drift_reason else [],
+                    _gaps(current, steps) if direction == "up" else [])
+
+    def _refuse_dirty(self, history: dict[int, AppliedVersion], migrations: list[Migration]) -> None:
+        dirty = [h for h in history.values() if h.state == "dirty"]
+        if dirty:
+            d = dirty[0]
+            label = next((m.label for m in migrations if m.version == d.version), f"{d.version}_{d.name}")
+            raise InvalidMigrationInput(
+                f"{self.service}: version {label} was interrupted while running outside a "
+                f"transaction ({d.dirty_direction}, by {d.applied_by} at {d.applied_at}): {d.error or 'no error recorded'}. "
+                f"Check the database, then run `python -m omnisphere_release.migrations {self.service} resolve "
+                f"--version {d.version} --as applied|reverted --reason '...'`.")
+
+    def _relation_rows(self, conn: Any, name: str) -> bool | None:
+        """Say whether relation ``name`` (a table, or an index: its table) holds rows; None when it does not exist.
+
+        Asked by the lint before the plan runs. A table locked by someone else for more than a second, or one this
+        role cannot read, is taken to hold rows: when in doubt, the finding blocks.
+        """
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SET LOCAL lock_timeout = '1s'")
+                cur.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE c.oid = coalesce((SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = "
+                            "to_regclass(%s)), to_regclass(%s))", [name, name])
+                row = cur.fetchone()
+                if row is None:
+                    return None
+                cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(*row)))
+                return bool(cur.fetchone()[0])
+        except psycopg2.Error as exc:
+            self.log.info("%s: could not tell whether %s holds rows (%s); its lint findings block",
+                          self.service, name, _pg_message(exc))
+            return True
 
     def _drift(self, migrations: list[Migration], history: dict[int, AppliedVersion]) -> list[str]:
         by_version = {m.version: m for m in migrations}
@@ -393,7 +624,7 @@ class MigrationEngine:
 
     @staticmethod
     def _version_below(version: int, history: dict[int, AppliedVersion]) -> int:
-        return max((v for v, h in history.items() if v < version and h.state == "applied"), default=0)
+        return max((v for v, h in history.items() if v < version and h.state == "applied"), default=NOTHING_APPLIED)
 
     # ---- execution ---------------------------------------------------------------------------------------------------
     def _apply(self, conn: Any, migration: Migration, reason: str | None) -> StepResult:
@@ -628,6 +859,19 @@ class _Closing:
 
     def __exit__(self, *exc: object) -> None:
         self.conn.close()
+
+
+def _gaps(current: int, steps: list[Migration]) -> list[str]:
+    """Describe the numbers a run of ``up`` steps skips (7 after 5: no 6), from the current version on."""
+    gaps, previous = [], current
+    for migration in steps:
+        if previous != NOTHING_APPLIED and migration.version > previous + 1:
+            missing = (str(previous + 1) if migration.version == previous + 2
+                       else f"{previous + 1}-{migration.version - 1}")
+            gaps.append(f"no migration numbered {missing} (between {previous} and {migration.label}); "
+                        f"numbers need not be consecutive")
+        previous = migration.version
+    return gaps
 
 
 def _pg_message(exc: BaseException) -> str:

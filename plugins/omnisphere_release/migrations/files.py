@@ -1,6 +1,8 @@
 """Discover and validate a service's migration files, before anything touches the database.
 
-A migration is a pair ``NNN_name.up.sql`` / ``NNN_name.down.sql``. Directives are SQL comments on lines of their own:
+A migration is a pair ``NNN_name.up.sql`` / ``NNN_name.down.sql``, named as golang-migrate names them: the number is
+the version (``0_initial`` is version 0; ``7_x`` and ``007_x`` are both version 7, so padded and unpadded names sort
+together; a gap in the numbers is allowed). Directives are SQL comments on lines of their own:
 
 ``-- omni:no-transaction``
     run outside a transaction (``CREATE INDEX CONCURRENTLY``); the engine marks the version dirty before and clean after.
@@ -47,7 +49,8 @@ class Migration:
 
     @property
     def label(self) -> str:
-        return f"{self.version:03d}_{self.name}"
+        """The file name without ``.up.sql``, as written: ``0_initial``, ``004_users_last_login``."""
+        return self.up.path.name.removesuffix(".up.sql")
 
     @property
     def reversible(self) -> bool:
@@ -64,7 +67,7 @@ def _read(path: Path) -> SqlFile:
     except UnicodeDecodeError as exc:
         raise MigrationFileError(
             f"{path}: not UTF-8 (invalid byte at offset {exc.start}); save the file as UTF-8") from None
-    if not _strip_comments(text).strip():
+    if not strip_comments(text).strip():
         raise MigrationFileError(f"{path}: contains no SQL statement; write the migration or delete the file")
     directives = _directives(path, text)
     ignores: dict[str, str] = {}
@@ -95,7 +98,8 @@ def _directives(path: Path, text: str) -> dict[str, list[str]]:
     return found
 
 
-def _strip_comments(text: str) -> str:
+def strip_comments(text: str) -> str:
+    """Return ``text`` without its SQL comments (``--`` to the end of a line, ``/* ... */``)."""
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
     return "\n".join(line.split("--", 1)[0] for line in text.splitlines())
 
@@ -123,7 +127,8 @@ def discover(folder: Path) -> list[Migration]:
 
     for version, (name, path) in downs.items():
         if version not in ups:
-            raise MigrationFileError(f"{path}: down file without an up file {version:03d}_{name}.up.sql; add it or delete this file")
+            raise MigrationFileError(f"{path}: down file without an up file {path.name.replace('.down.sql', '.up.sql')}; "
+                                     f"add it or delete this file")
         if ups[version][0] != name:
             raise MigrationFileError(
                 f"{path}: name does not match its up file {ups[version][1].name}; rename one so both say the same")
@@ -154,6 +159,55 @@ def split_statements(sql: str) -> list[str]:
 
     statements = []
     for statement in sqlparse.split(sql):
-        if _strip_comments(statement).strip().rstrip(";").strip():
+        if strip_comments(statement).strip().rstrip(";").strip():
             statements.append(statement)
     return statements
+
+
+UP_TEMPLATE = """-- {label}: say what this migration changes and why; the plan and the release log show this file.
+-- It runs in one transaction, with lock_timeout and statement_timeout set by the engine. The lint blocks a
+-- statement that locks or rewrites a table holding rows (CREATE INDEX without CONCURRENTLY, ADD CONSTRAINT without
+-- NOT VALID, ALTER COLUMN TYPE, ...): write the safe form, or accept the finding with a directive.
+-- Directives, each on a line of its own that starts with "-- omni:" (copy the one you need):
+--   no-transaction                run outside a transaction, one statement at a time (CREATE INDEX CONCURRENTLY)
+--   irreversible <reason>         no down file (delete {down}): rolling back restores the backup
+--   lint-ignore <rule> <reason>   accept one squawk finding in this file; the reason is logged
+
+"""
+DOWN_TEMPLATE = """-- {label}: undo exactly what {up} does, in reverse order, so that up then down leaves the schema as it was.
+-- A rollback runs it after the application was rolled back. "-- omni:no-transaction" works here too.
+
+"""
+_NEW_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+
+
+def next_file_version(folder: Path) -> str:
+    """Return the number of the next migration in ``folder`` as its file name spells it, following the padding of the
+    newest file (``004`` -> ``005``, ``16`` -> ``17``, ``0`` -> ``1``; a folder without migrations starts at ``001``)."""
+    spelled = [match.group("version") for path in folder.iterdir() if (match := FILE_NAME.match(path.name))]
+    if not spelled:
+        return "001"
+    newest = max(spelled, key=lambda digits: (int(digits), len(digits)))
+    padded = len(newest) > 1 and newest.startswith("0")
+    following = int(newest) + 1
+    return f"{following:0{len(newest)}d}" if padded else str(following)
+
+
+def new_migration(folder: Path, name: str) -> tuple[Path, Path]:
+    """Create the next ``NNN_name.up.sql`` and ``NNN_name.down.sql`` in ``folder`` from the templates; return both.
+
+    The files hold only comments: until someone writes their SQL, discover() refuses them, so an unfinished
+    migration cannot be released by accident.
+    """
+    if not _NEW_NAME.match(name):
+        suggestion = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "describe_the_change"
+        raise MigrationFileError(f"migration name {name!r}: use lower-case letters, digits and underscores, "
+                                 f"e.g. {suggestion!r}")
+    if not folder.is_dir():
+        raise MigrationFileError(f"{folder}: migrations folder not found; create it or check OMNISPHERE_SQL_DIR")
+    discover(folder)  # a folder that is already broken is fixed first: the new number must be the right one
+    label = f"{next_file_version(folder)}_{name}"
+    up, down = folder / f"{label}.up.sql", folder / f"{label}.down.sql"
+    up.write_text(UP_TEMPLATE.format(label=label, down=down.name), encoding="utf-8")
+    down.write_text(DOWN_TEMPLATE.format(label=label, up=up.name), encoding="utf-8")
+    return up, down
