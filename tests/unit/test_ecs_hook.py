@@ -12,14 +12,15 @@ import botocore.session
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from omnisphere_release.hooks import ecs as ecs_hook_module
 from omnisphere_release.hooks.ecs import (
+    IN_FLIGHT,
     REGISTERABLE,
     RUN_TAG,
     EcsDeploymentError,
     EcsDeploymentHook,
     EcsNotOnTarget,
     LiveRevision,
+    ReturnStep,
     deployment_configuration,
     image_of,
     pinned_image,
@@ -437,60 +438,6 @@ def test_describe_deployment_of_an_unknown_arn_says_why():
         hook.describe_deployment(DEPLOYMENT_ARN)
 
 
-@pytest.mark.parametrize(("statuses", "settled"), [
-    (["PENDING", "IN_PROGRESS", "SUCCESSFUL"], "SUCCESSFUL"),
-    (["STOP_REQUESTED", "STOPPED"], "STOPPED"),
-    (["ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL"], "ROLLBACK_SUCCESSFUL"),
-    (["ROLLBACK_IN_PROGRESS", "ROLLBACK_FAILED"], "ROLLBACK_FAILED"),
-])
-def test_wait_until_settled_returns_once_the_deployment_leaves_flight(statuses, settled):
-    client = FakeEcsClient(describe_service_deployments=iter(
-        {"serviceDeployments": [deployment(status)]} for status in statuses))
-
-    result = EcsDeploymentHook(client=client).wait_until_settled(DEPLOYMENT_ARN, timeout_seconds=60, poll_seconds=0)
-
-    assert result["status"] == settled
-    assert client.called("describe_service_deployments") == [{"serviceDeploymentArns": [DEPLOYMENT_ARN]}] * len(
-        statuses)
-
-
-def test_wait_until_settled_gives_up_at_the_timeout():
-    client = FakeEcsClient(describe_service_deployments=lambda **_: {
-        "serviceDeployments": [deployment("ROLLBACK_IN_PROGRESS")]})
-
-    with pytest.raises(EcsDeploymentError, match=f"deployment {DEPLOYMENT_ARN} still ROLLBACK_IN_PROGRESS after 0s"):
-        EcsDeploymentHook(client=client).wait_until_settled(DEPLOYMENT_ARN, timeout_seconds=0, poll_seconds=0)
-
-
-class FakeMonotonicClock:
-    """Stands in for the hook's ``time``: the clock moves only when the hook sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
-def test_wait_until_settled_polls_until_the_timeout_has_passed(monkeypatch):
-    clock = FakeMonotonicClock()
-    monkeypatch.setattr(ecs_hook_module, "time", clock)
-    client = FakeEcsClient(describe_service_deployments=lambda **_: {
-        "serviceDeployments": [deployment("IN_PROGRESS")]})
-
-    with pytest.raises(EcsDeploymentError, match=f"deployment {DEPLOYMENT_ARN} still IN_PROGRESS after 10s"):
-        EcsDeploymentHook(client=client).wait_until_settled(DEPLOYMENT_ARN, timeout_seconds=10, poll_seconds=2)
-
-    # Polls at 0, 2, ... 10 s are within the timeout; the one at 12 s is the first past it.
-    assert len(client.called("describe_service_deployments")) == 7
-    assert clock.slept == [2] * 6
-
-
 # --- EcsDeploymentHook.live_revision ----------------------------------------------------------------------------
 
 
@@ -561,9 +508,26 @@ def going_through(statuses_by_arn: dict[str, list[str]]) -> Any:
     return describe_service_deployments
 
 
-def return_to(client: FakeEcsClient, task_definition: str = PREVIOUS):
-    return EcsDeploymentHook(client=client).return_to(CLUSTER, SERVICE, task_definition, timeout_seconds=60,
-                                                       poll_seconds=0)
+def return_to(client: FakeEcsClient, task_definition: str = PREVIOUS) -> tuple[str, dict[str, Any] | None]:
+    """Walk the way back as rollback_ecs does: a step, then (where the trigger would wait, deferred) describe the
+    deployment it names until it leaves flight, then the next step, until a step has nothing to wait for.
+
+    Return the actions joined as the operator reports them, and the last deployment waited for.
+    """
+    hook = EcsDeploymentHook(client=client)
+    actions: list[str] = []
+    settled = None
+    for _ in range(5):
+        step = hook.return_to(CLUSTER, SERVICE, task_definition,
+                              redeployed=any(a.startswith("redeployed") for a in actions))
+        assert isinstance(step, ReturnStep)
+        if step.action:
+            actions.append(step.action)
+        if step.wait_for is None:
+            return " and ".join(actions) or "none", settled
+        while (settled := hook.describe_deployment(step.wait_for))["status"] in IN_FLIGHT:
+            pass
+    raise AssertionError("the way back took more than 5 steps")
 
 
 def call_names(client: FakeEcsClient) -> list[str]:
@@ -577,54 +541,67 @@ def test_return_to_does_nothing_when_the_service_already_runs_the_target(current
 
     first, second = return_to(client), return_to(client)
 
-    assert first.action == second.action == "none"
-    assert first.task_definition == PREVIOUS
-    assert first.settled is None  # nothing was waited for
+    assert first == second == ("none", None)  # nothing to do, nothing waited for
     # Running it twice changes nothing: only reads, never an update or a stop.
     assert set(call_names(client)) <= {"describe_services", "describe_service_deployments"}
     assert client.called("describe_service_deployments") == (
         [{"serviceDeploymentArns": [DEPLOYMENT_ARN]}] * 2 if current_deployment else [])
 
 
+def test_a_step_back_never_waits_it_names_the_deployment_to_wait_for():
+    client = FakeEcsClient(
+        describe_services=services_on(RELEASED),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS"]}),
+        stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN})
+
+    step = EcsDeploymentHook(client=client).return_to(CLUSTER, SERVICE, PREVIOUS)
+
+    assert step == ReturnStep("stopped in-flight deployment with ROLLBACK", DEPLOYMENT_ARN)
+    assert call_names(client) == ["describe_services", "describe_service_deployments", "stop_service_deployment"]
+
+
 def test_return_to_stops_an_in_flight_deployment_with_rollback_and_waits_for_it():
     client = FakeEcsClient(
         describe_services=services_on(RELEASED, PREVIOUS),
         describe_service_deployments=going_through(
-            {DEPLOYMENT_ARN: ["IN_PROGRESS", "ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL"]}),
+            {DEPLOYMENT_ARN: ["IN_PROGRESS", "ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL",
+                              "ROLLBACK_SUCCESSFUL"]}),
         stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN})
 
-    result = return_to(client)
+    action, settled = return_to(client)
 
-    assert result.action == "stopped in-flight deployment with ROLLBACK"
-    assert result.settled is not None and result.settled["status"] == "ROLLBACK_SUCCESSFUL"
+    assert action == "stopped in-flight deployment with ROLLBACK"
+    assert settled is not None and settled["status"] == "ROLLBACK_SUCCESSFUL"
     assert client.called("stop_service_deployment") == [{"serviceDeploymentArn": DEPLOYMENT_ARN,
                                                          "stopType": "ROLLBACK"}]
     # Stop, wait until ECS has settled, look again: ECS runs the target, so no second deployment.
     assert call_names(client) == ["describe_services", "describe_service_deployments", "stop_service_deployment",
                                   "describe_service_deployments", "describe_service_deployments",
-                                  "describe_service_deployments", "describe_services"]
+                                  "describe_service_deployments", "describe_services",
+                                  "describe_service_deployments"]
+    assert client.called("update_service") == []
 
 
 def test_return_to_redeploys_the_target_over_a_completed_deployment_and_waits():
     client = FakeEcsClient(
-        describe_services=services_on(RELEASED, PREVIOUS),
+        describe_services=iter([service_on(RELEASED), service_on(PREVIOUS, REDEPLOY_ARN)]),
         describe_service_deployments=going_through({DEPLOYMENT_ARN: ["SUCCESSFUL"],
-                                                    REDEPLOY_ARN: ["PENDING", "IN_PROGRESS", "SUCCESSFUL"]}),
+                                                    REDEPLOY_ARN: ["PENDING", "IN_PROGRESS", "SUCCESSFUL",
+                                                                   "SUCCESSFUL"]}),
         update_service={"service": {"currentServiceDeployment": REDEPLOY_ARN}})
 
-    result = return_to(client)
+    action, settled = return_to(client)
 
-    assert result.action == f"redeployed {PREVIOUS}"
-    assert result.settled is not None and result.settled["serviceDeploymentArn"] == REDEPLOY_ARN
-    assert result.settled["status"] == "SUCCESSFUL"
+    assert action == f"redeployed {PREVIOUS}"
+    assert settled is not None and settled["serviceDeploymentArn"] == REDEPLOY_ARN
+    assert settled["status"] == "SUCCESSFUL"
     assert client.called("update_service") == [{
         "cluster": CLUSTER, "service": SERVICE, "taskDefinition": PREVIOUS,
         "deploymentConfiguration": {"strategy": "ROLLING", "maximumPercent": 200, "minimumHealthyPercent": 100,
                                     "deploymentCircuitBreaker": {"enable": True, "rollback": True}}}]
     assert client.called("stop_service_deployment") == []  # a completed deployment cannot be stopped
     # It waited for the deployment it started, until it left flight, then looked at the service again.
-    assert client.called("describe_service_deployments")[1:] == [{"serviceDeploymentArns": [REDEPLOY_ARN]}] * 3
-    assert call_names(client)[-1] == "describe_services"
+    assert client.called("describe_service_deployments")[1:] == [{"serviceDeploymentArns": [REDEPLOY_ARN]}] * 4
 
 
 @pytest.mark.parametrize("rolling_back", ["ROLLBACK_REQUESTED", "ROLLBACK_IN_PROGRESS"])
@@ -633,32 +610,32 @@ def test_return_to_waits_for_a_rollback_in_flight_without_stopping_it_again(roll
     client = FakeEcsClient(
         describe_services=services_on(PREVIOUS, PREVIOUS),
         describe_service_deployments=going_through(
-            {DEPLOYMENT_ARN: [rolling_back, "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL"]}))
+            {DEPLOYMENT_ARN: [rolling_back, "ROLLBACK_IN_PROGRESS", "ROLLBACK_SUCCESSFUL", "ROLLBACK_SUCCESSFUL"]}))
 
-    result = return_to(client)
+    action, settled = return_to(client)
 
-    assert result.action == "none"
-    assert result.settled is not None and result.settled["status"] == "ROLLBACK_SUCCESSFUL"
+    assert action == "none"
+    assert settled is not None and settled["status"] == "ROLLBACK_SUCCESSFUL"
     assert client.called("stop_service_deployment") == []
     assert client.called("update_service") == []
-    assert len(client.called("describe_service_deployments")) == 3  # it waited until the rollback was over
+    assert len(client.called("describe_service_deployments")) == 4  # it waited until the rollback was over
 
 
 def test_return_to_an_older_revision_stops_the_release_then_redeploys_the_older_revision():
     # A manual rollback to OLDER while a release from PREVIOUS to RELEASED is in flight: ECS's ROLLBACK brings the
     # service back to PREVIOUS, which is not what was asked for.
     client = FakeEcsClient(
-        describe_services=services_on(RELEASED, PREVIOUS, OLDER),
-        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS", "ROLLBACK_SUCCESSFUL"],
-                                                    REDEPLOY_ARN: ["IN_PROGRESS", "SUCCESSFUL"]}),
+        describe_services=iter([service_on(RELEASED), service_on(PREVIOUS), service_on(OLDER, REDEPLOY_ARN)]),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS", "ROLLBACK_SUCCESSFUL",
+                                                                     "ROLLBACK_SUCCESSFUL"],
+                                                    REDEPLOY_ARN: ["IN_PROGRESS", "SUCCESSFUL", "SUCCESSFUL"]}),
         stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN},
         update_service={"service": {"currentServiceDeployment": REDEPLOY_ARN}})
 
-    result = return_to(client, OLDER)
+    action, settled = return_to(client, OLDER)
 
-    assert result.action == f"stopped in-flight deployment with ROLLBACK and redeployed {OLDER}"
-    assert result.task_definition == OLDER
-    assert result.settled is not None and result.settled["serviceDeploymentArn"] == REDEPLOY_ARN
+    assert action == f"stopped in-flight deployment with ROLLBACK and redeployed {OLDER}"
+    assert settled is not None and settled["serviceDeploymentArn"] == REDEPLOY_ARN
     assert [kwargs["taskDefinition"] for kwargs in client.called("update_service")] == [OLDER]
     assert call_names(client).index("stop_service_deployment") < call_names(client).index("update_service")
 
@@ -666,9 +643,10 @@ def test_return_to_an_older_revision_stops_the_release_then_redeploys_the_older_
 def test_return_to_raises_not_on_target_naming_both_revisions_when_ecs_ends_elsewhere():
     # The redeploy of PREVIOUS fails (its tasks do not start) and the circuit breaker sends the service back.
     client = FakeEcsClient(
-        describe_services=services_on(RELEASED, RELEASED),
+        describe_services=iter([service_on(RELEASED), service_on(RELEASED, REDEPLOY_ARN)]),
         describe_service_deployments=going_through({DEPLOYMENT_ARN: ["SUCCESSFUL"],
-                                                    REDEPLOY_ARN: ["IN_PROGRESS", "ROLLBACK_SUCCESSFUL"]}),
+                                                    REDEPLOY_ARN: ["IN_PROGRESS", "ROLLBACK_SUCCESSFUL",
+                                                                   "ROLLBACK_SUCCESSFUL"]}),
         update_service={"service": {"currentServiceDeployment": REDEPLOY_ARN}})
 
     with pytest.raises(EcsNotOnTarget) as raised:
@@ -678,6 +656,7 @@ def test_return_to_raises_not_on_target_naming_both_revisions_when_ecs_ends_else
     message = str(raised.value)
     assert message.startswith(f"ECS service {CLUSTER}/{SERVICE} ended on {RELEASED}, not {PREVIOUS} (")
     assert "ROLLBACK_SUCCESSFUL" in message  # the deployment it waited for, summarised
+    assert len(client.called("update_service")) == 1  # one redeploy, never a second
 
 
 def test_return_to_reports_an_aws_error_as_a_deployment_error_not_as_not_on_target():
@@ -694,16 +673,16 @@ def test_return_to_reports_an_aws_error_as_a_deployment_error_not_as_not_on_targ
     assert client.called("update_service") == []
 
 
-def test_return_to_gives_up_waiting_with_a_deployment_error_not_as_not_on_target():
+def test_return_to_does_not_redeploy_on_top_of_a_rollback_ecs_has_not_finished():
     client = FakeEcsClient(
         describe_services=lambda **_: service_on(RELEASED),
         describe_service_deployments=lambda **_: {"serviceDeployments": [deployment("ROLLBACK_IN_PROGRESS")]})
 
-    with pytest.raises(EcsDeploymentError, match="still ROLLBACK_IN_PROGRESS after 0s") as raised:
-        EcsDeploymentHook(client=client).return_to(CLUSTER, SERVICE, PREVIOUS, timeout_seconds=0, poll_seconds=0)
+    step = EcsDeploymentHook(client=client).return_to(CLUSTER, SERVICE, PREVIOUS)
 
-    assert not isinstance(raised.value, EcsNotOnTarget)
-    assert client.called("update_service") == []  # no redeploy on top of a rollback ECS has not finished
+    assert step == ReturnStep(None, DEPLOYMENT_ARN)  # wait for it; the next step looks again
+    assert client.called("update_service") == []
+    assert client.called("stop_service_deployment") == []
 
 
 def test_return_to_does_not_stop_a_deployment_already_going_to_the_target():
@@ -712,11 +691,11 @@ def test_return_to_does_not_stop_a_deployment_already_going_to_the_target():
     # a service revision ARN: the task definition the deployment goes to is the service's own.)
     client = FakeEcsClient(
         describe_services=lambda **_: service_on(PREVIOUS, DEPLOYMENT_ARN),
-        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS", "SUCCESSFUL"]}),
+        describe_service_deployments=going_through({DEPLOYMENT_ARN: ["IN_PROGRESS", "SUCCESSFUL", "SUCCESSFUL"]}),
         stop_service_deployment={"serviceDeploymentArn": DEPLOYMENT_ARN})
 
-    result = return_to(client)
+    action, settled = return_to(client)
 
     assert client.called("stop_service_deployment") == []
     assert client.called("update_service") == []
-    assert result.action == "none" and result.settled is not None and result.settled["status"] == "SUCCESSFUL"
+    assert action == "none" and settled is not None and settled["status"] == "SUCCESSFUL"

@@ -101,7 +101,8 @@ def ecs_trigger(deadline: float | None = None, **kwargs: Any) -> EcsServiceDeplo
 
 def test_ecs_trigger_serializes_every_argument():
     given = {"deployment_arn": DEPLOYMENT_ARN, "deadline": T0 + 900.5, "aws_conn_id": "aws_release",
-             "region_name": "eu-west-1", "done_on_traffic_shift": True, "poll_seconds": 7.5}
+             "region_name": "eu-west-1", "done_on_traffic_shift": True, "poll_seconds": 7.5, "settle": True,
+             "read_failure_seconds": 120.0}
     assert_serialize_round_trips(EcsServiceDeploymentTrigger(**given), given)
 
 
@@ -182,17 +183,102 @@ def test_ecs_trigger_reports_the_outcome_rather_than_a_timeout_when_both_are_due
     assert first_event(ecs_trigger(deadline=time.time() - 1)).payload["status"] == "success"
 
 
-def test_ecs_trigger_error_ends_the_wait_when_the_deployment_cannot_be_read(ecs_hook):
-    # Today a read error is terminal; if transient errors are retried one day, this is the test to change.
-    hook = ecs_hook(deployment("IN_PROGRESS"), RuntimeError("ThrottlingException: Rate exceeded"))
+THROTTLED = RuntimeError("describe deployment: ThrottlingException: Rate exceeded")
+UNREACHABLE = RuntimeError("describe deployment: Could not connect to the endpoint URL")
 
-    event = first_event(ecs_trigger())
 
-    assert event.payload["status"] == "error"
+@pytest.fixture
+def ecs_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The ECS trigger's clock: time moves only when it sleeps."""
+    fake = FakeClock(T0)
+    monkeypatch.setattr(ecs_trigger_module, "time", _ModuleWith(time, time=fake.time))
+    monkeypatch.setattr(ecs_trigger_module, "asyncio", _ModuleWith(asyncio, sleep=fake.sleep))
+    return fake
+
+
+def test_ecs_trigger_rides_out_failed_reads_and_follows_the_deployment_to_its_end(ecs_hook, ecs_clock):
+    # Throttled, then unreachable for a while: not reading the deployment says nothing about it.
+    hook = ecs_hook(deployment("IN_PROGRESS"), THROTTLED, UNREACHABLE, UNREACHABLE, deployment("IN_PROGRESS"),
+                    THROTTLED, deployment("SUCCESSFUL", "CLEAN_UP", weight=100.0))
+
+    event = first_event(EcsServiceDeploymentTrigger(DEPLOYMENT_ARN, T0 + 600, poll_seconds=5,
+                                                    read_failure_seconds=60))
+
+    assert event.payload["status"] == "success"
+    assert event.payload["deployment_status"] == "SUCCESSFUL"
+    assert len(hook.described) == 7
+    assert ecs_clock.slept == [5] * 6  # one poll interval after each read, failed or not
+
+
+def test_ecs_trigger_gives_up_after_its_budget_of_failed_reads_so_that_the_task_may_retry(ecs_hook, ecs_clock):
+    hook = ecs_hook(deployment("IN_PROGRESS"), *[UNREACHABLE] * 20)
+
+    event = first_event(EcsServiceDeploymentTrigger(DEPLOYMENT_ARN, T0 + 600, poll_seconds=5,
+                                                    read_failure_seconds=30))
+
+    assert event.payload["status"] == "error"  # not failed: the task retries and reattaches, no rollback
     assert event.payload["deployment_arn"] == DEPLOYMENT_ARN
-    assert "cannot read the deployment" in event.payload["message"]
-    assert "ThrottlingException: Rate exceeded" in event.payload["message"]
+    assert event.payload["message"].startswith("cannot read the deployment for 30s: ")
+    assert "Could not connect to the endpoint URL" in event.payload["message"]
+    assert len(hook.described) == 8  # the read at T0, then failures at T0 + 5 ... T0 + 35
+    assert ecs_clock.now == T0 + 35
+
+
+def test_ecs_trigger_counts_the_budget_from_the_latest_outage_only(ecs_hook, ecs_clock):
+    # Two outages of 20 s each, a good read in between: each is shorter than the 30 s budget.
+    hook = ecs_hook(*[UNREACHABLE] * 4, deployment("IN_PROGRESS"), *[UNREACHABLE] * 4, deployment("SUCCESSFUL"))
+
+    event = first_event(EcsServiceDeploymentTrigger(DEPLOYMENT_ARN, T0 + 600, poll_seconds=5,
+                                                    read_failure_seconds=30))
+
+    assert event.payload["status"] == "success"
+    assert len(hook.described) == 10
+
+
+def test_ecs_trigger_times_out_at_its_deadline_even_while_reads_fail(ecs_hook, ecs_clock):
+    ecs_hook(deployment("IN_PROGRESS"), *[THROTTLED] * 20)
+
+    event = first_event(EcsServiceDeploymentTrigger(DEPLOYMENT_ARN, T0 + 12, poll_seconds=5,
+                                                    read_failure_seconds=300))
+
+    assert event.payload["status"] == "timeout"  # the deadline is absolute, failed reads or not
+    assert event.payload["deployment_status"] == "unknown"
+    assert "ThrottlingException" in event.payload["summary"]
+    assert ecs_clock.now == T0 + 15
+
+
+@pytest.mark.parametrize("end", ["SUCCESSFUL", "STOPPED", "FAILED", "ROLLBACK_SUCCESSFUL", "ROLLBACK_FAILED"])
+def test_ecs_trigger_that_settles_reports_any_end_of_the_deployment(ecs_hook, end):
+    # The way back waits so for the deployment it stopped (ROLLBACK_*) or started: where the service ended is
+    # judged by the next step, not by the trigger.
+    hook = ecs_hook(deployment("ROLLBACK_REQUESTED"), deployment("ROLLBACK_IN_PROGRESS"),
+                    deployment(end, "CLEAN_UP", reason=f"deployment is {end}"))
+
+    event = first_event(ecs_trigger(settle=True))
+
+    assert event.payload["status"] == "settled"
+    assert event.payload["deployment_status"] == end
+    assert event.payload["reason"] == f"deployment is {end}"
+    assert event.payload["summary"].startswith(f"{end} at CLEAN_UP")
+    assert len(hook.described) == 3  # a rollback in flight is waited for, not reported as a failure
+
+
+def test_ecs_trigger_that_settles_ignores_the_traffic_shift(ecs_hook):
+    hook = ecs_hook(deployment("IN_PROGRESS", "BAKE_TIME", weight=100.0), deployment("SUCCESSFUL", "CLEAN_UP"))
+
+    event = first_event(ecs_trigger(settle=True, done_on_traffic_shift=True))
+
+    assert event.payload["status"] == "settled"
     assert len(hook.described) == 2
+
+
+def test_ecs_trigger_that_settles_times_out_at_its_deadline(ecs_hook):
+    ecs_hook(deployment("ROLLBACK_IN_PROGRESS"))
+
+    event = first_event(ecs_trigger(deadline=time.time() - 1, settle=True))
+
+    assert event.payload["status"] == "timeout"
+    assert event.payload["deployment_status"] == "ROLLBACK_IN_PROGRESS"
 
 
 # --- MonitoringBakeTrigger --------------------------------------------------------------------------------------
@@ -438,13 +524,72 @@ def test_bake_trigger_fails_when_the_window_closes_during_the_bake(metrics, cloc
     assert clock.now == T0 + 20
 
 
-def test_bake_trigger_error_ends_the_bake_when_cloudwatch_cannot_be_read(metrics):
-    # Today a read error is terminal; if transient errors are retried one day, this is the test to change.
-    metrics(healthy(), RuntimeError("ThrottlingException: Rate exceeded"))
+CLOUDWATCH_DOWN = RuntimeError("Could not connect to the endpoint URL: \"http://127.0.0.1:4566/\"")
 
-    event = first_event(bake_trigger())
 
-    assert event.payload["status"] == "error"
-    assert event.payload["message"] == "cannot read CloudWatch: ThrottlingException: Rate exceeded"
+def test_bake_trigger_survives_a_cloudwatch_outage_shorter_than_missing_data(metrics, clock):
+    # 20 s without CloudWatch in a 60 s bake whose missing-data limit is 25 s.
+    hook = metrics(healthy(), CLOUDWATCH_DOWN, CLOUDWATCH_DOWN, healthy(), healthy(), healthy(), healthy())
+
+    event = first_event(bake_trigger(bake_until=T0 + 60, missing_data_seconds=25))
+
+    assert event.payload["status"] == "success"
+    assert clock.now == T0 + 60
+    assert len(event.payload["observations"]) == 5  # the failed reads observed nothing
+
+    def utc(epoch: float) -> datetime:
+        return datetime.fromtimestamp(epoch, timezone.utc)
+
+    # The first reading after the outage looks back over it: a breach while CloudWatch was away still counts.
+    # (failing since T0 + 10: from 15 s before that, but not before the bake); the next reading is back to normal.
+    starts = [start for _, start, _, _ in hook.reads]
+    assert starts[3] == utc(T0)
+    assert starts[4] == utc(T0 + 40 - 15)
+
+
+def test_bake_trigger_looks_back_over_the_outage_and_breaches_on_what_happened_then(metrics, clock):
+    hook = metrics(healthy(), CLOUDWATCH_DOWN, CLOUDWATCH_DOWN, CLOUDWATCH_DOWN, healthy(requests=1000, errors=50))
+
+    event = first_event(bake_trigger(bake_until=T0 + 120, missing_data_seconds=60, window_seconds=15))
+
+    assert event.payload["status"] == "breach"
+    assert clock.now == T0 + 40
+    _, start, end, _ = hook.reads[-1]
+    assert start == datetime.fromtimestamp(T0, timezone.utc)  # not T0 + 25: the outage is looked at too
+    assert end == datetime.fromtimestamp(T0 + 40, timezone.utc) + timedelta(seconds=60)
+
+
+def test_bake_trigger_fails_when_cloudwatch_stays_unreadable_longer_than_missing_data(metrics, clock):
+    metrics(healthy(), *[CLOUDWATCH_DOWN] * 10)
+
+    event = first_event(bake_trigger(bake_until=T0 + 300, missing_data_seconds=25))
+
+    assert event.payload["status"] == "unreadable"  # a failure: the release rolls back
+    assert clock.now == T0 + 40  # failing since T0 + 10; the first failed read 25 s or more after that
+    reason = event.payload["reason"]
+    assert reason.startswith("CloudWatch could not be read for 30s (limit 25s, the catalog's "
+                             "monitoring.missing_data_minutes): Could not connect to the endpoint URL")
+    assert reason.endswith("treated as a failure")
     assert len(event.payload["observations"]) == 1
-    assert event.payload["observations"][0].endswith(healthy().describe())
+
+
+def test_bake_trigger_does_not_end_a_bake_it_could_not_watch_to_the_end(metrics, clock):
+    # CloudWatch goes away just before the bake ends: the bake is not over until a reading covers its end.
+    metrics(healthy(), healthy(), CLOUDWATCH_DOWN, CLOUDWATCH_DOWN, healthy())
+
+    event = first_event(bake_trigger(bake_until=T0 + 20, missing_data_seconds=25))
+
+    assert event.payload["status"] == "success"
+    assert clock.now == T0 + 40
+    assert clock.slept == [10, 10, 10, 10]  # polls go on at the usual pace after the bake's end, not in a busy loop
+
+
+def test_bake_trigger_gives_up_at_bake_end_plus_missing_data_even_after_a_restart(metrics, clock):
+    # A triggerer restarted at T0 + 50 forgets when the outage began; the absolute limit still holds.
+    metrics(*[CLOUDWATCH_DOWN] * 10)
+    clock.now = T0 + 50
+
+    event = first_event(bake_trigger(bake_until=T0 + 30, missing_data_seconds=25))
+
+    assert event.payload["status"] == "unreadable"
+    assert clock.now == T0 + 55  # bake_until + missing_data_seconds

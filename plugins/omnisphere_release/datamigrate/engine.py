@@ -21,10 +21,17 @@ from psycopg2 import sql
 from omnisphere_release.datamigrate.spec import DataMigrationSpec
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
+from omnisphere_release.transient import (
+    DATABASE_BUDGET_SECONDS,
+    DatabaseUnreachable,
+    connection_lost,
+    retry_lost_connection,
+)
 
 CHECKPOINT_TABLE = "omnisphere_data_migrations"
 ADVISORY_LOCK_NAMESPACE = 0x4F4D4E49
 DATA_MIGRATION_LOCK = 2
+LOCK_WAIT_AFTER_RECONNECT_SECONDS = 15.0
 
 _DDL = f"""
 CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (
@@ -78,65 +85,101 @@ class DataRunResult:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
+@dataclass
+class _Progress:
+    """What one run() did so far, across the connections a lost connection made it open."""
+
+    started: float
+    rows: int = 0
+    batches: int = 0
+    sessions: int = 0
+    resumed_from: int | None = None
+
+    def result(self, name: str, direction: str, state: str) -> DataRunResult:
+        return DataRunResult(name, direction, state, self.rows, self.batches, time.monotonic() - self.started,
+                             self.resumed_from)
+
+
 class DataMigrationEngine:
     def __init__(self, spec: DataMigrationSpec, connect: Callable[[], Any], run_by: str = "cli",
                  log: Log | None = None, progress_seconds: float = 5.0,
-                 lock_retries: int = 5) -> None:
+                 lock_retries: int = 5, reconnect_budget_seconds: float = DATABASE_BUDGET_SECONDS) -> None:
         self.spec = spec
         self._connect = connect
         self.run_by = run_by
         self.log = log or logging.getLogger("omnisphere_release.datamigrate")
         self.progress_seconds = progress_seconds
         self.lock_retries = lock_retries
+        self.reconnect_budget_seconds = reconnect_budget_seconds
 
     # ---- public API --------------------------------------------------------------------------------------------------
     def run(self, direction: str = "forward", max_batches: int | None = None) -> DataRunResult:
-        """Run (or resume) the migration to its end, then verify; stop early on a pause request or ``max_batches``."""
+        """Run (or resume) the migration to its end, then verify; stop early on a pause request or ``max_batches``.
+
+        A connection lost between batches, or during one (whose transaction the server then rolls back), is
+        survived: the engine reconnects within ``reconnect_budget_seconds`` and goes on from the checkpoint, so no
+        row is processed twice or skipped. A database out of reach for longer raises MigrationFailed.
+        """
         if direction not in {"forward", "revert"}:
             raise InvalidMigrationInput(f"direction must be 'forward' or 'revert', not {direction!r}")
         if direction == "revert" and not self.spec.reversible:
             raise InvalidMigrationInput(f"{self.spec.path}: data migration {self.spec.name} is not reversible "
                                         f"(reversible: false); restore the backup taken before it instead")
         statement = self.spec.bind(self.spec.statement if direction == "forward" else self.spec.revert or "")
+        progress = _Progress(started=time.monotonic())
+        try:
+            return retry_lost_connection(lambda: self._run_session(direction, statement, max_batches, progress),
+                                         f"data migration {self.spec.name} ({direction})", self.log,
+                                         self.reconnect_budget_seconds)
+        except DatabaseUnreachable as exc:
+            raise MigrationFailed(f"{exc}. Committed batches stay ({progress.rows} rows in {progress.batches} "
+                                  f"batches this run); run it again to resume.") from None
+
+    def _run_session(self, direction: str, statement: str, max_batches: int | None,
+                     progress: _Progress) -> DataRunResult:
+        """Run the migration on one connection, from its checkpoint, counting into ``progress``."""
         conn = self._connect()
         conn.autocommit = False
-        started = time.monotonic()
+        reconnected = progress.sessions > 0
+        progress.sessions += 1
         try:
             self._prepare_session(conn)
-            self._lock(conn)
+            # After a lost connection the server may not have noticed yet that the old session is gone.
+            self._lock(conn, wait_seconds=LOCK_WAIT_AFTER_RECONNECT_SECONDS if reconnected else 0.0)
             checkpoint = self._checkpoint(conn, direction)
             if checkpoint.state == "done":
+                if reconnected:  # the last batches and the verification committed before the connection was lost
+                    return progress.result(self.spec.name, direction, "done")
                 self.log.info("%s: already done (%s); nothing to do.", self.spec.name, checkpoint.describe())
                 return DataRunResult(self.spec.name, direction, "already_done", 0, 0, 0.0, checkpoint.last_key)
-            resumed_from = checkpoint.last_key if checkpoint.batches else None
+            if not reconnected:
+                progress.resumed_from = checkpoint.last_key if checkpoint.batches else None
             self._set_state(conn, direction, "running")
             total = self._estimate_remaining(conn, checkpoint)
             self.log.info("%s %s: %s from key %s to %s, about %d rows to go, batches of %d%s.", self.spec.name,
-                          direction, "resuming" if resumed_from is not None else "starting", checkpoint.last_key,
-                          checkpoint.end_key, total, self.spec.batch_size,
+                          direction, "resuming" if reconnected or progress.resumed_from is not None else "starting",
+                          checkpoint.last_key, checkpoint.end_key, total, self.spec.batch_size,
                           f", throttled to {self.spec.rows_per_second:.0f} rows/s" if self.spec.rows_per_second else "")
-            rows = batches = 0
+            total += progress.rows
             last_report = time.monotonic()
             last_key = checkpoint.last_key
             while True:
-                if max_batches is not None and batches >= max_batches:
-                    return DataRunResult(self.spec.name, direction, "paused", rows, batches,
-                                         time.monotonic() - started, resumed_from)
+                if max_batches is not None and progress.batches >= max_batches:
+                    return progress.result(self.spec.name, direction, "paused")
                 if self._pause_requested(conn, direction):
                     self._set_state(conn, direction, "paused")
                     self.log.info("%s: paused at key %s after %d rows; run it again to resume.", self.spec.name,
-                                  last_key, rows)
-                    return DataRunResult(self.spec.name, direction, "paused", rows, batches,
-                                         time.monotonic() - started, resumed_from)
+                                  last_key, progress.rows)
+                    return progress.result(self.spec.name, direction, "paused")
                 batch_started = time.monotonic()
                 done, last_key, count = self._batch(conn, statement, direction, last_key, checkpoint.end_key)
                 if done:
                     break
-                rows += count
-                batches += 1
+                progress.rows += count
+                progress.batches += 1
                 self._throttle(count, time.monotonic() - batch_started)
                 if time.monotonic() - last_report >= self.progress_seconds:
-                    self._progress(rows, total, started)
+                    self._progress(progress.rows, total, progress.started)
                     last_report = time.monotonic()
             self._verify(conn, direction)
             if direction == "revert":
@@ -146,13 +189,16 @@ class DataMigrationEngine:
                                 [self.spec.name])
             else:
                 self._set_state(conn, direction, "done")
-            seconds = time.monotonic() - started
+            result = progress.result(self.spec.name, direction, "done")
             self.log.info("%s %s done: %d rows in %d batches, %.1fs (%.0f rows/s); verification passed.",
-                          self.spec.name, direction, rows, batches, seconds, rows / seconds if seconds else 0)
-            return DataRunResult(self.spec.name, direction, "done", rows, batches, seconds, resumed_from)
+                          self.spec.name, direction, result.rows, result.batches, result.seconds,
+                          result.rows_per_second)
+            return result
         except (InvalidMigrationInput, MigrationFailed):
             raise
         except psycopg2.Error as exc:
+            if connection_lost(exc):
+                raise  # nothing can be recorded on a dead connection; run() reconnects and resumes
             conn.rollback()
             message = str(exc).strip()
             self._record_failure(conn, direction, message)
@@ -254,16 +300,23 @@ class DataMigrationEngine:
             cur.execute("SELECT set_config('client_connection_check_interval', '1s', false)")
             cur.execute(_DDL)
 
-    def _lock(self, conn: Any) -> None:
+    def _lock(self, conn: Any, wait_seconds: float = 0.0) -> None:
+        deadline = time.monotonic() + wait_seconds
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", [ADVISORY_LOCK_NAMESPACE, self.spec.name])
-            if not cur.fetchone()[0]:
-                cur.execute("SELECT a.application_name, a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                            "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = hashtext(%s)::oid "
-                            "AND l.granted", [ADVISORY_LOCK_NAMESPACE, self.spec.name])
-                holder = cur.fetchone()
-                raise LockBusy(f"{self.spec.name} is already running: {holder[0] if holder else 'another session'} "
-                               f"(pid {holder[1] if holder else '?'}); let it finish or pause it")
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                            [ADVISORY_LOCK_NAMESPACE, self.spec.name])
+                if cur.fetchone()[0]:
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.5)
+            cur.execute("SELECT a.application_name, a.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                        "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = hashtext(%s)::oid "
+                        "AND l.granted", [ADVISORY_LOCK_NAMESPACE, self.spec.name])
+            holder = cur.fetchone()
+            raise LockBusy(f"{self.spec.name} is already running: {holder[0] if holder else 'another session'} "
+                           f"(pid {holder[1] if holder else '?'}); let it finish or pause it")
 
     def _checkpoint(self, conn: Any, direction: str) -> Checkpoint:
         table = sql.Identifier(*self.spec.table.split("."))

@@ -99,14 +99,13 @@ class BackupHook:
     @classmethod
     def for_service(cls, service: Service) -> BackupHook:
         """Return the hook for a catalog service: its database connection, and S3 through its AWS connection."""
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
+        from omnisphere_release.hooks.aws import aws_client
         from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 
         # The boto client itself, not S3Hook's helpers: a streamed upload with a KMS key and object tags are not
         # among them.
         return cls(ServiceDatabaseHook(service.postgres_conn_id).connect_kwargs(),
-                   S3Hook(aws_conn_id=service.aws_conn_id).get_conn())
+                   aws_client("s3", service.aws_conn_id))
 
     def check_destination(self, bucket: str) -> None:
         try:

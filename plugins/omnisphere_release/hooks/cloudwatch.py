@@ -37,9 +37,9 @@ class ServiceMetricsHook:
 
     @classmethod
     def from_connection(cls, aws_conn_id: str | None, region_name: str | None = None) -> ServiceMetricsHook:
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        from omnisphere_release.hooks.aws import aws_client
 
-        return cls(AwsBaseHook(aws_conn_id=aws_conn_id, client_type="cloudwatch", region_name=region_name).conn)
+        return cls(aws_client("cloudwatch", aws_conn_id, region_name))
 
     def read(self, target_group: str, start: datetime, end: datetime, alarms: list[str]) -> MetricsWindow:
         dimensions = [{"Name": "TargetGroup", "Value": target_group}]

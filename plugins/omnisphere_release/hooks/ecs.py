@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +101,11 @@ class LiveRevision:
 
 
 @dataclass(frozen=True)
-class ReturnResult:
-    """How :meth:`EcsDeploymentHook.return_to` brought a service to its target revision."""
+class ReturnStep:
+    """One step of :meth:`EcsDeploymentHook.return_to`: what it did, and the deployment to wait for before the next."""
 
-    action: str  # "none", "stopped in-flight deployment with ROLLBACK", "redeployed <arn>", or both
-    task_definition: str
-    settled: dict[str, Any] | None  # the last deployment it waited for, if any
+    action: str | None  # "stopped in-flight deployment with ROLLBACK", "redeployed <arn>", or None (nothing done)
+    wait_for: str | None  # the service deployment to wait for (until it leaves flight); None: on target, settled
 
 
 class EcsDeploymentHook:
@@ -116,9 +114,9 @@ class EcsDeploymentHook:
     def __init__(self, aws_conn_id: str | None = "aws_default", region_name: str | None = None,
                  client: Any | None = None) -> None:
         if client is None:
-            from airflow.providers.amazon.aws.hooks.ecs import EcsHook
+            from omnisphere_release.hooks.aws import aws_client
 
-            client = EcsHook(aws_conn_id=aws_conn_id, region_name=region_name).conn
+            client = aws_client("ecs", aws_conn_id, region_name)
         self.client = client
 
     def _call(self, what: str, method: str, **kwargs: Any) -> dict[str, Any]:
@@ -197,18 +195,19 @@ class EcsDeploymentHook:
         self._call(f"stop deployment {arn} with ROLLBACK", "stop_service_deployment", serviceDeploymentArn=arn,
                    stopType="ROLLBACK")
 
-    def return_to(self, cluster: str, service: str, task_definition: str, timeout_seconds: float,
-                  poll_seconds: float = 2.0) -> ReturnResult:
-        """Bring ``service`` to ``task_definition`` and wait until it is stable: the one way back, for the release's
+    def return_to(self, cluster: str, service: str, task_definition: str, redeployed: bool = False) -> ReturnStep:
+        """Take the next step that brings ``service`` to ``task_definition``: the one way back, for the release's
         rollback_ecs and for rollback_<service> alike (as in ecs-deploy, a rollback is a deploy of the old revision).
 
-        An in-flight deployment to another revision is stopped with ROLLBACK first (ECS then returns to the revision
-        it started from, at once); if the service still does not run the target, the target is deployed (rolling,
-        circuit breaker on). Already on the target with nothing in flight: nothing is done, so running it twice
-        changes nothing. Raises EcsDeploymentError if the service does not end on the target.
+        It never waits: it returns the deployment to wait for (the caller defers to EcsServiceDeploymentTrigger until
+        that deployment leaves flight), then calls it again, until it returns nothing to wait for.
+
+        - A deployment in flight to another revision is stopped with ROLLBACK (ECS then returns to the revision it
+          started from, at once); one already rolling back, or going to the target, is only waited for.
+        - Settled on another revision: the target is deployed (rolling, circuit breaker on), unless ``redeployed``
+          says an earlier step did so already; then the service ended elsewhere, and EcsNotOnTarget says where.
+        - On the target with nothing in flight: nothing is done, so running it twice changes nothing.
         """
-        actions: list[str] = []
-        settled = None
         live = self.describe_service(cluster, service)
         arn = live.get("currentServiceDeployment")
         deployment = self.describe_deployment(arn) if arn else None
@@ -217,30 +216,15 @@ class EcsDeploymentHook:
             # deployment's targetServiceRevision is a service revision ARN, never a task definition's).
             if not deployment["status"].startswith("ROLLBACK") and live["taskDefinition"] != task_definition:
                 self.stop_with_rollback(arn)
-                actions.append("stopped in-flight deployment with ROLLBACK")
-            settled = self.wait_until_settled(arn, timeout_seconds, poll_seconds)
-            live = self.describe_service(cluster, service)
+                return ReturnStep("stopped in-flight deployment with ROLLBACK", arn)
+            return ReturnStep(None, arn)
         if live["taskDefinition"] != task_definition:
+            if redeployed:
+                raise EcsNotOnTarget(f"ECS service {cluster}/{service} ended on {live['taskDefinition']}, not "
+                                     f"{task_definition}" + (f" ({summarize(deployment)})" if deployment else ""))
             arn = self.update_service(cluster, service, task_definition, deployment_configuration("rolling", 0))
-            actions.append(f"redeployed {task_definition}")
-            settled = self.wait_until_settled(arn, timeout_seconds, poll_seconds)
-            live = self.describe_service(cluster, service)
-        if live["taskDefinition"] != task_definition:
-            raise EcsNotOnTarget(f"ECS service {cluster}/{service} ended on {live['taskDefinition']}, not "
-                                     f"{task_definition}" + (f" ({summarize(settled)})" if settled else ""))
-        return ReturnResult(" and ".join(actions) or "none", task_definition, settled)
-
-    def wait_until_settled(self, arn: str, timeout_seconds: float, poll_seconds: float = 2.0) -> dict[str, Any]:
-        """Poll a deployment until it leaves the in-flight states; raise EcsDeploymentError on timeout."""
-        deadline = time.monotonic() + timeout_seconds
-        while True:
-            deployment = self.describe_deployment(arn)
-            if deployment["status"] not in IN_FLIGHT:
-                return deployment
-            if time.monotonic() > deadline:
-                raise EcsDeploymentError(f"deployment {arn} still {deployment['status']} after "
-                                         f"{timeout_seconds:.0f}s")
-            time.sleep(poll_seconds)
+            return ReturnStep(f"redeployed {task_definition}", arn)
+        return ReturnStep(None, None)
 
 
 def summarize(deployment: dict[str, Any]) -> str:

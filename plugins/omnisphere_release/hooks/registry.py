@@ -68,9 +68,9 @@ class ImageRegistryHook:
             if self._client_for_region is not None:
                 self._clients[region] = self._client_for_region(region)
             else:
-                from airflow.providers.amazon.aws.hooks.ecr import EcrHook
+                from omnisphere_release.hooks.aws import aws_client
 
-                self._clients[region] = EcrHook(aws_conn_id=self.aws_conn_id, region_name=region).conn
+                self._clients[region] = aws_client("ecr", self.aws_conn_id, region)
         return self._clients[region]
 
     def check(self, image: str) -> ImageCheck:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from omnisphere_release.hooks.aws import RetryingS3Hook
 
 REPORT_NAME = "release-report"
 
 
-class ReleaseReportStoreHook(S3Hook):
+class ReleaseReportStoreHook(RetryingS3Hook):
     """Store a release's report and read earlier ones back (the window estimate learns from them)."""
 
     def store(self, bucket: str, prefix: str, report: dict[str, Any], markdown: str) -> str:

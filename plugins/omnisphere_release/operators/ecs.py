@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from airflow.sdk import Context
@@ -15,12 +15,9 @@ from omnisphere_release.hooks.ecs import (
     EcsDeploymentError,
     EcsDeploymentHook,
     EcsNotOnTarget,
-    ReturnResult,
     deployment_configuration,
     pinned_image,
-    summarize,
 )
-from omnisphere_release.logs import Log
 from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 
@@ -59,10 +56,16 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         try:
             revision = ecs.find_revision_of_run(family, run_tag)
             live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
+            timeout = service.deploy.timeout_minutes * 60
+            deadline = time.time() + timeout
             if revision and live["taskDefinition"] == revision and live.get("currentServiceDeployment"):
                 arn = live["currentServiceDeployment"]
-                self.log.info("Reattaching to deployment %s that an earlier try of this run started (revision %s).",
-                              arn, revision)
+                # The deadline counts from when the deployment started, so a retry does not extend it.
+                started_at = ecs.describe_deployment(arn).get("startedAt")
+                if isinstance(started_at, datetime):
+                    deadline = min(deadline, started_at.timestamp() + timeout)
+                self.log.info("Reattaching to deployment %s that an earlier try of this run started (revision %s); "
+                              "deadline in %.0fs.", arn, revision, deadline - time.time())
             else:
                 if not revision:
                     image = self._image_to_deploy(before)
@@ -80,7 +83,7 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         context["ti"].xcom_push(key="deployment", value=started)
         self.defer(
             trigger=EcsServiceDeploymentTrigger(
-                deployment_arn=arn, deadline=time.time() + service.deploy.timeout_minutes * 60,
+                deployment_arn=arn, deadline=deadline,
                 aws_conn_id=service.aws_conn_id, done_on_traffic_shift=self.strategy != "rolling",
                 poll_seconds=self.poll_seconds),
             method_name="execute_complete",
@@ -123,49 +126,95 @@ class EcsDeployServiceOperator(ServiceStageOperator):
                                    f"Next: rollback_ecs makes sure the service is back on its previous revision.")
 
 
-class EcsRollbackServiceOperator(ServiceStageOperator):
+class EcsReturnServiceOperator(ServiceStageOperator):
+    """A stage that brings a service back to a task definition: the one ECS way back, of rollback_ecs and of
+    rollback_<service>'s ECS step, deferred.
+
+    Each step is :meth:`EcsDeploymentHook.return_to` (stop an in-flight deployment with ROLLBACK, or deploy the
+    target again, or nothing); while ECS works, the task defers to EcsServiceDeploymentTrigger until that deployment
+    leaves flight, holding no worker slot, then takes the next step, until the service runs the target with nothing
+    in flight. The deadline (the catalog's deploy.timeout_minutes, twice: a stop, then a redeploy) is absolute and
+    carried across the deferrals. An AWS error, or a deadline that passed, lets Airflow retry (the retry looks at the
+    service again and goes on from there); ending on another revision is final.
+    """
+
+    ui_color = "#f8e0d8"
+    next_step = ""  # what the log says comes after, once the service is back
+
+    def __init__(self, *, service: str, poll_seconds: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(service=service, **kwargs)
+        self.poll_seconds = poll_seconds
+
+    def return_service_to(self, service: Service, task_definition: str, actions: list[str] | None = None,
+                          deadline: float | None = None) -> dict[str, Any]:
+        """Take the next step back to ``task_definition``; defer while ECS works; return the outcome when there."""
+        if deadline is None:
+            deadline = time.time() + 2 * service.deploy.timeout_minutes * 60
+            self.log.info("Bringing %s back to %s (stopping an in-flight deployment with ROLLBACK, or deploying it "
+                          "again), then waiting, deferred, up to %d min for ECS to settle.", service.name,
+                          task_definition, 2 * service.deploy.timeout_minutes)
+        actions = list(actions or [])
+        try:
+            step = EcsDeploymentHook(service.aws_conn_id).return_to(
+                service.ecs.cluster, service.ecs.service, task_definition,
+                redeployed=any(a.startswith("redeployed") for a in actions))
+        except EcsNotOnTarget as exc:
+            raise AirflowFailException(f"ECS rollback of {service.name} failed: {exc}. The schema is left as is. Page "
+                                       f"the service owner.") from None
+        except EcsDeploymentError as exc:
+            raise AirflowException(f"ECS rollback of {service.name} could not finish: {exc}. Retrying if retries "
+                                   f"remain; the service may still run the new image.") from None
+        if step.action:
+            actions.append(step.action)
+            self.log.info("%s: %s.", service.name, step.action)
+        if step.wait_for is None:
+            action = " and ".join(actions) or "none"
+            self.log.info("%s runs %s with nothing in flight (%s).%s", service.name, task_definition,
+                          action if actions else "ECS had already rolled back, or nothing was deployed",
+                          f" {self.next_step}" if self.next_step else "")
+            return {"action": action, "task_definition": task_definition}
+        if time.time() >= deadline:
+            raise AirflowException(f"ECS rollback of {service.name} could not finish: deployment {step.wait_for} "
+                                   f"is still in flight at the deadline. Retrying if retries remain; the service may "
+                                   f"still run the new image.")
+        self.log.info("Waiting, deferred, for deployment %s to settle (deadline in %.0fs).", step.wait_for,
+                      deadline - time.time())
+        self.defer(
+            trigger=EcsServiceDeploymentTrigger(deployment_arn=step.wait_for, deadline=deadline,
+                                                aws_conn_id=service.aws_conn_id, poll_seconds=self.poll_seconds,
+                                                settle=True),
+            method_name="resume_return",
+            kwargs={"task_definition": task_definition, "actions": actions, "deadline": deadline},
+            timeout=timedelta(seconds=max(60.0, deadline - time.time() + 300)),
+        )
+
+    def resume_return(self, context: Context, event: dict[str, Any], task_definition: str, actions: list[str],
+                      deadline: float) -> dict[str, Any]:
+        """Go on after the trigger: a settled deployment leads to the next step; anything else is retryable."""
+        service = load_catalog().get(self.service)
+        if event.get("status") == "settled":
+            self.log.info("Deployment settled: %s", event.get("summary"))
+            return self.return_service_to(service, task_definition, actions, deadline)
+        raise AirflowException(f"ECS rollback of {service.name} could not finish: deployment "
+                               f"{event.get('deployment_arn')} {event.get('status')}: "
+                               f"{event.get('summary') or event.get('message')}. Retrying if retries remain (the "
+                               f"retry looks at the service again); the service may still run the new image.")
+
+    next_step = ""
+
+
+class EcsRollbackServiceOperator(EcsReturnServiceOperator):
     """rollback_ecs: bring the service back to the task definition preflight recorded, and wait until it is stable.
 
     Stops an in-flight deployment with ROLLBACK, or deploys the previous revision again if the new one completed;
     when ECS already rolled back (circuit breaker), it only waits and checks. Running it twice changes nothing.
     """
 
-    ui_color = "#f8e0d8"
-
-    def __init__(self, *, service: str, poll_seconds: float = 2.0, **kwargs: Any) -> None:
-        super().__init__(service=service, **kwargs)
-        self.poll_seconds = poll_seconds
+    next_step = "Next: rollback_schema."
 
     def execute(self, context: Context) -> dict[str, Any]:
         plan = ReleaseRun(context).plan
         if not plan:
             self.log.info("Nothing to roll back on ECS: preflight recorded no state, so this run changed nothing.")
             return {"action": "none"}
-        service = load_catalog().get(self.service)
-        result = return_service_to(service, plan["previous_task_definition"], self.log, self.poll_seconds)
-        self.log.info("%s is back on %s (%s). Next: rollback_schema.", service.name, result.task_definition,
-                      result.action if result.action != "none" else
-                      "ECS had already rolled back, or nothing was deployed")
-        return {"action": result.action, "task_definition": result.task_definition}
-
-
-def return_service_to(service: Service, task_definition: str, log: Log, poll_seconds: float = 2.0) -> ReturnResult:
-    """Bring ``service`` to ``task_definition`` and wait: the one ECS way back, of rollback_ecs and rollback_<service>.
-
-    An AWS error is retried by Airflow (it says nothing about the service); ending on another revision is final.
-    """
-    log.info("Bringing %s back to %s (stopping an in-flight deployment with ROLLBACK, or deploying it again), then "
-             "waiting up to %d min for ECS to settle.", service.name, task_definition, service.deploy.timeout_minutes)
-    try:
-        result = EcsDeploymentHook(service.aws_conn_id).return_to(
-            service.ecs.cluster, service.ecs.service, task_definition, service.deploy.timeout_minutes * 60,
-            poll_seconds)
-    except EcsNotOnTarget as exc:
-        raise AirflowFailException(f"ECS rollback of {service.name} failed: {exc}. The schema is left as is. Page "
-                                   f"the service owner.") from None
-    except EcsDeploymentError as exc:
-        raise AirflowException(f"ECS rollback of {service.name} could not finish: {exc}. Retrying if retries "
-                               f"remain; the service may still run the new image.") from None
-    if result.settled:
-        log.info("Deployment settled: %s", summarize(result.settled))
-    return result
+        return self.return_service_to(load_catalog().get(self.service), plan["previous_task_definition"])

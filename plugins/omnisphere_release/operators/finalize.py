@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import Context
@@ -10,12 +12,13 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from omnisphere_release.catalog import Catalog, Service, load_catalog
 from omnisphere_release.checks import ObservedState, truth_problems
 from omnisphere_release.contracts import ROLLBACK_ECS, ReleaseRun
-from omnisphere_release.hooks.ecs import RUN_TAG, EcsDeploymentError, EcsDeploymentHook
+from omnisphere_release.hooks.ecs import IN_FLIGHT, RUN_TAG, EcsDeploymentError, EcsDeploymentHook, summarize
 from omnisphere_release.hooks.http import SmokeTestHook
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations import discover
 from omnisphere_release.operators.common import ServiceStageOperator
+from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 
 
 def observe(service: Service, catalog: Catalog, log: Log) -> tuple[ObservedState, list[int]]:
@@ -36,26 +39,57 @@ def observe(service: Service, catalog: Catalog, log: Log) -> tuple[ObservedState
 
 
 class ReleaseFinalizeOperator(ServiceStageOperator):
-    """finalize: wait for ECS to finish the deployment (blue/green clean-up) and mark the release done."""
+    """finalize: wait, deferred, for ECS to finish the deployment (blue/green clean-up), then check that what runs is
+    what this run released, and mark the release done."""
+
+    def __init__(self, *, service: str, poll_seconds: float = 3.0, **kwargs: Any) -> None:
+        super().__init__(service=service, **kwargs)
+        self.poll_seconds = poll_seconds
 
     def execute(self, context: Context) -> dict[str, Any]:
         service = load_catalog().get(self.service)
-        run = ReleaseRun(context)
-        arn = run.deployment["deployment_arn"]
-        self.log.info("Finalizing the release of %s: waiting for ECS to finish deployment %s (clean-up of the old "
-                      "revision).", service.name, arn)
+        arn = ReleaseRun(context).deployment["deployment_arn"]
         try:
-            settled = EcsDeploymentHook(service.aws_conn_id).wait_until_settled(
-                arn, service.deploy.timeout_minutes * 60, 2.0)
+            deployment = EcsDeploymentHook(service.aws_conn_id).describe_deployment(arn)
         except EcsDeploymentError as exc:
-            raise AirflowException(f"Finalize of {service.name}: {exc}") from None
-        if settled["status"] != "SUCCESSFUL":
-            raise AirflowFailException(f"The deployment ended {settled['status']} after the gate passed: "
-                                       f"{settled.get('statusReason')}. Next: the release rolls back.")
+            raise AirflowException(f"Finalize of {service.name}: {exc}. Retrying if retries remain.") from None
+        if deployment["status"] in IN_FLIGHT:
+            timeout = service.deploy.timeout_minutes * 60
+            self.log.info("Finalizing the release of %s: waiting, deferred, up to %d min for ECS to finish deployment "
+                          "%s (%s).", service.name, service.deploy.timeout_minutes, arn, summarize(deployment))
+            self.defer(
+                trigger=EcsServiceDeploymentTrigger(deployment_arn=arn, deadline=time.time() + timeout,
+                                                    aws_conn_id=service.aws_conn_id, poll_seconds=self.poll_seconds,
+                                                    settle=True),
+                method_name="execute_complete",
+                timeout=timedelta(seconds=timeout + 300),
+            )
+        return self._finish(context, deployment["status"], deployment.get("statusReason"))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        status = event.get("status")
+        if status == "settled":
+            self.log.info("Deployment %s settled: %s", event.get("deployment_arn"), event.get("summary"))
+            return self._finish(context, str(event.get("deployment_status")), event.get("reason"))
+        if status == "timeout":
+            raise AirflowFailException(f"ECS deployment {event.get('deployment_arn')} did not finish within the "
+                                       f"catalog's deploy.timeout_minutes after the gate passed; last state: "
+                                       f"{event.get('summary')}. Next: the release rolls back.")
+        raise AirflowException(f"Finalize of {self.service}: could not follow ECS deployment "
+                               f"{event.get('deployment_arn')}: {event.get('message')}. Retrying if retries remain "
+                               f"(a retry looks at the same deployment again).")
+
+    def _finish(self, context: Context, deployment_status: str, reason: Any) -> dict[str, Any]:
+        """Check how the deployment ended and that what runs is what this run released; return the release's end."""
+        if deployment_status != "SUCCESSFUL":
+            raise AirflowFailException(f"The deployment ended {deployment_status} after the gate passed: "
+                                       f"{reason}. Next: the release rolls back.")
+        run = ReleaseRun(context)
+        catalog = load_catalog()
+        service = catalog.get(self.service)
         plan = run.plan
         assert plan is not None, "finalize runs only after preflight succeeded"
         # Green means true: what runs now is what this run deployed and migrated, whatever else happened meanwhile.
-        catalog = load_catalog()
         observed, file_versions = observe(service, catalog, self.log)
         problems = truth_problems(service.name, observed, task_definition=run.deployment["task_definition"],
                                   schema_version=plan["target_version"], file_versions=file_versions)
@@ -66,7 +100,7 @@ class ReleaseFinalizeOperator(ServiceStageOperator):
         self.log.info("Release of %s done and verified: %s runs %s (%s), schema at version %s with migrations %s "
                       "as in the files.", service.name, service.ecs.service, plan["target_image"],
                       observed.task_definition, observed.schema_version, list(observed.applied_versions))
-        return {"deployment_status": settled["status"], "task_definition": observed.task_definition,
+        return {"deployment_status": deployment_status, "task_definition": observed.task_definition,
                 "schema_version": observed.schema_version}
 
 

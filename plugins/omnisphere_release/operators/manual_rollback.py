@@ -1,6 +1,6 @@
 """rollback_<service>: the manual way back, each step optional: a previous task definition or image, the schema down
 to a version, a restore from a chosen backup. Each step runs the same code as the release's own rollback branch:
-:func:`~omnisphere_release.operators.ecs.return_service_to`, :func:`~omnisphere_release.operators.migrations.revert_schema_to`
+:class:`~omnisphere_release.operators.ecs.EcsReturnServiceOperator`, :func:`~omnisphere_release.operators.migrations.revert_schema_to`
 and :func:`~omnisphere_release.operators.backup.restore_database`."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.registry import ImageRegistryHook
 from omnisphere_release.operators.backup import restore_database
 from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, as_optional_text, hold_service
-from omnisphere_release.operators.ecs import return_service_to
+from omnisphere_release.operators.ecs import EcsReturnServiceOperator
 from omnisphere_release.operators.migrations import revert_schema_to
 
 PLAN = "plan"
@@ -125,10 +125,11 @@ class ManualRollbackPlanOperator(ServiceStageOperator):
         return {"bucket": bucket, "key": key, "sha256": checksum}
 
 
-class ManualRollbackStepOperator(ServiceStageOperator):
-    """Run one step of the plan (``ecs``, ``schema`` or ``restore``), or skip it when the plan does not ask for it."""
+class ManualRollbackStepOperator(EcsReturnServiceOperator):
+    """Run one step of the plan (``ecs``, ``schema`` or ``restore``), or skip it when the plan does not ask for it.
 
-    ui_color = "#f8e0d8"
+    The ECS step is the release's own way back (EcsReturnServiceOperator): it defers while ECS works.
+    """
 
     def __init__(self, *, service: str, step: str, **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
@@ -144,9 +145,7 @@ class ManualRollbackStepOperator(ServiceStageOperator):
             if "task_definition" not in plan and "image" not in plan:
                 raise AirflowSkipException("No ECS step requested.")
             target = plan.get("task_definition") or self._register_image(service, plan)
-            result = return_service_to(service, target, self.log)
-            self.log.info("%s now runs %s (%s).", service.name, target, result.action)
-            return {"task_definition": target, "action": result.action}
+            return self.return_service_to(service, target)
         if self.step == "schema":
             if "schema_version" not in plan:
                 raise AirflowSkipException("No schema step requested.")

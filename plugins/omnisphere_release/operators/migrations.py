@@ -14,8 +14,9 @@ from omnisphere_release.contracts import ReleaseRun
 from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
 from omnisphere_release.logs import Log
-from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed
+from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed, RunResult
 from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int, hold_service
+from omnisphere_release.transient import DatabaseUnreachable, retry_lost_connection
 
 
 def revert_schema_to(service: Service, catalog: Catalog, version: int, *, applied_by: str, reason: str, log: Log,
@@ -24,21 +25,30 @@ def revert_schema_to(service: Service, catalog: Catalog, version: int, *, applie
     and of rollback_<service>. At ``version`` already, it does nothing, so running it twice changes nothing.
 
     Below ``version`` is refused: someone else moved the schema, and guessing would make it worse. A failed down
-    file fails the task for good, with ``next_on_failure`` saying what happens then.
+    file fails the task for good, with ``next_on_failure`` saying what happens then. A lost connection is retried
+    within a bounded budget: each down file commits with its history row, so the rerun goes on where it stopped.
     """
     engine = schema_engine(service, catalog, applied_by, log)
-    current = engine.status().current_version
-    if current == version:
-        log.info("Nothing to revert: %s is at version %d already.", service.name, current)
-        return {"reverted": [], "schema_version": current}
-    if current < version:
-        raise AirflowFailException(f"{service.name} is at version {current}, below the target {version}: someone "
-                                   f"else changed it; not touching it.")
-    log.info("Reverting %s from version %d to %d, in reverse order.", service.name, current, version)
+
+    def revert() -> dict[str, Any] | RunResult:
+        current = engine.status().current_version
+        if current == version:
+            log.info("Nothing to revert: %s is at version %d already.", service.name, current)
+            return {"reverted": [], "schema_version": current}
+        if current < version:
+            raise AirflowFailException(f"{service.name} is at version {current}, below the target {version}: "
+                                       f"someone else changed it; not touching it.")
+        log.info("Reverting %s from version %d to %d, in reverse order.", service.name, current, version)
+        return engine.migrate("down", version, reason=reason)
+
     try:
-        result = engine.migrate("down", version, reason=reason)
+        result = retry_lost_connection(revert, f"schema rollback of {service.name}", log)
+    except DatabaseUnreachable as exc:
+        raise AirflowException(f"{exc}. Retrying if retries remain; what was reverted stays reverted.") from None
     except (InvalidMigrationInput, MigrationFailed) as exc:
         raise AirflowFailException(f"Schema rollback of {service.name} failed: {exc}. {next_on_failure}") from None
+    if isinstance(result, dict):
+        return result
     log.info("Reverted %s to version %d (%s) in %.1fs.", service.name, result.to_version,
              ", ".join(str(v) for v in result.versions), result.seconds)
     return {"reverted": result.versions, "schema_version": result.to_version}
@@ -70,17 +80,27 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         service = catalog.get(self.service)
         target = as_optional_int(self.target_version)
         dry_run = as_bool(self.plan_only)
-        if not dry_run:
-            hold_service(context, service, f"schema migrations of {service.name} {self.direction}", self.log)
         engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
         self.log.info("Migrating %s %s to %s%s (database %s)", service.name, self.direction,
                       "the latest version" if target is None and self.direction == "up" else
                       ("one version down" if target is None else f"version {target}"),
                       " as a dry run: nothing will change" if dry_run else "",
                       ServiceDatabaseHook(service.postgres_conn_id).describe())
+
+        def migrate() -> RunResult:
+            if not dry_run:
+                hold_service(context, service, f"schema migrations of {service.name} {self.direction}", self.log)
+            return engine.migrate(self.direction, target, dry_run=dry_run, reason=plain_text(self.reason) or None,
+                                  acknowledge_drift=plain_text(self.acknowledge_drift) or None)
+
         try:
-            result = engine.migrate(self.direction, target, dry_run=dry_run, reason=plain_text(self.reason) or None,
-                                    acknowledge_drift=plain_text(self.acknowledge_drift) or None)
+            # A database that restarts drops the connection; each migration commits with its history row, so the
+            # rerun plans again from what committed and goes on (a migration run outside a transaction is left
+            # dirty, and the rerun refuses it until a person resolves it).
+            result = retry_lost_connection(migrate, f"schema migrations of {service.name} {self.direction}",
+                                           self.log)
+        except DatabaseUnreachable as exc:
+            raise AirflowException(f"{exc}. Migrations that committed stay; a rerun goes on from there.") from None
         except InvalidMigrationInput as exc:
             raise AirflowFailException(f"Refused, nothing changed: {exc}") from None
         except MigrationFailed as exc:

@@ -19,7 +19,8 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
     """Defer to a trigger that reads CloudWatch every ``poll_seconds`` for ``bake_minutes``.
 
     No data for longer than the catalog's ``monitoring.missing_data_minutes`` is a failure by default: a service
-    nobody can observe has not proven anything.
+    nobody can observe has not proven anything. Likewise CloudWatch itself: an outage shorter than that is waited out
+    (the next reading covers it); a longer one fails the gate, saying for how long CloudWatch could not be read.
     """
 
     template_fields = ("service", "bake_minutes")
@@ -47,7 +48,8 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
                 poll_seconds=min(self.poll_seconds, max(1.0, bake / 3)),
                 window_seconds=max(60.0, min(300.0, bake)), window_closes_at=closes_at),
             method_name="execute_complete",
-            timeout=timedelta(seconds=bake + 600),
+            # The trigger ends by itself at the latest missing_data_minutes after the bake (CloudWatch unreadable).
+            timeout=timedelta(seconds=bake + m.missing_data_minutes * 60 + 600),
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:

@@ -12,16 +12,28 @@ from asgiref.sync import sync_to_async
 
 from omnisphere_release.hooks.ecs import IN_FLIGHT, TRAFFIC_SHIFTED_STAGES, EcsDeploymentHook, summarize
 
+# How long the deployment may stay unreadable (AWS throttling, 5xx, unreachable, after the client's own retries)
+# before the wait gives up and lets the task retry, which reattaches to the same deployment.
+READ_FAILURE_BUDGET_SECONDS = 300.0
+WARN_EVERY_SECONDS = 30.0
+
 
 class EcsServiceDeploymentTrigger(BaseTrigger):
     """Poll DescribeServiceDeployments until the deployment succeeds, fails, or the deadline passes.
 
-    ``deadline`` is an absolute epoch time, so a restarted triggerer does not extend the wait.
+    ``deadline`` is an absolute epoch time, so a restarted triggerer does not extend the wait. With ``settle``, any
+    end is the awaited one: the event is ``settled`` as soon as the deployment leaves flight, whatever its status
+    (the way back waits so for the deployments it stopped or started).
+
+    A read that fails is tried again at the next poll: not reading the deployment says nothing about it. Only when
+    reads have failed for ``read_failure_seconds`` in a row does it fire ``error`` (the task may retry and reattach);
+    past the deadline it fires ``timeout`` as usual.
     """
 
     def __init__(self, deployment_arn: str, deadline: float, aws_conn_id: str | None = "aws_default",
                  region_name: str | None = None, done_on_traffic_shift: bool = False,
-                 poll_seconds: float = 5.0) -> None:
+                 poll_seconds: float = 5.0, settle: bool = False,
+                 read_failure_seconds: float = READ_FAILURE_BUDGET_SECONDS) -> None:
         super().__init__()
         self.deployment_arn = deployment_arn
         self.deadline = deadline
@@ -29,35 +41,64 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
         self.region_name = region_name
         self.done_on_traffic_shift = done_on_traffic_shift
         self.poll_seconds = poll_seconds
+        self.settle = settle
+        self.read_failure_seconds = read_failure_seconds
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
             "deployment_arn": self.deployment_arn, "deadline": self.deadline, "aws_conn_id": self.aws_conn_id,
             "region_name": self.region_name, "done_on_traffic_shift": self.done_on_traffic_shift,
-            "poll_seconds": self.poll_seconds,
+            "poll_seconds": self.poll_seconds, "settle": self.settle,
+            "read_failure_seconds": self.read_failure_seconds,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = await sync_to_async(EcsDeploymentHook)(self.aws_conn_id, self.region_name)
+        name = self.deployment_arn.rsplit("/", 1)[-1]
         last = ""
+        failing_since: float | None = None
+        warned_at = 0.0
         while True:
             try:
                 deployment = await asyncio.to_thread(hook.describe_deployment, self.deployment_arn)
-            except Exception as exc:  # noqa: BLE001 - reported to the task, which decides
-                yield TriggerEvent({"status": "error", "message": f"cannot read the deployment: {exc}",
-                                    "deployment_arn": self.deployment_arn})
-                return
+            except Exception as exc:  # noqa: BLE001 - any failed read is tried again, within the budget
+                now = time.time()
+                failing_since = now if failing_since is None else failing_since
+                message = f"cannot read the deployment for {now - failing_since:.0f}s: {exc}"
+                if now > self.deadline:
+                    yield TriggerEvent({"status": "timeout", "deployment_status": "unknown", "summary": message,
+                                        "deployment_arn": self.deployment_arn})
+                    return
+                if now - failing_since >= self.read_failure_seconds:
+                    yield TriggerEvent({"status": "error", "message": message, "deployment_arn": self.deployment_arn})
+                    return
+                if now - warned_at >= WARN_EVERY_SECONDS:  # one line per outage and half minute, not per poll
+                    self.log.warning("Deployment %s: %s; trying again every %.0fs (giving up after %.0fs of failed "
+                                     "reads, or at the deadline).", name, message, self.poll_seconds,
+                                     self.read_failure_seconds)
+                    warned_at = now
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            if failing_since is not None:
+                self.log.info("Deployment %s: readable again after %.0fs.", name, time.time() - failing_since)
+                failing_since = None
             line = summarize(deployment)
             if line != last:
-                self.log.info("Deployment %s: %s", self.deployment_arn.rsplit("/", 1)[-1], line)
+                self.log.info("Deployment %s: %s", name, line)
                 last = line
             status = deployment["status"]
-            if status == "SUCCESSFUL" or (self.done_on_traffic_shift and status == "IN_PROGRESS"
-                                          and deployment.get("lifecycleStage") in TRAFFIC_SHIFTED_STAGES):
+            if self.settle and status not in IN_FLIGHT:
+                yield TriggerEvent({"status": "settled", "deployment_status": status, "summary": line,
+                                    "reason": deployment.get("statusReason", ""),
+                                    "deployment_arn": self.deployment_arn})
+                return
+            if not self.settle and (status == "SUCCESSFUL" or (
+                    self.done_on_traffic_shift and status == "IN_PROGRESS"
+                    and deployment.get("lifecycleStage") in TRAFFIC_SHIFTED_STAGES)):
                 yield TriggerEvent({"status": "success", "deployment_status": status, "summary": line,
                                     "deployment_arn": self.deployment_arn})
                 return
-            if status not in IN_FLIGHT or status.startswith("ROLLBACK"):
+            if not self.settle and (status not in IN_FLIGHT or status.startswith("ROLLBACK")):
                 yield TriggerEvent({"status": "failed", "deployment_status": status, "summary": line,
                                     "reason": deployment.get("statusReason", ""),
                                     "deployment_arn": self.deployment_arn})

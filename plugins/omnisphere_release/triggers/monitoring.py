@@ -13,6 +13,8 @@ from asgiref.sync import sync_to_async
 
 from omnisphere_release.hooks.cloudwatch import ServiceMetricsHook
 
+WARN_EVERY_SECONDS = 30.0
+
 
 class MonitoringBakeTrigger(BaseTrigger):
     """Every ``poll_seconds`` until ``bake_until`` (epoch seconds), read the metrics of the last ``window_seconds``.
@@ -20,6 +22,11 @@ class MonitoringBakeTrigger(BaseTrigger):
     Fails on an error rate or p99 latency above the thresholds, on a firing alarm, and, unless ``allow_missing_data``,
     when no request was seen for ``missing_data_seconds``. ``window_closes_at`` (epoch seconds, optional) fails the
     gate if the maintenance window closes before the bake ends.
+
+    A failed read (after the AWS client's own retries) is tried again at the next poll: an outage shorter than
+    ``missing_data_seconds`` is survived, and the next reading looks back over it. One that lasts longer, or that
+    lasts past ``bake_until + missing_data_seconds`` (absolute, so a triggerer restart does not extend it), ends the
+    bake as a failure (``unreadable``) saying for how long CloudWatch could not be read.
     """
 
     def __init__(self, target_group: str, started_at: float, bake_until: float, max_error_rate: float,
@@ -55,17 +62,45 @@ class MonitoringBakeTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = await sync_to_async(ServiceMetricsHook.from_connection)(self.aws_conn_id, self.region_name)
         last_data = self.started_at  # the clock for "no data" starts with the bake
+        failing_since: float | None = None  # when CloudWatch stopped answering, if it has
+        warned_at = 0.0
+        # Absolute, from serialized times: a triggerer restart during an outage cannot stretch it.
+        give_up_at = self.bake_until + self.missing_data_seconds
         observations: list[str] = []
         while True:
             now = time.time()
-            start = datetime.fromtimestamp(max(self.started_at, now - self.window_seconds), timezone.utc)
+            # After an outage, look back over it too: a breach while CloudWatch could not be read still counts.
+            since = now if failing_since is None else failing_since
+            start = datetime.fromtimestamp(max(self.started_at, since - self.window_seconds), timezone.utc)
             end = datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=60)
             try:
                 window = await asyncio.to_thread(hook.read, self.target_group, start, end, self.alarms)
-            except Exception as exc:  # noqa: BLE001
-                yield TriggerEvent({"status": "error", "message": f"cannot read CloudWatch: {exc}",
-                                    "observations": observations})
-                return
+            except Exception as exc:  # noqa: BLE001 - an unreadable CloudWatch is tried again, within the budget
+                failing_since = now if failing_since is None else failing_since
+                unread = now - failing_since
+                if unread >= self.missing_data_seconds or now >= give_up_at:
+                    yield TriggerEvent({"status": "unreadable", "observations": observations,
+                                        "reason": f"CloudWatch could not be read for {unread:.0f}s (limit "
+                                                  f"{self.missing_data_seconds:.0f}s, the catalog's "
+                                                  f"monitoring.missing_data_minutes): {exc}; a bake nobody could "
+                                                  f"watch proves nothing, treated as a failure"})
+                    return
+                if now - warned_at >= WARN_EVERY_SECONDS:  # one line per outage and half minute, not per poll
+                    self.log.warning("Bake %.0f/%.0fs: cannot read CloudWatch for %.0fs: %s; trying again every "
+                                     "%.0fs (a failure after %.0fs).", now - self.started_at,
+                                     self.bake_until - self.started_at, unread, exc, self.poll_seconds,
+                                     self.missing_data_seconds)
+                    warned_at = now
+                if self.window_closes_at is not None and now >= self.window_closes_at:
+                    yield TriggerEvent({"status": "window_closed", "observations": observations,
+                                        "reason": "the maintenance window closed during the bake"})
+                    return
+                await asyncio.sleep(max(0.1, min(self.poll_seconds, give_up_at - now)))
+                continue
+            if failing_since is not None:
+                self.log.info("CloudWatch readable again after %.0fs; this reading covers the outage.",
+                              now - failing_since)
+                failing_since = None
             line = window.describe()
             observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} {line}")
             self.log.info("Bake %.0f/%.0fs: %s", now - self.started_at, self.bake_until - self.started_at, line)
