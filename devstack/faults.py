@@ -403,10 +403,10 @@ def main(argv: list[str]) -> int:
             return 0
         if args.clear and (args.rate is not None or args.outage is not None or args.kinds):
             aws_parser.error("--clear ends every fault: give it alone")
-        if not args.clear and args.rate is None and args.outage is None:
-            aws_parser.error("say what to do: --rate SHARE, --outage SECONDS or --clear")
         if args.kinds and args.rate is None:
             aws_parser.error("--kinds goes with --rate")
+        if not args.clear and args.rate is None and args.outage is None:
+            aws_parser.error("say what to do: --rate SHARE, --outage SECONDS or --clear")
         if args.clear:
             clear_aws_faults(state_dir)
             print("AWS endpoint: no faults")
