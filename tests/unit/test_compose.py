@@ -27,8 +27,25 @@ REQUIRED_REFERENCE = re.compile(r"^\$\{\w+:\?[^}]*\}$")
 DEFAULTED_REFERENCE = re.compile(r"\$\{(\w+):?-([^}]+)\}")
 
 
+SHARED_SETTINGS = REPO / "airflow.env"
+
+
 def compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """Read an env file as compose does: KEY=VALUE lines, # comments."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+
+
+def container_env(service: dict) -> dict[str, str]:
+    """What a container's environment would be: its env_file(s), then its environment (which wins)."""
+    files = service.get("env_file", [])
+    merged = {key: value for file in ([files] if isinstance(files, str) else files)
+              for key, value in env_file(REPO / file).items()}
+    return {**merged, **{key: str(value) for key, value in service.get("environment", {}).items()}}
 
 
 def unshared(document: dict) -> dict:
@@ -101,7 +118,7 @@ def test_the_airflow_3_parts_are_present_with_healthchecks():
 def test_every_airflow_part_shares_the_jwt_secret_fernet_key_and_executor():
     services = compose()["services"]
     for name in (*AIRFLOW_PARTS, *ONE_SHOT):
-        environment = services[name]["environment"]
+        environment = container_env(services[name])
         assert environment["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
         assert environment["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("${AIRFLOW_JWT_SECRET:?"), name
         assert environment["AIRFLOW__CORE__FERNET_KEY"].startswith("${AIRFLOW_FERNET_KEY:?"), name
@@ -125,16 +142,16 @@ def test_the_secret_check_finds_a_written_secret():
 def test_the_local_env_file_sets_every_variable_compose_requires():
     required = {variable for text in strings_in(compose()) for variable in REQUIRED_VARIABLE.findall(text)}
     assert required, "docker-compose.yaml requires no variable: the secrets check has nothing to hold on to"
-    local = dict(line.split("=", 1) for line in LOCAL_ENV_FILE.read_text().splitlines()
-                 if line and not line.startswith("#"))
+    local = env_file(LOCAL_ENV_FILE)
     assert sorted(required - local.keys()) == []
     assert local["COMPOSE_PROFILES"] == "local"
 
 
 def test_mounted_and_referenced_paths_exist():
     document = compose()
-    paths = ["Dockerfile", "requirements.txt", "constraints.txt", LOCAL_ENV_FILE.name]
+    paths = ["Dockerfile", "requirements.txt", "requirements-dev.txt", "constraints.txt", LOCAL_ENV_FILE.name]
     for service in document["services"].values():
+        paths += service.get("env_file", [])
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
             if source.startswith("."):
@@ -156,9 +173,31 @@ def test_image_is_built_from_the_pinned_requirements():
     assert "-r /opt/omnisphere/requirements.txt -c /opt/omnisphere/constraints.txt" in dockerfile
     document = compose()
     assert document["x-airflow-common"]["image"].endswith(pinned)
-    for name in ("local-aws", *AIRFLOW_PARTS):  # built here, never pulled from a registry
-        assert document["services"][name]["build"] == "." and document["services"][name]["image"] == (
-            document["x-airflow-common"]["image"]), name
+    for name in (*AIRFLOW_PARTS, *ONE_SHOT):  # built here, never pulled from a registry; the runtime set only
+        assert document["services"][name]["build"] == {"context": ".", "target": "production"}, name
+        assert document["services"][name]["image"] == document["x-airflow-common"]["image"], name
+    # The AWS stand-in needs moto (the development set): an image of its own, never the one production runs.
+    local_aws = document["services"]["local-aws"]
+    assert local_aws["build"] == {"context": ".", "target": "local-dev"}
+    assert local_aws["image"] != document["x-airflow-common"]["image"] and local_aws["image"].endswith(pinned)
+    assert re.search(r"^FROM \S+ AS local-dev$", dockerfile, re.MULTILINE)
+
+
+def test_every_airflow_part_reads_the_shared_settings_and_overrides_none():
+    """airflow.env is the one source of the settings every deployment shares (the local Celery topology reads it
+    too: tests/unit/test_topology_settings.py); a container's own environment may not quietly change one."""
+    shared = env_file(SHARED_SETTINGS)
+    assert shared["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert all(key.startswith("AIRFLOW__") for key in shared)
+    assert not any(SECRET_NAME.search(key) or "${" in value for key, value in shared.items()), (
+        "airflow.env is shared by every deployment: no secret and no variable in it")
+    services = compose()["services"]
+    for name in (*AIRFLOW_PARTS, *ONE_SHOT):
+        assert services[name]["env_file"] == [SHARED_SETTINGS.name], name
+        overridden = sorted(shared.keys() & services[name].get("environment", {}).keys())
+        assert overridden == [], f"{name} overrides shared settings of airflow.env: {overridden}"
+        environment = container_env(services[name])
+        assert {key: environment[key] for key in shared} == shared, name
 
 
 def test_published_ports_bind_loopback_only():
