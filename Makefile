@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | cksum | cut -d' ' -f1)
+REQUIREMENTS := requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(REQUIREMENTS) | cksum | cut -d' ' -f1)
+# `make up` runs `airflow standalone`; `make up EXECUTOR=celery` runs the production topology (devstack/topology.py).
+EXECUTOR ?= standalone
 
 .PHONY: all venv lint test test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
 
@@ -11,11 +14,11 @@ all: venv
 
 venv: $(STAMP)
 
-# The venv is rebuilt only when requirements.txt, constraints.txt or pyproject.toml change.
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+# The venv (the development set: runtime + tests + linters) is rebuilt only when one of $(REQUIREMENTS) changes.
+$(STAMP): $(REQUIREMENTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is required")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -57,10 +60,11 @@ down: venv
 bench: venv
 	$(PY) -m bench
 
-# Re-resolve the pinned set after editing requirements.txt (then commit constraints.txt).
+# Re-resolve the pinned set after editing requirements.txt or requirements-dev.txt (then commit constraints.txt).
+# One set pins both: the runtime set is a subset of the development set.
 constraints:
 	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
-	.venv-resolve/bin/pip install --quiet -r requirements.txt
+	.venv-resolve/bin/pip install --quiet -r requirements-dev.txt
 	.venv-resolve/bin/pip freeze --exclude-editable | grep -v '^omnisphere-release' > constraints.txt
 	rm -rf .venv-resolve
 
