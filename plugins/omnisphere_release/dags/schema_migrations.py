@@ -11,6 +11,11 @@ every database changes inside its window, and no wave starts before the one it d
 then take days; it holds every service it migrates from check_params on, so nobody changes a service a later wave
 depends on meanwhile. A fixed time (``now``, or an ISO 8601 start, outside a window only with a ``force_reason``)
 starts the first wave then, and the later waves follow it back to back.
+
+``action=baseline`` or ``adopt`` records, for one service, the versions its database already has (a database built by
+``run-migrations.sh`` / golang-migrate) without running them: the engine's ``baseline`` / ``adopt``, in the task
+``record_baseline``, under the same lease. It touches only the engine's bookkeeping tables, so it needs no window
+and no backup; the waves are skipped.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
 from airflow.sdk import DAG, Context, Param, TriggerRule, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from omnisphere_release.catalog import Catalog
 from omnisphere_release.checks import PRODUCTION, WINDOW_PATTERN, plain_text, schedule_of, unknown_conf_problem
+from omnisphere_release.hooks.postgres import schema_engine
+from omnisphere_release.migrations import InvalidMigrationInput
+from omnisphere_release.migrations.engine import GOLANG_MIGRATE_TABLE, NOTHING_APPLIED
 from omnisphere_release.operators.common import as_optional_text, hold_service
 from omnisphere_release.operators.standalone import (
     BACKUP_BUCKET_TEMPLATE,
@@ -35,6 +43,7 @@ from omnisphere_release.operators.standalone import (
 from omnisphere_release.params import optional_text
 
 MIGRATIONS_POOL = "omnisphere_migrations"
+ACTIONS = ("migrate", "baseline", "adopt")
 
 DOC_MD = """
 ### schema_migrations
@@ -44,8 +53,13 @@ Applies (`up`) or reverts (`down`) the schema migrations of one OmniSphere servi
 
 * **dry_run** is on by default: the run prints the plan (files, SQL, lint findings) and changes nothing.
   Turn it off, and give a **reason**, to apply.
-* **target_version**: `up` applies up to it (default: the latest); `down` reverts every version above it
-  (default: the last one only; `0` reverts everything). Only with a single service.
+* **target_version**: `up` applies up to it (default: the latest); `down` reverts every version above it and keeps
+  it (default: the last one only). **revert_all** with `down` reverts everything, version 0 included.
+  Only with a single service.
+* **action** `baseline` (with **target_version**) or `adopt` (reads golang-migrate's `schema_migrations` table;
+  refused if dirty): record the versions an existing database already has as applied, without running them. One
+  service, a **reason**, and `dry_run` off to record; refused if the history disagrees. See the runbook's
+  "Adopting an existing service".
 * A file changed after it was applied is refused (drift) unless **acknowledge_drift** says why.
 * In production (Variable `omni_environment`), a change also waits for each service's maintenance window
   (**window** `next`; or an ISO 8601 start; outside a window, or `now`, only with a **force_reason**) and backs the
@@ -64,6 +78,26 @@ def dependency_levels(catalog: Catalog) -> dict[str, int]:
     return levels
 
 
+def action_problem(params: dict[str, Any]) -> str | None:
+    """Say which params contradict the action (or revert_all), or None when they fit."""
+    action = params.get("action", "migrate")
+    if params.get("revert_all") and (action != "migrate" or params.get("direction") != "down"
+                                     or params.get("target_version") is not None):
+        return ("param 'revert_all' goes with action 'migrate', direction 'down' and no target_version: it reverts "
+                "every applied version")
+    if action == "migrate":
+        return None
+    if params.get("service") == "all":
+        return f"action '{action}' needs a single service: each database is adopted at its own version"
+    if not plain_text(params.get("reason")):
+        return f"param 'reason' is required by action '{action}': say how you know what the database has"
+    if action == "baseline" and params.get("target_version") is None:
+        return "action 'baseline' needs param 'target_version': the newest version the database already has"
+    if action == "adopt" and params.get("target_version") is not None:
+        return "action 'adopt' reads the version from golang-migrate's table: leave 'target_version' empty"
+    return None
+
+
 def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migrations") -> DAG:
     levels = dependency_levels(catalog)
     wave_count = max(levels.values()) + 1
@@ -75,6 +109,12 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
         "direction": Param("up", type="string", enum=["up", "down"]),
         "target_version": Param(None, type=["null", "integer"], minimum=0,
                                 description="up: apply up to this version; down: revert every version above it."),
+        "action": Param("migrate", type="string", enum=list(ACTIONS),
+                        description="migrate: up or down. baseline: record versions <= target_version as applied "
+                                    "without running them. adopt: the same at the version of golang-migrate's "
+                                    "schema_migrations table."),
+        "revert_all": Param(False, type="boolean",
+                            description="down only: revert every applied version, version 0 included."),
         "dry_run": Param(True, type="boolean",
                          description="Print the plan and change nothing. Applying is a choice: turn it off."),
         "reason": optional_text("Why this run happens; recorded in each database's migration log."),
@@ -104,6 +144,8 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
         def waves_for(params: dict[str, Any]) -> list[list[str]]:
             chosen = names if params["service"] == "all" else [params["service"]]
             waves: list[list[str]] = [[] for _ in range(wave_count)]
+            if params.get("action", "migrate") != "migrate":
+                return waves  # baseline and adopt run in record_baseline; every wave is skipped
             for name in chosen:
                 level = levels[name] if params["direction"] == "up" else wave_count - 1 - levels[name]
                 waves[level].append(name)
@@ -125,6 +167,16 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             if params["service"] == "all" and params.get("target_version") is not None:
                 raise AirflowFailException(
                     "param 'target_version' needs a single service: versions are numbered per service")
+            problem = action_problem(params)
+            if problem:
+                raise AirflowFailException(problem)
+            if params["action"] != "migrate":
+                service = catalog.get(params["service"])
+                if not params["dry_run"]:
+                    hold_service(cast("Context", context), service, f"{params['action']} of {service.name}", log)
+                log.info("%s: %s%s; no wave runs.", service.name, params["action"],
+                         " as a dry run" if params["dry_run"] else "")
+                return
             chosen = [catalog.get(n) for wave in waves_for(params) for n in wave]
             if not params["dry_run"] and str(environment) == PRODUCTION:
                 # Refused now rather than when a window opens: a wrong window param, or no place for the backups.
@@ -148,7 +200,30 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                 if members:
                     log.info("wave %d: %s (%s)", number, ", ".join(members), params["direction"])
 
-        previous: Any = check_params(environment=ENVIRONMENT_TEMPLATE, backup_bucket=BACKUP_BUCKET_TEMPLATE)
+        @task(retries=0, multiple_outputs=False)
+        def record_baseline(params: dict[str, Any] | None = None, **context: Any) -> dict[str, Any]:
+            """baseline / adopt: record the versions the database already has as applied, without running them."""
+            assert params is not None
+            if params["action"] == "migrate":
+                raise AirflowSkipException("action=migrate: nothing to record")
+            log = context["task"].log
+            service = catalog.get(params["service"])
+            engine = schema_engine(service, catalog, f"dag={dag_id} run={context['run_id']}", log)
+            reason = plain_text(params.get("reason"))
+            try:
+                if params["action"] == "baseline":
+                    result = engine.baseline(params["target_version"], reason, dry_run=params["dry_run"])
+                else:
+                    result = engine.adopt(reason, table=GOLANG_MIGRATE_TABLE, dry_run=params["dry_run"])
+            except InvalidMigrationInput as exc:
+                raise AirflowFailException(f"Refused, nothing changed: {exc}") from None
+            log.info("%s", result.summary())
+            return {"service": service.name, "action": params["action"], "baseline": result.version,
+                    "recorded": result.recorded, "dry_run": result.dry_run}
+
+        checked: Any = check_params(environment=ENVIRONMENT_TEMPLATE, backup_bucket=BACKUP_BUCKET_TEMPLATE)
+        checked >> record_baseline()
+        previous: Any = checked
         for index in range(wave_count):
 
             @task(task_id=f"services_of_wave_{index + 1}", retries=0, trigger_rule=TriggerRule.NONE_FAILED)
@@ -162,7 +237,8 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                 task_id=f"migrate_wave_{index + 1}",
                 pool=MIGRATIONS_POOL,
                 direction="{{ params.direction }}",
-                target_version="{{ params.target_version }}",
+                # revert_all: the engine's "nothing applied", below every version (0 included).
+                target_version=f"{{{{ {NOTHING_APPLIED} if params.revert_all else params.target_version }}}}",
                 dry_run="{{ params.dry_run }}",
                 reason="{{ params.reason }}",
                 acknowledge_drift="{{ params.acknowledge_drift }}",

@@ -545,7 +545,7 @@ class MigrationEngine:
         else:
             if target is None:
                 target = applied[-2] if len(applied) >= 2 else NOTHING_APPLIED  # one step down by default
-            if target > current:
+            if target > current and target in by_version:
                 raise InvalidMigrationInput(
                     f"{self.service}: target version {target} is above the current version "
                     f"{version_label(current)}; use direction 'up' to apply")
