@@ -115,6 +115,7 @@ class MotoEndpoint:
 
     def _watch(self) -> None:
         assert self.faults is not None
+        failing_since = None  # when reopening the port began to fail: said once, not ten times a second
         while not self._stopping.wait(0.1):
             try:
                 in_outage = self.faults.current().in_outage()
@@ -128,9 +129,15 @@ class MotoEndpoint:
                         log.warning("AWS endpoint on port %d closed: outage (connections are refused)", self.port)
                     elif not in_outage and self._client_server is None:
                         self._client_server = self._serve(self.client_app, self.host, self.port)
-                        log.warning("AWS endpoint on port %d open again: outage over", self.port)
-            except OSError:  # the port cannot be bound again yet: try on the next round, and say so
-                log.exception("cannot open the AWS endpoint on port %d again after an outage; retrying", self.port)
+                        log.warning("AWS endpoint on port %d open again: outage over%s", self.port,
+                                    f" ({time.monotonic() - failing_since:.1f}s late: the port was taken)"
+                                    if failing_since else "")
+                        failing_since = None
+            except OSError:  # the port cannot be bound again yet (another socket took it): retry every round
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.exception("cannot open the AWS endpoint on port %d again after an outage; retrying every "
+                                  "0.1s", self.port)
 
 
 def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_port: int = 0,
