@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.errors
 
 T = TypeVar("T")
 
@@ -25,8 +26,9 @@ T = TypeVar("T")
 DATABASE_BUDGET_SECONDS = 60.0
 MAX_DELAY_SECONDS = 10.0
 # SQLSTATEs the server sends when it ends the session itself: admin_shutdown, crash_shutdown, cannot_connect_now
-# (the server is starting up or shutting down). Class 08 is "connection exception".
-_SESSION_ENDED = {"57P01", "57P02", "57P03"}
+# (the server is starting up or shutting down); and class 08, "connection exception".
+_SESSION_ENDED = ("57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006")
+_SESSION_ENDED_CLASSES = tuple(psycopg2.errors.lookup(code) for code in _SESSION_ENDED)
 
 
 class DatabaseUnreachable(RuntimeError):
@@ -46,8 +48,11 @@ def connection_lost(exc: BaseException | None) -> bool:
         if isinstance(exc, psycopg2.InterfaceError):
             return True
         if isinstance(exc, psycopg2.OperationalError):
-            code = getattr(exc, "pgcode", None)
-            return code is None or code in _SESSION_ENDED or code.startswith("08")
+            code = exc.pgcode
+            if code:
+                return code in _SESSION_ENDED or code.startswith("08")
+            # No SQLSTATE: the client's own error (refused, socket closed), unless a subclass says otherwise.
+            return type(exc) is psycopg2.OperationalError or isinstance(exc, _SESSION_ENDED_CLASSES)
         exc = exc.__cause__ or exc.__context__
     return False
 

@@ -3,7 +3,8 @@
 botocore's ``standard`` retry mode retries throttling (Throttling*, TooManyRequests, RequestLimitExceeded...), 5xx
 answers (500, 502, 503, 504), RequestTimeout, and the errors of a request that never got an answer (connection
 refused, reset or closed, connect and read timeouts, EndpointConnectionError), with exponential backoff and jitter,
-capped at 20 s between attempts. ``max_attempts`` bounds it: 6 attempts wait at most 1 + 2 + 4 + 8 + 16 s.
+capped at 20 s between attempts. ``max_attempts`` (retries after the first request) bounds it: 5 retries wait at
+most 1 + 2 + 4 + 8 + 16 = 31 s in all, about half that on average.
 Anything that outlasts that budget surfaces to the caller: a trigger tries again at its next poll, an operator lets
 Airflow retry it.
 
@@ -19,7 +20,7 @@ from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.config import Config
 
-RETRIES = {"mode": "standard", "max_attempts": 6}
+RETRIES = {"mode": "standard", "max_attempts": 5}
 # A refused or unreachable endpoint should fail fast enough to be retried (botocore's default waits 60 s).
 CONNECT_TIMEOUT_SECONDS = 10
 
