@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from omnisphere_release.migrations.files import MigrationFileError, discover, split_statements
+from omnisphere_release.migrations.files import MigrationFileError, discover, new_migration, split_statements
 from omnisphere_release.migrations.lint import lint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,3 +127,54 @@ def test_project_migrations_pass_lint():
     for service in ("auth-service", "billing-service", "notification-service"):
         findings = lint(discover(REPO / "include" / "sql" / service / "migrations"))
         assert [f.describe() for f in findings if f.severity == "blocking"] == []
+
+
+@pytest.mark.parametrize(("existing", "expected"), [
+    (["001_a", "004_b"], "005_add_users_email"),  # the project's three digits
+    (["0_initial", "9_b", "16_c"], "17_add_users_email"),  # golang-migrate's unpadded numbers
+    (["0_initial"], "1_add_users_email"),
+    (["0_initial", "7_b", "008_c"], "009_add_users_email"),  # the newest file's padding wins
+    (["099_z"], "100_add_users_email"),
+    ([], "001_add_users_email"),
+])
+def test_new_follows_the_padding_of_the_newest_file(tmp_path, existing, expected):
+    for label in existing:
+        write(tmp_path, f"{label}.up.sql", "SELECT 1;")
+        write(tmp_path, f"{label}.down.sql", "SELECT 1;")
+    up, down = new_migration(tmp_path, "add_users_email")
+    assert (up.name, down.name) == (f"{expected}.up.sql", f"{expected}.down.sql")
+
+
+def test_new_writes_templates_that_must_be_filled_before_they_can_run(folder):
+    up, down = new_migration(folder, "add_items_name")
+    assert "no-transaction" in up.read_text() and "lint-ignore <rule> <reason>" in up.read_text()
+    assert "undo exactly what 002_add_items_name.up.sql does" in down.read_text()
+    with pytest.raises(MigrationFileError, match="002_add_items_name.up.sql: contains no SQL statement"):
+        discover(folder)  # the template's directive lines are comments, not directives
+    up.write_text(up.read_text() + "ALTER TABLE items ADD COLUMN name text;\n")
+    down.write_text(down.read_text() + "ALTER TABLE items DROP COLUMN name;\n")
+    migration = discover(folder)[1]
+    assert migration.label == "002_add_items_name" and not migration.up.no_transaction
+
+
+def test_new_refuses_a_bad_name_and_writes_nothing(folder):
+    with pytest.raises(MigrationFileError, match=r"'Add Users-Email'.*e.g. 'add_users_email'"):
+        new_migration(folder, "Add Users-Email")
+    assert sorted(p.name for p in folder.iterdir()) == ["001_create_items.down.sql", "001_create_items.up.sql"]
+
+
+def test_padded_and_unpadded_names_of_one_version_are_one_version(folder):
+    write(folder, "1_other.up.sql", "SELECT 1;")
+    with pytest.raises(MigrationFileError, match=r"1_other.up.sql: duplicate version 1 \(also 001_create_items"):
+        discover(folder)
+
+
+def test_lint_names_the_table_each_finding_locks(folder):
+    write(folder, "002_idx.up.sql", "-- items get looked up by name\nCREATE INDEX items_name_idx ON public.Items (name);\n"
+                                    'ALTER TABLE ONLY "Odd" ADD CONSTRAINT c CHECK (id > 0);')
+    write(folder, "002_idx.down.sql", "DROP INDEX items_name_idx;")
+    findings = {f.rule: f for f in lint(discover(folder)[1:], relation_rows=lambda name: True if name == "public.items" else None)}
+    assert findings["require-concurrent-index-creation"].table == "public.items"
+    assert findings["require-concurrent-index-creation"].severity == "blocking"
+    assert findings["constraint-missing-not-valid"].table == '"Odd"'
+    assert findings["constraint-missing-not-valid"].why == '"Odd" does not exist before this plan'
