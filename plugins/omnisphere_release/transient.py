@@ -59,16 +59,20 @@ def connection_lost(exc: BaseException | None) -> bool:
 
 def retry_lost_connection(work: Callable[[], T], what: str, log: Any = None,
                           budget_seconds: float = DATABASE_BUDGET_SECONDS,
+                          progress: Callable[[], object] | None = None,
                           sleep: Callable[[float], None] = time.sleep,
                           clock: Callable[[], float] = time.monotonic) -> T:
     """Run ``work``; while it fails with a lost connection, run it again (1, 2, 4... 10 s apart, jittered) until
-    ``budget_seconds`` have passed since the first loss. ``work`` must be safe to run again from its start.
+    ``budget_seconds`` have passed since the connection was first lost. ``work`` must be safe to run again from its
+    start. For long work, ``progress`` (e.g. the batches committed so far) tells one outage from the next: when its
+    value changed since the last loss, the database answered in between, and the budget starts again.
 
     Raises DatabaseUnreachable once the budget is spent; any other error is raised as it is, at once.
     """
     log = log or logging.getLogger("omnisphere_release.transient")
-    first_loss: float | None = None
-    attempt = 0
+    outage_began: float | None = None
+    progress_then: object = None
+    attempt = losses = 0
     while True:
         try:
             result = work()
@@ -76,20 +80,23 @@ def retry_lost_connection(work: Callable[[], T], what: str, log: Any = None,
             if not connection_lost(exc):
                 raise
             now = clock()
-            first_loss = now if first_loss is None else first_loss
-            waited = now - first_loss
+            progress_now = progress() if progress is not None else None
+            if outage_began is None or progress_now != progress_then:
+                outage_began, progress_then, attempt = now, progress_now, 0
+            waited = now - outage_began
             delay = min(MAX_DELAY_SECONDS, 2.0 ** attempt) * random.uniform(0.8, 1.2)
             attempt += 1
+            losses += 1
             detail = " ".join(str(exc).split()) or type(exc).__name__
             if waited + delay > budget_seconds:
                 raise DatabaseUnreachable(
                     f"{what}: lost the connection to the database and could not get it back within "
                     f"{budget_seconds:.0f}s ({attempt} attempt(s)): {detail}") from exc
-            log.warning("%s: lost the connection to the database (%s); trying again in %.1fs (attempt %d, %.0fs of "
-                        "the %.0fs budget left). What committed before the loss stays.", what, detail, delay,
-                        attempt + 1, budget_seconds - waited, budget_seconds)
+            log.warning("%s: lost the connection to the database (%s); trying again in %.1fs (%.0fs of the %.0fs "
+                        "budget left). What committed before the loss stays.", what, detail, delay,
+                        budget_seconds - waited, budget_seconds)
             sleep(delay)
             continue
-        if attempt:
-            log.info("%s: the database answered again after %d lost connection(s); carried on.", what, attempt)
+        if losses:
+            log.info("%s: the database answered again after %d lost connection(s); carried on.", what, losses)
         return result

@@ -221,3 +221,79 @@ def test_irreversible_spec_refuses_revert(scratch_database, tmp_path):
     path = spec_file(tmp_path, reversible=False, revert=None)
     with pytest.raises(InvalidMigrationInput, match="not reversible"):
         engine(scratch_database, path).run("revert")
+
+
+def terminate_sessions(dsn: str, application_name: str) -> int:
+    """Drop the connections of ``application_name`` as a database restart does (the server ends them: 57P01)."""
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = %s", [application_name])
+        return cur.fetchone()[0]
+
+
+def test_a_connection_lost_between_batches_is_survived_and_no_row_is_lost_or_copied_twice(
+        scratch_database, pg_sessions, tmp_path, caplog):
+    prepare(scratch_database)
+    path = spec_file(tmp_path, throttle={"pause_ms": 20})
+    caplog.set_level(logging.INFO)
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=engine(scratch_database, path).run()))
+    runner.start()
+    try:
+        for at_least in (5, 25):  # two drops: the second on a connection the engine opened again
+            batches_committed(pg_sessions, at_least)
+            assert terminate_sessions(scratch_database, "omni-datamigrate copy_events test") == 1
+    finally:
+        runner.join(timeout=120)
+    assert not runner.is_alive()
+    result = outcome["result"]
+    assert result.state == "done"
+    assert checksum(scratch_database) == expected_checksum(scratch_database)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("data migration copy_events (forward): lost the connection to the database" in w
+               for w in warnings) == 2
+    assert any("answered again after 2 lost connection(s)" in r.getMessage() for r in caplog.records)
+    # Each drop is an outage of its own: the second starts a fresh budget (batches committed in between).
+    assert all("(60s of the 60s budget left)" in w for w in warnings)
+
+
+def test_a_database_gone_for_longer_than_the_budget_fails_and_a_later_run_resumes(scratch_database, pg_sessions,
+                                                                                  tmp_path):
+    prepare(scratch_database)
+    path = spec_file(tmp_path, throttle={"pause_ms": 20})
+    connections = []
+
+    def connect_until_the_database_goes_away():
+        if connections:  # every reconnect is refused, as by a database that stays down
+            raise psycopg2.OperationalError('connection to server at "127.0.0.1" failed: Connection refused')
+        connections.append(psycopg2.connect(scratch_database))
+        return connections[0]
+
+    doomed = DataMigrationEngine(load_spec(path), connect_until_the_database_goes_away, run_by="test",
+                                 reconnect_budget_seconds=3)
+    failure: dict = {}
+
+    def run() -> None:
+        try:
+            doomed.run()
+        except MigrationFailed as exc:
+            failure["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        batches_committed(pg_sessions, 5)
+        terminate_sessions(scratch_database, "omni-datamigrate copy_events test")
+    finally:
+        runner.join(timeout=60)
+    message = str(failure["error"])
+    assert message.startswith("data migration copy_events (forward): lost the connection to the database and could "
+                              "not get it back within 3s")
+    assert "Connection refused" in message and message.endswith("run it again to resume.")
+    committed = checksum(scratch_database)[0]
+    assert 500 <= committed < ROWS  # what committed before the loss stays
+
+    result = engine(scratch_database, path).run()
+
+    assert result.state == "done" and result.resumed_from is not None
+    assert checksum(scratch_database) == expected_checksum(scratch_database)

@@ -120,6 +120,24 @@ def test_work_that_loses_its_connection_runs_again_and_its_result_is_returned(ca
     assert any("answered again after 2 lost connection(s)" in r.getMessage() for r in caplog.records)
 
 
+def test_progress_between_losses_starts_the_budget_again():
+    clock = Clock()
+    batches = iter(range(100))
+    done = [0]
+
+    def work() -> str:
+        clock.now += 15  # each attempt commits some batches, then loses its connection 15 s in
+        done[0] = next(batches)
+        if done[0] < 5:
+            raise LOST
+        return "done"
+
+    # Five losses over 75+ s: more than the 20 s budget in all, but each one after progress.
+    assert retry_lost_connection(work, "data migration", budget_seconds=20, progress=lambda: done[0],
+                                 sleep=clock.sleep, clock=clock.monotonic) == "done"
+    assert clock.slept and all(0.8 <= s <= 1.2 for s in clock.slept)  # the backoff starts again, too
+
+
 def test_the_retry_gives_up_once_the_budget_is_spent_naming_what_and_how_long():
     clock = Clock()
     work = scripted(*[LOST] * 50)

@@ -130,7 +130,7 @@ class DataMigrationEngine:
         try:
             return retry_lost_connection(lambda: self._run_session(direction, statement, max_batches, progress),
                                          f"data migration {self.spec.name} ({direction})", self.log,
-                                         self.reconnect_budget_seconds)
+                                         self.reconnect_budget_seconds, progress=lambda: progress.batches)
         except DatabaseUnreachable as exc:
             raise MigrationFailed(f"{exc}. Committed batches stay ({progress.rows} rows in {progress.batches} "
                                   f"batches this run); run it again to resume.") from None
