@@ -37,10 +37,11 @@ class FakeTaskInstance:
         self.pushed = pushed
 
     def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
-        return self.pushed.get((task_ids, key))
+        # What the task under test pushed itself is newer than what the test put there beforehand.
+        return self.pushed.get(("this task", key), self.pushed.get((task_ids, key)))
 
     def xcom_push(self, key: str, value: Any) -> None:
-        self.pushed[("self", key)] = value
+        self.pushed[("this task", key)] = value
 
 
 def context_with(pushed: dict[tuple[str, str], Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -108,7 +109,9 @@ def test_rollback_ecs_defers_while_ecs_rolls_back_instead_of_sleeping(ecs):
     hook = ecs(ReturnStep("stopped in-flight deployment with ROLLBACK", DEPLOYMENT_ARN))
     before = time.time()
 
-    deferral = deferred(lambda: rollback_ecs().execute(context_with(PLAN)))
+    context = context_with(PLAN)
+
+    deferral = deferred(lambda: rollback_ecs().execute(context))
 
     trigger = deferral.trigger
     assert isinstance(trigger, EcsServiceDeploymentTrigger)
@@ -119,8 +122,10 @@ def test_rollback_ecs_defers_while_ecs_rolls_back_instead_of_sleeping(ecs):
     budget = 2 * AUTH.deploy.timeout_minutes * 60
     assert before + budget <= trigger.deadline <= time.time() + budget
     assert deferral.method_name == "resume_return"
-    assert deferral.kwargs == {"task_definition": PREVIOUS, "actions": ["stopped in-flight deployment with ROLLBACK"],
-                               "deadline": trigger.deadline}
+    # Where the way back stands is kept for the next step, as ecs_deploy keeps its deployment: in the task's XCom.
+    assert context["ti"].pushed[("this task", "way_back")] == {
+        "task_definition": PREVIOUS, "actions": ["stopped in-flight deployment with ROLLBACK"],
+        "deadline": trigger.deadline}
     assert hook.calls == [("return_to", (AUTH.ecs.cluster, AUTH.ecs.service, PREVIOUS), {"redeployed": False})]
 
 
@@ -130,16 +135,17 @@ def test_rollback_ecs_takes_the_next_step_when_the_deployment_settled_and_ends_o
     event = {"status": "settled", "deployment_status": "ROLLBACK_SUCCESSFUL", "summary": "ROLLBACK_SUCCESSFUL at "
              "CLEAN_UP", "deployment_arn": DEPLOYMENT_ARN}
     operator = rollback_ecs()
+    context = context_with({**PLAN, ("rollback_ecs", "way_back"): {
+        "task_definition": PREVIOUS, "actions": ["stopped in-flight deployment with ROLLBACK"], "deadline": deadline}})
 
-    deferral = deferred(lambda: operator.resume_return(context_with(PLAN), event, PREVIOUS,
-                                                       ["stopped in-flight deployment with ROLLBACK"], deadline))
+    deferral = deferred(lambda: operator.resume_return(context, event))
     assert deferral.trigger.deployment_arn == REDEPLOY_ARN
     assert deferral.trigger.deadline == deadline  # carried across deferrals, never extended
-    actions = deferral.kwargs["actions"]
-    assert actions == ["stopped in-flight deployment with ROLLBACK", f"redeployed {PREVIOUS}"]
+    way_back = context["ti"].pushed[("this task", "way_back")]
+    assert way_back["actions"] == ["stopped in-flight deployment with ROLLBACK", f"redeployed {PREVIOUS}"]
 
     settled = {**event, "deployment_status": "SUCCESSFUL", "deployment_arn": REDEPLOY_ARN}
-    result = operator.resume_return(context_with(PLAN), settled, PREVIOUS, actions, deadline)
+    result = operator.resume_return(context, settled)
 
     assert result == {"action": f"stopped in-flight deployment with ROLLBACK and redeployed {PREVIOUS}",
                       "task_definition": PREVIOUS}
@@ -170,7 +176,7 @@ def test_a_way_back_that_could_not_be_followed_is_retried_not_failed_for_good(ec
     ecs()
 
     with pytest.raises(AirflowException) as raised:
-        rollback_ecs().resume_return(context_with(PLAN), event, PREVIOUS, [], time.time() + 60)
+        rollback_ecs().resume_return(context_with(PLAN), event)
 
     assert type(raised.value) is AirflowException  # a retry looks at the service again and goes on from there
     message = str(raised.value)
@@ -183,8 +189,11 @@ def test_a_way_back_still_in_flight_at_the_deadline_is_retried_not_deferred_agai
     ecs(ReturnStep(None, DEPLOYMENT_ARN))
     event = {"status": "settled", "deployment_status": "ROLLBACK_SUCCESSFUL", "deployment_arn": REDEPLOY_ARN}
 
+    context = context_with({("rollback_ecs", "way_back"): {"task_definition": PREVIOUS, "actions": [],
+                                                            "deadline": time.time() - 1}})
+
     with pytest.raises(AirflowException, match=f"deployment {DEPLOYMENT_ARN} is still in flight at the deadline"):
-        rollback_ecs().resume_return(context_with(PLAN), event, PREVIOUS, [], time.time() - 1)
+        rollback_ecs().resume_return(context, event)
 
 
 def test_the_way_back_ending_on_another_revision_fails_for_good(ecs):
@@ -220,7 +229,7 @@ def test_the_manual_rollbacks_ecs_step_is_the_same_deferred_way_back(ecs):
     assert deferral.method_name == "resume_return"
 
     result = step.resume_return(context, {"status": "settled", "deployment_status": "SUCCESSFUL",
-                                          "deployment_arn": REDEPLOY_ARN}, **deferral.kwargs)
+                                          "deployment_arn": REDEPLOY_ARN})
 
     assert result == {"action": f"redeployed {PREVIOUS}", "task_definition": PREVIOUS}
     assert len(hook.calls) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -126,6 +126,17 @@ class EcsDeployServiceOperator(ServiceStageOperator):
                                    f"Next: rollback_ecs makes sure the service is back on its previous revision.")
 
 
+WAY_BACK = "way_back"
+
+
+class WayBack(TypedDict):
+    """Where a way back stands between its steps: its target, what it did so far, and its absolute deadline."""
+
+    task_definition: str
+    actions: list[str]
+    deadline: float
+
+
 class EcsReturnServiceOperator(ServiceStageOperator):
     """A stage that brings a service back to a task definition: the one ECS way back, of rollback_ecs and of
     rollback_<service>'s ECS step, deferred.
@@ -145,8 +156,8 @@ class EcsReturnServiceOperator(ServiceStageOperator):
         super().__init__(service=service, **kwargs)
         self.poll_seconds = poll_seconds
 
-    def return_service_to(self, service: Service, task_definition: str, actions: list[str] | None = None,
-                          deadline: float | None = None) -> dict[str, Any]:
+    def return_service_to(self, context: Context, service: Service, task_definition: str,
+                          actions: list[str] | None = None, deadline: float | None = None) -> dict[str, Any]:
         """Take the next step back to ``task_definition``; defer while ECS works; return the outcome when there."""
         if deadline is None:
             deadline = time.time() + 2 * service.deploy.timeout_minutes * 60
@@ -179,22 +190,25 @@ class EcsReturnServiceOperator(ServiceStageOperator):
                                    f"still run the new image.")
         self.log.info("Waiting, deferred, for deployment %s to settle (deadline in %.0fs).", step.wait_for,
                       deadline - time.time())
+        # Where the way back stands, for the next step (pushed like ecs_deploy's deployment: kept across deferrals).
+        way_back: WayBack = {"task_definition": task_definition, "actions": actions, "deadline": deadline}
+        context["ti"].xcom_push(key=WAY_BACK, value=way_back)
         self.defer(
             trigger=EcsServiceDeploymentTrigger(deployment_arn=step.wait_for, deadline=deadline,
                                                 aws_conn_id=service.aws_conn_id, poll_seconds=self.poll_seconds,
                                                 settle=True),
             method_name="resume_return",
-            kwargs={"task_definition": task_definition, "actions": actions, "deadline": deadline},
             timeout=timedelta(seconds=max(60.0, deadline - time.time() + 300)),
         )
 
-    def resume_return(self, context: Context, event: dict[str, Any], task_definition: str, actions: list[str],
-                      deadline: float) -> dict[str, Any]:
+    def resume_return(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Go on after the trigger: a settled deployment leads to the next step; anything else is retryable."""
         service = load_catalog().get(self.service)
         if event.get("status") == "settled":
             self.log.info("Deployment settled: %s", event.get("summary"))
-            return self.return_service_to(service, task_definition, actions, deadline)
+            way_back = cast("WayBack", context["ti"].xcom_pull(task_ids=self.task_id, key=WAY_BACK))
+            return self.return_service_to(context, service, way_back["task_definition"], way_back["actions"],
+                                          way_back["deadline"])
         raise AirflowException(f"ECS rollback of {service.name} could not finish: deployment "
                                f"{event.get('deployment_arn')} {event.get('status')}: "
                                f"{event.get('summary') or event.get('message')}. Retrying if retries remain (the "
@@ -217,4 +231,4 @@ class EcsRollbackServiceOperator(EcsReturnServiceOperator):
         if not plan:
             self.log.info("Nothing to roll back on ECS: preflight recorded no state, so this run changed nothing.")
             return {"action": "none"}
-        return self.return_service_to(load_catalog().get(self.service), plan["previous_task_definition"])
+        return self.return_service_to(context, load_catalog().get(self.service), plan["previous_task_definition"])

@@ -145,7 +145,7 @@ class ManualRollbackStepOperator(EcsReturnServiceOperator):
             if "task_definition" not in plan and "image" not in plan:
                 raise AirflowSkipException("No ECS step requested.")
             target = plan.get("task_definition") or self._register_image(service, plan)
-            return self.return_service_to(service, target)
+            return self.return_service_to(context, service, target)
         if self.step == "schema":
             if "schema_version" not in plan:
                 raise AirflowSkipException("No schema step requested.")

@@ -14,7 +14,7 @@ from omnisphere_release.contracts import ReleaseRun
 from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
 from omnisphere_release.logs import Log
-from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed, RunResult
+from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed, RunResult, Status
 from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int, hold_service
 from omnisphere_release.transient import DatabaseUnreachable, retry_lost_connection
 
@@ -87,9 +87,13 @@ class PostgresApplyMigrationsOperator(BaseOperator):
                       " as a dry run: nothing will change" if dry_run else "",
                       ServiceDatabaseHook(service.postgres_conn_id).describe())
 
+        before: list[Status] = []  # the schema before this task's first attempt, to report every attempt's work
+
         def migrate() -> RunResult:
             if not dry_run:
                 hold_service(context, service, f"schema migrations of {service.name} {self.direction}", self.log)
+                if not before:
+                    before.append(engine.status())
             return engine.migrate(self.direction, target, dry_run=dry_run, reason=plain_text(self.reason) or None,
                                   acknowledge_drift=plain_text(self.acknowledge_drift) or None)
 
@@ -110,14 +114,22 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         if dry_run:
             self.log.info("Dry run of %s: %d step(s) planned; set dry_run=false to apply them.", service.name,
                           len(result.plan.steps))
+        from_version, versions = result.from_version, result.versions
+        if before and before[0].current_version != result.from_version:
+            # An attempt cut short by a lost connection committed some migrations first: they are this task's too.
+            was, now = {a.version for a in before[0].applied}, {a.version for a in engine.status().applied}
+            versions = sorted(now - was) if result.direction == "up" else sorted(was - now, reverse=True)
+            from_version = before[0].current_version
+            self.log.info("%s: this task moved the schema from version %s to %s in all (%s), over more than one "
+                          "connection.", service.name, from_version, result.to_version, versions)
         return {
             "service": service.name,
             "direction": result.direction,
             "dry_run": result.dry_run,
-            "from_version": result.from_version,
+            "from_version": from_version,
             "to_version": result.to_version,
             "planned_versions": [m.version for m in result.plan.steps],
-            "versions": result.versions,
+            "versions": versions,
             "seconds": round(result.seconds, 3),
         }
 
