@@ -85,7 +85,8 @@ class ReleaseManifestCheckOperator(BaseOperator):
         entry = {"manifest": params["manifest"], "reason": params.get("reason") or "",
                  "staging_rehearsed": params.get("staging_rehearsed", False)}
         scheduled = str(getattr(dag_run, "run_type", "")).lower().endswith("scheduled")
-        start = context["data_interval_start"]
+        # A run triggered without a logical date (the API's and the UI's default) has no data interval in its context.
+        start = context.get("data_interval_start")
         if scheduled:
             assert start is not None, "a scheduled release_all run has a window"
             queued, rest = take_manifest(Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True), start)

@@ -8,21 +8,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import boto3
 import pytest
 
 from tests.e2e.helpers import push_image
 from tests.e2e.live.helpers import client_xcom, task_states, wait_for_run
+from tests.e2e.live.test_release_train import child_run, overlap
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[3]
 
 
 def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_first_failure(live_airflow):
-    """Queue a manifest for the next release_all window (every minute here); the scheduled run takes it, releases
-    auth-service, fails on billing-service (which rolls itself back) and does not attempt notification-service.
-    Scheduled runs with nothing queued do nothing."""
+    """Queue a manifest for the next release_all window (every minute here); the scheduled run takes it and releases
+    auth-service and billing-service at the same time (neither depends on the other in the live catalog);
+    billing-service fails and rolls itself back, auth-service finishes its release normally, and
+    notification-service, which depends on both, is not attempted. Scheduled runs with nothing queued do nothing."""
     ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     td_before = {s: ecs.describe_services(cluster="omnisphere", services=[s])["services"][0]["taskDefinition"]
                  for s in ("auth-service", "billing-service", "notification-service")}
@@ -57,12 +60,24 @@ def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_fir
     assert run["state"] == "failed"
     assert states["release_auth-service"] == "success"
     assert states["release_billing-service"] == "failed"
-    assert states["release_notification-service"] in ("upstream_failed", "skipped")
+    # notification-service depends on billing-service: stopped by the edge, never asked for a slot.
+    assert states["start_notification-service"] == "upstream_failed"
+    assert states["release_notification-service"] == "upstream_failed"
     assert states["summary"] == "failed"
-    billing_run_id = f"{run['dag_run_id']}__billing-service"
-    assert wait_for_run(live_airflow, "release_billing-service", billing_run_id)["state"] == "failed"
-    billing_states = task_states(live_airflow, "release_billing-service", billing_run_id)
+    auth_run, billing_run = (child_run(live_airflow, run["dag_run_id"], s) for s in ("auth-service", "billing-service"))
+    assert billing_run["state"] == "failed"
+    assert overlap(auth_run, billing_run), (auth_run, billing_run)  # released at the same time
+    billing_states = task_states(live_airflow, "release_billing-service", billing_run["dag_run_id"])
     assert billing_states["ecs_deploy"] == "failed" and billing_states["verify_rollback"] == "success"
+    summary = client_xcom(live_airflow, "release_all", run["dag_run_id"], "summary")
+    assert {s: (o["outcome"], o["why"]) for s, o in summary.items()} == {
+        "auth-service": ("released", "every stage passed"),
+        "billing-service": ("rolled back", "its release failed and was rolled back"),
+        "notification-service": ("not attempted", "depends on billing-service which failed"),
+    }
+    assert summary["billing-service"]["run_url"].endswith(
+        f"/dags/release_billing-service/runs/{quote(billing_run['dag_run_id'], safe='')}")
+    assert summary["notification-service"]["run_url"] == ""
     td_after = {s: ecs.describe_services(cluster="omnisphere", services=[s])["services"][0]["taskDefinition"]
                 for s in td_before}
     assert td_after["auth-service"] != td_before["auth-service"]  # released, and stays released
