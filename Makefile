@@ -52,7 +52,7 @@ devstack-stop: venv
 	$(PY) -m devstack stop
 
 up: venv
-	$(PY) scripts/airflow_local.py up
+	$(PY) scripts/airflow_local.py up --executor $(EXECUTOR)
 
 down: venv
 	$(PY) scripts/airflow_local.py down

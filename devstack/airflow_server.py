@@ -72,6 +72,11 @@ def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: f
     process = subprocess.Popen([*airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
     (home / "standalone.pid").write_text(str(process.pid))
+    # What `stop` checks is closed: the API, and the log servers of the scheduler and the triggerer.
+    (home / "standalone.json").write_text(json.dumps({"ports": {
+        "api-server": port,
+        "scheduler logs": int(env.get("AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT", "8793")),
+        "triggerer logs": int(env.get("AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT", "8794"))}}))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while not healthy(url):
@@ -93,11 +98,29 @@ def healthy(url: str) -> bool:
     return all((body.get(part) or {}).get("status") == "healthy" for part in parts)
 
 
-def stop(home: Path, timeout: float = 30) -> None:
-    """Stop Airflow's whole process group (standalone starts its parts as children)."""
+def is_running(home: Path) -> bool:
+    """Tell whether an `airflow standalone` started from ``home`` still runs."""
+    pid_file = home / "standalone.pid"
+    try:
+        os.killpg(int(pid_file.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def stop(home: Path, timeout: float = 30) -> list[str]:
+    """Stop Airflow's whole process group (standalone starts its parts as children); return the ports still open."""
+    from devstack.net import port_is_open
     from devstack.stack import stop_process_group
 
     pid_file = home / "standalone.pid"
-    if pid_file.exists():
-        stop_process_group(int(pid_file.read_text()), timeout)
-        pid_file.unlink(missing_ok=True)
+    if not pid_file.exists():
+        return []
+    stop_process_group(int(pid_file.read_text()), timeout)
+    pid_file.unlink(missing_ok=True)
+    state = home / "standalone.json"
+    ports = json.loads(state.read_text())["ports"] if state.exists() else {}
+    deadline = time.monotonic() + 10
+    while any(port_is_open(port) for port in ports.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [f"port {port} ({name})" for name, port in ports.items() if port_is_open(port)]

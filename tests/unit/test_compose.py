@@ -185,7 +185,7 @@ def test_image_is_built_from_the_pinned_requirements():
 
 def test_every_airflow_part_reads_the_shared_settings_and_overrides_none():
     """airflow.env is the one source of the settings every deployment shares (the local Celery topology reads it
-    too: tests/unit/test_topology_settings.py); a container's own environment may not quietly change one."""
+    too, see the next test); a container's own environment may not quietly change one."""
     shared = env_file(SHARED_SETTINGS)
     assert shared["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert all(key.startswith("AIRFLOW__") for key in shared)
@@ -233,3 +233,30 @@ def test_a_missing_secret_stops_compose_with_a_message_that_says_what_to_set(var
     messages = [message for text in strings_in(compose())
                 for message in re.findall(rf"\$\{{{variable}:\?([^}}]*)\}}", text)]
     assert messages and all(f"set {variable}" in message for message in messages), messages
+
+
+def test_the_local_celery_topology_runs_on_the_same_settings(tmp_path):
+    """`make up EXECUTOR=celery` (devstack/topology.py) gives its parts airflow.env's settings, departs from them only
+    where LOCAL_OVERRIDES says so, and sets each setting that compose sets per deployment (hosts and secrets)."""
+    from devstack import topology
+
+    ports = topology.Ports(api=18080, redis=16379, scheduler_health=18974, trigger_logs=18794,
+                           worker_logs={"worker1": 18793, "worker2": 18795})
+    env = topology.topology_env({}, tmp_path, ports, "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow")
+    shared = env_file(SHARED_SETTINGS)
+    assert topology.shared_settings() == shared
+    assert set(topology.LOCAL_OVERRIDES) == {"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"}
+    assert {key: env[key] for key in shared} == {**shared, **topology.LOCAL_OVERRIDES}
+    per_deployment = {key for key in compose()["x-airflow-common"]["environment"]
+                      if key.startswith("AIRFLOW__") and not key.startswith("AIRFLOW__SECRETS__")}
+    assert per_deployment == {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND",
+                              "AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__CORE__FERNET_KEY",
+                              "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"}
+    assert sorted(per_deployment - env.keys()) == []
+    assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:16379/0"
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+postgresql://airflow:pw@127.0.0.1:5432/airflow"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18080/execution/"
+    # the secrets every part shares are generated once per home and kept private
+    assert (tmp_path / topology.SECRETS_FILE).stat().st_mode & 0o777 == 0o600
+    again = topology.topology_env({}, tmp_path, ports, "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow")
+    assert again["AIRFLOW__API_AUTH__JWT_SECRET"] == env["AIRFLOW__API_AUTH__JWT_SECRET"]
