@@ -236,6 +236,8 @@ class _Part:
         self.next_start = 0.0
 
     def start(self, base_env: dict[str, str]) -> None:
+        if self.started:
+            self.restarts += 1
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(self.argv, env={**base_env, **self.env}, cwd=REPO, stdout=log_file,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -253,10 +255,9 @@ class _Part:
         self.quick_deaths = 0 if ran >= STABLE_SECONDS else self.quick_deaths + 1
         delay = min(0.5 * 2 ** self.quick_deaths, MAX_BACKOFF_SECONDS) if self.quick_deaths else 0.5
         self.next_start = time.monotonic() + delay
-        self.restarts += 1
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
         log.warning("%s (pid %d) %s after %.0fs; restarting it in %.1fs (restart #%d, log %s)",
-                    self.name, self.process.pid, how, ran, delay, self.restarts, self.log_path)
+                    self.name, self.process.pid, how, ran, delay, self.restarts + 1, self.log_path)
         self.process = None
         return code
 
@@ -264,8 +265,7 @@ class _Part:
 def supervise(home: Path) -> None:
     """Start every part, restart the ones that die, and stop them all on SIGTERM."""
     spec = json.loads((home / SPEC_FILE).read_text())
-    parts = [_Part(name, spec["parts"][name]["argv"], spec["parts"][name]["env"], home / f"{name}.log")
-             for name in PARTS]
+    parts = [_Part(name, part["argv"], part["env"], home / f"{name}.log") for name, part in spec["parts"].items()]
     base_env = dict(os.environ)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -371,17 +371,21 @@ class Topology:
 
     def pid(self, part: str) -> int | None:
         """The current pid of a part's main process, or None while it is down between a death and its restart."""
-        _check_part(part)
-        pid = self.state().get("parts", {}).get(part, {}).get("pid")
+        pid = self._part(part).get("pid")
         return pid if _alive(pid) else None
 
     def restarts(self, part: str) -> int:
-        _check_part(part)
-        return int(self.state().get("parts", {}).get(part, {}).get("restarts", 0))
+        return int(self._part(part).get("restarts", 0))
 
     def log(self, part: str) -> Path:
-        _check_part(part)
+        self._part(part)
         return self.home / f"{part}.log"
+
+    def _part(self, part: str) -> dict[str, Any]:
+        parts = self.state().get("parts", {})
+        if part not in parts:
+            raise ValueError(f"unknown part {part!r}; the parts are {', '.join(parts or PARTS)}")
+        return dict(parts[part])
 
     def part_of(self, pid: int) -> str | None:
         """Name the part whose process tree holds ``pid`` (a task instance's pid runs under a worker), or None."""
@@ -464,11 +468,6 @@ class Topology:
         if drop_database and self.database and self.admin_dsn:
             drop_metadata_database(self.admin_dsn, self.database)
         return leftovers
-
-
-def _check_part(part: str) -> None:
-    if part not in PARTS:
-        raise ValueError(f"unknown part {part!r}; the parts are {', '.join(PARTS)}")
 
 
 def _tail(path: Path, size: int = 3000) -> str:
