@@ -41,7 +41,7 @@ print(json.dumps({"seconds": elapsed, "dags": len(bag.dags), "errors": len(bag.i
 def grow_catalog(folder: Path, services: int) -> tuple[Path, Path]:
     """Write a catalog of ``services`` entries (copies of the real ones) and their SQL folders."""
     base = yaml.safe_load((REPO / "include" / "services.yaml").read_text())["services"]
-    entries = []
+    entries: list[dict] = []
     sql_dir = folder / "sql"
     for i in range(services):
         template = base[i % len(base)]
