@@ -170,6 +170,26 @@ def release_train(client: Any, services: list[str], tag: str, max_parallel: int,
     return figures
 
 
+def parse_costs(logs: Path) -> dict[str, float]:
+    """How long the task processes spent parsing the DAG file before they ran (each logs ``dag_file_parse_ms`` when
+    it starts): a task's process parses the whole file, so this cost grows with the catalog and with the load."""
+    import json
+    import statistics
+
+    parses = []
+    for path in logs.rglob("*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"dag_file_parse_ms"' in line:
+                try:
+                    parses.append(float(json.loads(line)["dag_file_parse_ms"]) / 1000)
+                except (ValueError, KeyError, TypeError):
+                    continue
+    if not parses:
+        return {"parses": 0, "median_s": 0.0, "max_s": 0.0, "total_s": 0.0}
+    return {"parses": len(parses), "median_s": statistics.median(parses), "max_s": max(parses),
+            "total_s": sum(parses)}
+
+
 def push_images(env: dict[str, str], services: list[str], tag: str) -> None:
     """Push ``tag`` of every service into the devstack's registry, as CI does before a release."""
     import boto3
@@ -235,6 +255,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  wall / slowest single release: {train['vs_slowest']:.2f}x (floor <= {FLOOR:.0f}x: "
               f"{'holds' if train['floor_holds'] else 'DOES NOT HOLD'}); wall / sequential sum: "
               f"{train['vs_sum']:.2f}x ({1 / train['vs_sum']:.1f}x faster than one after another)", flush=True)
+        parsing_cost = parse_costs(celery_home / "logs")
+        figures["task_parse"] = parsing_cost
+        print(f"  each task's process first parsed the DAG file ({len(services)} services): {parsing_cost['parses']:.0f} "
+              f"parses, median {parsing_cost['median_s']:.1f}s, slowest {parsing_cost['max_s']:.1f}s, "
+              f"{parsing_cost['total_s']:.0f}s in all", flush=True)
 
         if not args.no_standalone:
             service = services[0]

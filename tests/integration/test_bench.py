@@ -72,6 +72,18 @@ def test_the_figures_come_from_the_runs_own_dates():
     assert most_at_once(runs) == 3
 
 
+def test_the_task_parse_cost_is_read_from_the_task_logs(tmp_path):
+    from bench.release_train import parse_costs
+
+    task_log = tmp_path / "dag_id=release_all" / "run_id=r" / "task_id=check_manifest" / "attempt=1.log"
+    task_log.parent.mkdir(parents=True)
+    task_log.write_text('{"event": "Filling up the DagBag"}\n'
+                        '{"event": "Worker startup parse complete", "dag_file_parse_ms": 900}\nnot json\n'
+                        '{"event": "Worker startup parse complete", "dag_file_parse_ms": 3100}\n')
+    assert parse_costs(tmp_path) == {"parses": 2, "median_s": 2.0, "max_s": 3.1, "total_s": 4.0}
+    assert parse_costs(tmp_path / "none")["parses"] == 0
+
+
 def test_python_m_bench_runs_all_or_the_named_benchmarks_and_refuses_what_it_does_not_know(capsys):
     from bench.__main__ import BENCHMARKS, parse_args
 
