@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from omnisphere_release.migrations.files import MigrationFileError, discover, new_migration, split_statements
-from omnisphere_release.migrations.lint import lint
+from omnisphere_release.migrations.lint import KNOWN_RULES, lint, squawk_executable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,3 +179,11 @@ def test_lint_names_the_table_each_finding_locks(folder):
     assert findings["require-concurrent-index-creation"].severity == "blocking"
     assert findings["constraint-missing-not-valid"].table == '"Odd"'
     assert findings["constraint-missing-not-valid"].why == '"Odd" does not exist before this plan'
+
+
+def test_every_rule_the_lint_knows_is_a_rule_of_the_installed_squawk(tmp_path):
+    sample = write(tmp_path, "sample.sql", "SELECT 1;")
+    unknown = [rule for rule in sorted(KNOWN_RULES)
+               if subprocess.run([squawk_executable(), "--reporter", "json", f"--include={rule}", str(sample)],
+                                 capture_output=True, check=False).returncode == 2]
+    assert unknown == []

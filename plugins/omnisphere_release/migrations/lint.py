@@ -47,8 +47,9 @@ TRANSACTION_RULES = frozenset({
 #: The blocking rules of a service whose catalog entry sets no ``migrations.blocking_rules``.
 DEFAULT_BLOCKING_RULES: frozenset[str] = TABLE_RULES | TRANSACTION_RULES
 
-# Every rule of squawk 2.70 (`squawk --help` lists none; see https://squawkhq.com/docs/rules). A catalog entry naming
-# another one is refused: a misspelt rule would silently block nothing.
+# Every rule squawk 2.70 accepts in --include (see https://squawkhq.com/docs/rules; tests/unit/test_migration_files.py
+# asks the installed squawk). A catalog entry naming another one is refused, naming it: squawk itself would fail the
+# lint of every plan, and HEAD's misspelt 'prefer-timestamptz' silently made a style rule block.
 KNOWN_RULES = frozenset({
     *TABLE_RULES, *TRANSACTION_RULES, *MOOT_RULES,
     "renaming-column", "renaming-table", "renaming-object", "ban-drop-database", "ban-drop-column", "ban-drop-table",
@@ -56,9 +57,9 @@ KNOWN_RULES = frozenset({
     "ban-drop-type", "ban-drop-schema", "ban-drop-sequence", "ban-drop-domain", "ban-drop-extension",
     "ban-drop-policy", "ban-drop-trigger", "ban-drop-generated-expression", "ban-truncate-cascade",
     "ban-create-domain-with-constraint", "ban-alter-domain-with-add-constraint", "ban-char-field",
-    "prefer-bigint-over-int", "prefer-bigint-over-smallint", "prefer-big-int", "prefer-identity", "prefer-text-field",
+    "prefer-bigint-over-int", "prefer-bigint-over-smallint", "prefer-identity", "prefer-text-field",
     "prefer-timestamp-tz", "prefer-repack", "require-table-schema", "require-enum-value-ordering",
-    "identifier-too-long", "unused-ignore", "ban-set-schema", "ban-alter-identity", "ban-alter-generated-expression",
+    "identifier-too-long", "ban-set-schema", "ban-alter-identity", "ban-alter-generated-expression",
     "ban-set-default", "ban-disable-trigger", "ban-replica-identity", "ban-revoke", "ban-replace-view-function",
     "ban-alter-policy-condition", "ban-alter-policy-roles", "ban-create-policy", "ban-alter-function-options",
     "ban-alter-view-options", "ban-alter-role-options", "ban-alter-database-options", "ban-alter-row-level-security",
@@ -79,6 +80,7 @@ _TARGETS = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in (
 _CREATE_TABLE = re.compile(
     rf"^\s*CREATE\s+(?:(?:GLOBAL\s+|LOCAL\s+)?(?:TEMP|TEMPORARY)\s+|UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?"
     rf"(?P<name>{_NAME})", re.IGNORECASE | re.DOTALL)
+_TARGETS.append(_CREATE_TABLE)  # a finding inside CREATE TABLE (an inline REFERENCES) is about the new table
 
 #: ``relation_rows(name)``: None when no such relation exists, else whether its table holds rows.
 RelationRows = Callable[[str], "bool | None"]
