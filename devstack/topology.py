@@ -395,7 +395,7 @@ class Topology:
                 return mains[pid]
             try:
                 with open(f"/proc/{pid}/stat") as stat:
-                    pid = int(stat.read().rsplit(")", 1)[1].split()[2])
+                    pid = int(stat.read().rsplit(")", 1)[1].split()[1])  # state, then ppid
             except OSError:
                 return None
         return None

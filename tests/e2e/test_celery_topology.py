@@ -108,7 +108,10 @@ def test_killed_parts_come_back_and_a_release_then_runs_on_both_workers(topology
         "image_tag": tag, "window": "now", "force_reason": "Celery topology test", "reason": "Celery topology test"}})
     assert response.status_code == 200, response.text
     run_id = response.json()["dag_run_id"]
-    run = wait_for_run(client, "release_auth-service", run_id, timeout=150)
+    running_on = watch_running_tasks(topology, client, "release_auth-service", run_id, timeout=150)
+    print(f"running tasks seen, by the part their process ran under: {running_on}")
+    assert running_on and set(running_on.values()) <= {"worker1", "worker2"}, running_on
+    run = wait_for_run(client, "release_auth-service", run_id, timeout=10)
     states = task_states(client, "release_auth-service", run_id)
     assert run["state"] == "success", states
     assert states["monitoring_gate"] == "success" and states["finalize"] == "success"
@@ -117,6 +120,22 @@ def test_killed_parts_come_back_and_a_release_then_runs_on_both_workers(topology
     print(f"tasks per worker: {ran_on}")
     assert all(ran_on.values()), f"not every worker ran a task of {run_id}: {ran_on}"
     assert set().union(*ran_on.values()) >= {"preflight", "ecs_deploy", "monitoring_gate", "finalize"}
+
+
+def watch_running_tasks(topology, client, dag_id: str, run_id: str, timeout: float) -> dict[str, str | None]:
+    """Until the run ends, find the part each running task's process (its ``pid``) runs under."""
+    seen: dict[str, str | None] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()["state"] in ("success", "failed"):
+            return seen
+        for ti in client.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]:
+            if ti["state"] == "running" and ti.get("pid") and ti["task_id"] not in seen:
+                part = topology.part_of(ti["pid"])
+                if part or psutil.pid_exists(ti["pid"]):  # a process that ended meanwhile tells nothing
+                    seen[ti["task_id"]] = part
+        time.sleep(0.3)
+    raise AssertionError(f"{dag_id} {run_id} did not end within {timeout:.0f}s")
 
 
 def tasks_run_by(worker_log: Path, run_id: str) -> set[str]:

@@ -84,6 +84,13 @@ def test_a_part_that_keeps_dying_is_restarted_with_backoff(supervised):
     assert (supervised.log("flaky")).read_text().count("starting") == restarts + 1
 
 
+def test_part_of_names_the_part_a_process_runs_under(supervised):
+    child = psutil.Process(supervised.pid("steady")).children()[0]  # as a task's process runs under a worker
+    assert supervised.part_of(child.pid) == "steady"
+    assert supervised.part_of(supervised.pid("steady")) == "steady"
+    assert supervised.part_of(os.getpid()) is None
+
+
 def test_unknown_part_names_the_parts(supervised):
     with pytest.raises(ValueError, match="unknown part 'triggerr'; the parts are steady, flaky"):
         supervised.pid("triggerr")
