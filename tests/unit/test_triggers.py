@@ -133,6 +133,19 @@ def test_ecs_trigger_succeeds_once_traffic_has_shifted_when_asked_to(ecs_hook, s
     assert len(hook.described) == 2  # not done while traffic was still shifting
 
 
+def test_ecs_trigger_does_not_take_a_canarys_bake_for_the_end_of_the_traffic_shift(ecs_hook):
+    # A canary bakes with 10 % of the traffic on the new revision: a smoke test then would mostly reach the old one.
+    hook = ecs_hook(deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0),
+                    deployment("IN_PROGRESS", "PRODUCTION_TRAFFIC_SHIFT", weight=55.0),
+                    deployment("IN_PROGRESS", "BAKE_TIME", weight=100.0))
+
+    event = first_event(ecs_trigger(done_on_traffic_shift=True))
+
+    assert event.payload["status"] == "success"
+    assert "100.0% of traffic" in event.payload["summary"]
+    assert len(hook.described) == 3
+
+
 @pytest.mark.parametrize("stage", ["BAKE_TIME", "CLEAN_UP"])
 def test_ecs_trigger_waits_for_success_after_traffic_shift_by_default(ecs_hook, stage):
     hook = ecs_hook(deployment("IN_PROGRESS", stage, weight=100.0), deployment("IN_PROGRESS", stage, weight=100.0),

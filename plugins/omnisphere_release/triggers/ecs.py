@@ -18,6 +18,13 @@ READ_FAILURE_BUDGET_SECONDS = 300.0
 WARN_EVERY_SECONDS = 30.0
 
 
+def all_traffic_shifted(deployment: dict[str, Any]) -> bool:
+    """Say whether the new revision takes all production traffic: a bake or clean-up stage, and (when ECS reports
+    it) 100 % of the traffic. A canary's own bake at 10 % is not the end of the shift."""
+    weight = (deployment.get("targetServiceRevision") or {}).get("requestedProductionTrafficWeight")
+    return deployment.get("lifecycleStage") in TRAFFIC_SHIFTED_STAGES and (weight is None or float(weight) >= 100)
+
+
 class EcsServiceDeploymentTrigger(BaseTrigger):
     """Poll DescribeServiceDeployments until the deployment succeeds, fails, or the deadline passes.
 
@@ -93,8 +100,7 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
                                     "deployment_arn": self.deployment_arn})
                 return
             if not self.settle and (status == "SUCCESSFUL" or (
-                    self.done_on_traffic_shift and status == "IN_PROGRESS"
-                    and deployment.get("lifecycleStage") in TRAFFIC_SHIFTED_STAGES)):
+                    self.done_on_traffic_shift and status == "IN_PROGRESS" and all_traffic_shifted(deployment))):
                 yield TriggerEvent({"status": "success", "deployment_status": status, "summary": line,
                                     "deployment_arn": self.deployment_arn})
                 return
