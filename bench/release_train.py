@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parse-timeout", type=float, default=DEFAULT_PARSE_TIMEOUT,
                         help=f"[core] dagbag_import_timeout for every part (default {DEFAULT_PARSE_TIMEOUT}; Airflow's "
                              f"is 30)")
+    parser.add_argument("--dags-folder", type=Path, default=None,
+                        help="run against another DAG folder than dags/ (e.g. to measure a change to the DAG file)")
     parser.add_argument("--no-standalone", action="store_true", help="skip the Celery vs standalone comparison")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the release train")
     args = parser.parse_args(argv)
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         started = time.monotonic()
         parsing = {"AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": str(args.parse_timeout),
                    "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": str(args.parse_timeout + 30)}
+        if args.dags_folder:
+            parsing["AIRFLOW__CORE__DAGS_FOLDER"] = str(args.dags_folder.resolve())
+            print(f"DAG folder: {args.dags_folder.resolve()} (not the project's dags/)", flush=True)
         extra = {**catalog_env, **parsing, "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(args.worker_concurrency)}
         topo = topology.start(env, celery_home, free_port(), extra_env=extra,
                               database=f"airflow_bench_{uuid.uuid4().hex[:8]}")
