@@ -16,9 +16,10 @@ arguments. The settings every deployment shares come from airflow.env, the file 
 module adds what is this deployment's own (hosts, ports, secrets) and the LOCAL_OVERRIDES below.
 
 A supervisor (``python -m devstack.topology supervise HOME``, its own process group) starts every part as a child in
-a process group of its own, and restarts a part whose main process died, as compose's ``restart: always`` does:
+a session of its own, and restarts a part whose main process died, as compose's ``restart: always`` does:
 first after a second, then with a doubling backoff (at most 30 s) while the part keeps dying within a minute of its
-start. As when a container's main process dies, the rest of the part's process group is killed before the restart.
+start. As when a container's main process dies, the rest of the part (every process of its session, task processes
+included) is killed before the restart.
 Each part logs to ``<home>/<part>.log``, the supervisor to ``<home>/topology.log``; ``<home>/topology.json`` holds
 each part's current pid, its restart count and the ports. SIGTERM stops every part (SIGTERM, 10 s, then SIGKILL, as
 ``docker stop``) and then the supervisor.
@@ -250,7 +251,9 @@ class _Part:
         """Return the exit code when the part's main process has died (and kill what is left of its group)."""
         if self.process is None or (code := self.process.poll()) is None:
             return None
-        _kill_group(self.process.pid, signal.SIGKILL)  # a container's processes die with its main process
+        # A container's processes die with its main process: here, every process of the part's session (the
+        # task processes of a worker put themselves in process groups of their own, but stay in its session).
+        _signal_session(self.process.pid, signal.SIGKILL)
         ran = time.monotonic() - self.started
         self.quick_deaths = 0 if ran >= STABLE_SECONDS else self.quick_deaths + 1
         delay = min(0.5 * 2 ** self.quick_deaths, MAX_BACKOFF_SECONDS) if self.quick_deaths else 0.5
@@ -300,16 +303,19 @@ def supervise(home: Path) -> None:
         log.info("stopping every part (SIGTERM, then SIGKILL after %.0fs)", STOP_GRACE_SECONDS)
         running = [p for p in reversed(parts) if p.process is not None]  # workers first, the broker last
         for part in running:
-            _kill_group(part.process.pid, signal.SIGTERM)  # type: ignore[union-attr]
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(part.process.pid, signal.SIGTERM)  # type: ignore[union-attr]
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for part in running:
             pid = part.process.pid  # type: ignore[union-attr]
             with contextlib.suppress(subprocess.TimeoutExpired):
                 part.process.wait(timeout=max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
-            if _group_alive(pid):
-                log.warning("%s (pid %d) still running %.0fs after SIGTERM: SIGKILL", part.name, pid,
-                            STOP_GRACE_SECONDS)
-            _kill_group(pid, signal.SIGKILL)
+            while _session(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _session(pid):
+                log.warning("%s (pid %d): %d processes still running %.0fs after SIGTERM: SIGKILL", part.name, pid,
+                            len(_session(pid)), STOP_GRACE_SECONDS)
+            _signal_session(pid, signal.SIGKILL)
             part.process = None
         write_state("stopped")
         log.info("every part stopped")
@@ -321,19 +327,27 @@ def _write_state(home: Path, state: dict[str, Any]) -> None:
     tmp.replace(home / STATE_FILE)
 
 
-def _kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def _session(sid: int, home: Path | None = None) -> list[int]:
+    """The live processes of session ``sid`` (each part is a session of its own: it started with setsid), only
+    those of the topology of ``home`` when given (a session id may have been reused since)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the command: state, ppid, process group, session
+        if int(fields[3]) == sid and fields[0] != "Z" and (home is None or _runs_in(int(entry.name), home)):
+            members.append(int(entry.name))
+    return members
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _signal_session(sid: int, sig: int, home: Path | None = None) -> None:
+    for pid in _session(sid, home):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def _runs_in(pid: int, home: Path) -> bool:
@@ -402,7 +416,8 @@ class Topology:
 
     # -- faults
     def kill(self, part: str, sig: int = signal.SIGKILL) -> int:
-        """Send ``sig`` to a part's main process (the supervisor then kills the rest of its group); return its pid."""
+        """Send ``sig`` to a part's main process; return its pid. Once that process has died, the supervisor kills
+        the rest of the part (its session) and starts it again."""
         pid = self.pid(part)
         if pid is None:
             raise RuntimeError(f"{part} is not running now (restarting?); see {self.log(part)}")
@@ -537,9 +552,13 @@ def stop(home: Path, timeout: float = 60) -> list[str]:
         if _runs_in(int(pid_file.read_text()), home):
             stop_process_group(int(pid_file.read_text()), timeout)
         pid_file.unlink(missing_ok=True)
-    for part in state.get("parts", {}).values():  # each part is a process group of its own
-        if part.get("pid") and _runs_in(part["pid"], home):
-            stop_process_group(part["pid"], 5)
+    for part in state.get("parts", {}).values():  # what a killed supervisor left: each part is a session
+        if part.get("pid") and _session(part["pid"], home):
+            _signal_session(part["pid"], signal.SIGTERM, home)
+            deadline = time.monotonic() + 5
+            while _session(part["pid"], home) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            _signal_session(part["pid"], signal.SIGKILL, home)
     listening = state.get("ports", {}).get("listening", {})
     deadline = time.monotonic() + 10
     while any(port_is_open(port) for port in listening.values()) and time.monotonic() < deadline:

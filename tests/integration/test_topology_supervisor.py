@@ -18,6 +18,10 @@ import pytest
 from devstack import topology
 
 REPO = Path(__file__).resolve().parents[2]
+STEADY = ("import subprocess, time\n"
+          "subprocess.Popen(['sleep', '300'])\n"
+          "subprocess.Popen(['sleep', '300'], process_group=0)\n"
+          "time.sleep(300)\n")
 
 
 def processes_of(home: Path) -> list[psutil.Process]:
@@ -37,8 +41,9 @@ def processes_of(home: Path) -> list[psutil.Process]:
 def supervised(tmp_path):
     home = tmp_path.resolve()
     (home / topology.SPEC_FILE).write_text(json.dumps({"ports": {"listening": {}}, "parts": {
-        # a part with a child of its own, as a Celery worker has its pool
-        "steady": {"argv": ["sh", "-c", "sleep 300 & sleep 300"], "env": {}},
+        # a part with children, as a Celery worker has its pool and its task processes (which Airflow puts in a
+        # process group of their own)
+        "steady": {"argv": [sys.executable, "-c", STEADY], "env": {}},
         "flaky": {"argv": ["sh", "-c", "echo starting; exit 3"], "env": {}},
     }}))
     env = {**os.environ, "AIRFLOW_HOME": str(home), "PYTHONPATH": str(REPO)}
@@ -48,7 +53,7 @@ def supervised(tmp_path):
     (home / "topology.pid").write_text(str(supervisor.pid))
     topo = topology.Topology(home, "http://127.0.0.1:1", "admin", "unused")
     deadline = time.monotonic() + 20
-    while topo.state().get("status") != "running":
+    while topo.state().get("status") != "running" or len(steady_children(topo)) < 2:
         assert time.monotonic() < deadline and supervisor.poll() is None, (home / "topology.log").read_text()
         time.sleep(0.1)
     try:
@@ -58,10 +63,19 @@ def supervised(tmp_path):
         supervisor.wait(timeout=10)
 
 
+def steady_children(topo) -> list[psutil.Process]:
+    pid = topo.pid("steady") if topo.state().get("parts") else None
+    try:
+        return psutil.Process(pid).children() if pid else []
+    except psutil.NoSuchProcess:
+        return []
+
+
 def test_a_killed_part_is_back_within_seconds_and_its_children_are_gone(supervised):
     old_pid = supervised.pid("steady")
-    children = psutil.Process(old_pid).children()
+    children = steady_children(supervised)
     assert [child.name() for child in children] == ["sleep", "sleep"]
+    assert len({os.getpgid(child.pid) for child in children}) == 2  # one left the part's process group
     killed = supervised.kill("steady")
     assert killed == old_pid
     new_pid = supervised.wait_restarted("steady", old_pid, timeout=5)
@@ -85,7 +99,7 @@ def test_a_part_that_keeps_dying_is_restarted_with_backoff(supervised):
 
 
 def test_part_of_names_the_part_a_process_runs_under(supervised):
-    child = psutil.Process(supervised.pid("steady")).children()[0]  # as a task's process runs under a worker
+    child = steady_children(supervised)[0]  # as a task's process runs under a worker
     assert supervised.part_of(child.pid) == "steady"
     assert supervised.part_of(supervised.pid("steady")) == "steady"
     assert supervised.part_of(os.getpid()) is None
@@ -111,7 +125,7 @@ def test_stop_after_the_supervisor_was_killed_stops_its_parts(supervised):
     home = supervised.home
     os.kill(supervised.state()["supervisor"], signal.SIGKILL)
     time.sleep(0.5)
-    assert {p.name() for p in processes_of(home)} >= {"sh", "sleep"}  # orphaned, still running
+    assert sum(p.name() == "sleep" for p in processes_of(home)) == 2  # orphaned, still running
     assert topology.stop(home) == []
     assert processes_of(home) == []
 
