@@ -179,6 +179,10 @@ class Catalog(_Record):
     def checks_dir(self, service: str) -> Path:
         return self.sql_dir / service / "checks"
 
+    def has_data_migrations(self, service: str) -> bool:
+        """Return whether the service has data migration specs (its release DAG then has a data_migrate stage)."""
+        return any((self.sql_dir / service / "data").glob("*.yaml"))
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A YAML loader that refuses a key written twice in one mapping (plain YAML keeps the last silently)."""
