@@ -25,7 +25,8 @@ def build_dags(catalog: Catalog, only: str | None = None) -> list[DAG]:
     from omnisphere_release.dags.rollback import build_rollback_dag
     from omnisphere_release.dags.schema_migrations import build_schema_migrations_dag
 
-    builders: dict[str, Callable[[], DAG]] = {
+    # queue_release exists only when the catalog has a release_all window.
+    builders: dict[str, Callable[[], DAG | None]] = {
         "schema_migrations": partial(build_schema_migrations_dag, catalog),
         **{f"release_{s.name}": partial(build_release_dag, s, catalog.has_data_migrations(s.name))
            for s in catalog.services},
@@ -34,6 +35,5 @@ def build_dags(catalog: Catalog, only: str | None = None) -> list[DAG]:
         "data_migrations": partial(build_data_migrations_dag, catalog),
         "queue_release": partial(build_queue_release_dag, catalog),
     }
-    if only in builders:
-        return [builders[only]()]
-    return [build() for build in builders.values()]
+    chosen = [builders[only]] if only in builders else builders.values()
+    return [dag for build in chosen if (dag := build()) is not None]
