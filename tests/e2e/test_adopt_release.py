@@ -40,7 +40,7 @@ def golang_migrate_database(devstack, airflow_db, sql_dir, tmp_path, monkeypatch
     rows in users, and none of this engine's bookkeeping."""
     migrate = auth_service_at_version_3(tmp_path, monkeypatch)  # the short-deadline catalog; then start from nothing
     assert migrate([SERVICE, "down", "--all", "--reason", "e2e: adopt from scratch"]) == 0
-    query("DROP TABLE IF EXISTS omnisphere_schema_history, omnisphere_schema_log, schema_migrations")
+    forget_everything()
     migrations = sql_dir / SERVICE / "migrations"
     for up in sorted(migrations.glob("00[123]_*.up.sql")):
         psql("-f", str(up))
@@ -49,8 +49,15 @@ def golang_migrate_database(devstack, airflow_db, sql_dir, tmp_path, monkeypatch
     query("INSERT INTO users (email, password_hash) SELECT 'user' || i || '@example.com', 'hash-' || i "
           "FROM generate_series(1, 40) AS i")
     yield migrate
-    query("DROP TABLE IF EXISTS schema_migrations")
     assert migrate([SERVICE, "down", "--all", "--reason", "e2e: adopt cleanup"]) == 0
+    forget_everything()  # a test that ended before adopting leaves psql's tables and no history
+
+
+def forget_everything() -> None:
+    """Drop what psql built and every history, so that the database is as new (the e2e modules after this one
+    start from an empty auth-service)."""
+    query("DROP TABLE IF EXISTS api_tokens, sessions, users, schema_migrations, omnisphere_schema_history, "
+          "omnisphere_schema_log CASCADE")
 
 
 def test_adopt_then_release_applies_only_004_and_rolls_back_to_3(golang_migrate_database):
