@@ -72,6 +72,46 @@ class Chaos:
     def checks(self) -> Path:
         return self.sql_dir / "auth-service" / "checks"
 
+    def metadata(self, query: str, params: list[Any]) -> list[tuple]:
+        """Rows of a query on the topology's Airflow metadata database (what the REST API does not show)."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.topo.admin_dsn, dbname=self.topo.database)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query, params)
+                return cur.fetchall()
+        finally:
+            conn.close()
+
+    def trigger_of(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any] | None:
+        """The trigger a deferred task waits on: its id, the triggerer job running it, and its kwargs (decrypted with
+        the deployment's Fernet key, as the triggerer reads them)."""
+        from cryptography.fernet import Fernet
+
+        rows = self.metadata("SELECT t.id, t.triggerer_id, t.kwargs FROM task_instance ti JOIN trigger t "
+                             "ON t.id = ti.trigger_id WHERE ti.dag_id = %s AND ti.run_id = %s AND ti.task_id = %s",
+                             [dag_id, run_id, task_id])
+        if not rows:
+            return None
+        trigger_id, triggerer_id, stored = rows[0]
+        if not stored.startswith("{"):
+            key = json.loads((self.home / "topology-secrets.json").read_text())["AIRFLOW__CORE__FERNET_KEY"]
+            stored = Fernet(key.encode()).decrypt(stored.encode()).decode()
+        return {"id": trigger_id, "triggerer_id": triggerer_id, "kwargs": _plain(json.loads(stored))}
+
+
+def _plain(value: Any) -> Any:
+    """Airflow's serialized form ({"__type": ..., "__var": ...}) as plain values."""
+    if isinstance(value, dict):
+        if "__var" in value and "__type" in value:
+            return _plain(value["__var"])
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
 
 def write_catalog(home: Path) -> Path:
     catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
@@ -162,7 +202,6 @@ def chaos(devstack, secret_watch) -> Iterator[Chaos]:
 def fresh(chaos: Chaos) -> Iterator[Chaos]:
     """auth-service at version 3 with known rows; afterwards, every fault and slow step of the test undone."""
     from devstack import faults
-
     from tests.chaos.helpers import BASE_VERSION, reset_service
 
     reset_service("auth-service", BASE_VERSION, chaos.migrate)

@@ -275,3 +275,10 @@ def ran_once(release: Release, tasks: Iterable[str]) -> dict[str, int]:
     """The try numbers of tasks that should have run exactly once."""
     tis = release.tis()
     return {task: tis[task]["try_number"] for task in tasks if tis[task]["try_number"] != 1}
+
+
+def deployments_to(service: str, task_definition: str) -> list[dict[str, Any]]:
+    """The ECS service deployments that moved ``service`` to ``task_definition`` (one per release, retries
+    included, or a retry started a second one)."""
+    listed = aws("ecs").list_service_deployments(cluster=CLUSTER, service=service, maxResults=100)
+    return [d for d in listed["serviceDeployments"] if d.get("targetServiceRevisionArn") == task_definition]
