@@ -21,6 +21,7 @@ from omnisphere_release.contracts import (
     VERIFY_ROLLBACK,
     WAIT_FOR_WINDOW,
 )
+from omnisphere_release.migrations.engine import version_label
 
 OUTCOME_TEXT = {
     "released": "RELEASED: every stage passed",
@@ -101,9 +102,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| | image | task definition | schema version |",
         "| --- | --- | --- | --- |",
-        f"| before | {b.get('image')} | {_short(b.get('task_definition'))} | {b.get('schema_version')} |",
-        f"| target | {t.get('image')}{_digest(t.get('image_digest'))} | | {t.get('schema_version')} |",
-        f"| after | {a.get('image')} | {_short(a.get('task_definition'))} | {a.get('schema_version')} |",
+        f"| before | {b.get('image')} | {_short(b.get('task_definition'))} | {version_label(b.get('schema_version'))} |",
+        f"| target | {t.get('image')}{_digest(t.get('image_digest'))} | | {version_label(t.get('schema_version'))} |",
+        f"| after | {a.get('image')} | {_short(a.get('task_definition'))} | {version_label(a.get('schema_version'))} |",
         "",
         "## Stages",
         "",

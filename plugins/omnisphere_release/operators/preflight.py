@@ -18,6 +18,7 @@ from omnisphere_release.hooks.ecs import EcsDeploymentError
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
 from omnisphere_release.migrations import InvalidMigrationInput, Plan
+from omnisphere_release.migrations.engine import version_label
 from omnisphere_release.operators.common import as_bool, as_optional_int, hold_service
 
 TOUCHED_TABLE = re.compile(
@@ -141,9 +142,9 @@ class ReleasePreflightOperator(BaseOperator):
             "staging_rehearsed": as_bool(self.staging_rehearsed),
         }
         self.log.info(
-            "Preflight passed for %s: %s -> %s, schema %d -> %s (%d pending), row counts of %d touched table(s) "
-            "recorded. Next: %s.", service.name, target.running_image, target.image, status.current_version,
-            before["target_version"], len(pending), len(row_counts), "nothing (dry run)" if dry_run else "backup")
+            "Preflight passed for %s: %s -> %s, schema %s -> %s (%d pending), row counts of %d touched table(s) "
+            "recorded. Next: %s.", service.name, target.running_image, target.image, version_label(status.current_version),
+            version_label(before["target_version"]), len(pending), len(row_counts), "nothing (dry run)" if dry_run else "backup")
         return before
 
     def _checklist(self, service: Service, window: WindowDecision) -> list[str]:
