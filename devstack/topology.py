@@ -489,6 +489,12 @@ def _tail(path: Path, size: int = 3000) -> str:
     return path.read_text(errors="replace")[-size:] if path.exists() else "(no log)"
 
 
+def require_redis() -> None:
+    """Refuse, with the command that installs it, when Debian's redis-server is not installed."""
+    if shutil.which("redis-server") is None:
+        raise RuntimeError(REDIS_MISSING)
+
+
 def is_running(home: Path) -> bool:
     state = json.loads((home / STATE_FILE).read_text()) if (home / STATE_FILE).exists() else {}
     return state.get("status") == "running" and _alive(state.get("supervisor"))
@@ -499,8 +505,7 @@ def start(devstack_env: dict[str, str], home: Path, port: int = 8080, extra_env:
     """Start the topology in the background unless it runs already; return when it is ready. See the docstring."""
     from devstack.airflow_server import ADMIN_USER, MIGRATIONS_POOL, admin_password
 
-    if shutil.which("redis-server") is None:
-        raise RuntimeError(REDIS_MISSING)
+    require_redis()
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     admin_dsn = devstack_env["OMNI_PG_ADMIN_DSN"]

@@ -29,6 +29,12 @@ def up(executor: str, port: int) -> int:
         print("the Celery topology runs already (`make up EXECUTOR=celery`): stop it with `make down` first.",
               file=sys.stderr)
         return 1
+    if executor == "celery":
+        try:
+            topology.require_redis()  # before anything starts
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 1
     env = stack.start(stack.DEFAULT_STATE_DIR)
     if executor == "celery":
         print("devstack ready; starting the Celery topology (Redis, API server, scheduler, DAG processor, triggerer, "
