@@ -35,6 +35,8 @@ def airflow_env(devstack_env: dict[str, str], home: Path, port: int,
         "AIRFLOW__API__PORT": str(port),
         # Tasks reach the API through this URL; on a port other than 8080 they fail without it.
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        # Links in logs and reports (release_all's summary) point at this Airflow, not at localhost:8080.
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
         # Locally a DAG is usable as soon as it is parsed; production keeps new DAGs paused.

@@ -195,6 +195,8 @@ def topology_env(devstack_env: dict[str, str], home: Path, ports: Ports, metadat
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{ports.redis}/0",
         "AIRFLOW__CELERY__RESULT_BACKEND": celery_backend,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{ports.api}/execution/",
+        # Links in logs and reports (release_all's summary) point at this Airflow, not at localhost:8080.
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{ports.api}",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(ports.scheduler_health),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(ports.trigger_logs),

@@ -57,7 +57,7 @@ TASK_POLICY = {
                           ("migrate_wave_\\d+", 2, "none_failed"),
                           ("record_baseline", 0, "all_success")],  # a refused baseline will not heal
     "data_migrations": [("data_migrate", 3, "all_success")],
-    "release_all": [("check_manifest", 0, "all_success"), ("include_.+", 0, "none_failed"),
+    "release_all": [("check_manifest", 0, "all_success"),
                     # the slot gate reschedules itself; a failed dependency makes it upstream_failed, never retried
                     ("start_.+", 0, "none_failed_min_one_success"),
                     ("release_.+", 0, "all_success"), ("summary", 0, "all_done")],
