@@ -17,6 +17,7 @@ import psycopg2
 from botocore.config import Config
 from psycopg2 import sql
 
+from devstack.aws import IMAGE_REPOSITORY
 from tests.e2e.helpers import push_image
 
 CLUSTER = "omnisphere"
@@ -25,6 +26,10 @@ USERS = 40
 # The test process's own AWS calls go through the same faulty endpoint as Airflow's: retry them generously.
 PATIENT_AWS = Config(retries={"mode": "standard", "total_max_attempts": 12}, connect_timeout=3, read_timeout=10)
 ENDED = ("success", "failed")
+SERVICE = "auth-service"
+STAGES = ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test", "monitoring_gate",
+          "finalize")
+ROLLBACK = ("rollback_ecs", "rollback_schema", "restore_backup", "verify_rollback")
 
 
 def aws(service: str) -> Any:
@@ -131,9 +136,12 @@ class Release:
         self.tag = ""
         self.digest = ""
 
-    def trigger(self, tag_suffix: str = "", **conf: Any) -> Release:
+    def trigger(self, tag_suffix: str = "", before_run: Callable[[], object] | None = None, **conf: Any) -> Release:
+        """Push a new image (as CI does), call ``before_run`` (a fault for the whole run), trigger the run."""
         self.tag = f"9.{uuid.uuid4().hex[:6]}{tag_suffix}"
         self.digest = push_image(self.service, self.tag)
+        if before_run is not None:
+            before_run()
         body = {"logical_date": None, "conf": {"image_tag": self.tag, "window": "now", "bake_minutes": 0.1,
                                                "force_reason": "chaos test", "reason": "chaos test", **conf}}
         response = self.client.post(f"/dags/{self.dag_id}/dagRuns", json=body)
@@ -249,9 +257,10 @@ def worker_of(topo: Any, ti: dict[str, Any]) -> str:
                          f"{hostname!r}, part {part!r}); topology: {topo.state().get('parts')}")
 
 
-def run_sql(dsn: str, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
-    """Run one statement (autocommit) and return its rows, if any."""
-    conn = psycopg2.connect(dsn)
+def run_sql(service: str, statement: str, params: Iterable[Any] = ()) -> list[tuple]:
+    """Run one statement (autocommit) on a service's database and return its rows, if any. (Takes the service, not
+    its DSN: a failing test's traceback shows the arguments of every frame.)"""
+    conn = psycopg2.connect(dsn_of(service))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -261,13 +270,14 @@ def run_sql(dsn: str, statement: str, params: Iterable[Any] = ()) -> list[tuple]
         conn.close()
 
 
-def sleeping_in(dsn: str, text: str, timeout: float = 60) -> None:
-    """Wait until another session of the database runs a statement containing ``text`` (e.g. a pg_sleep)."""
+def wait_for_pg_sleep(service: str, timeout: float = 60) -> None:
+    """Wait until a session of the service's database sleeps in pg_sleep (a slow step of a chaos test: a check or
+    a down file), whatever statement it is in (a server-side cursor's FETCH runs it too)."""
     deadline = time.monotonic() + timeout
-    while not run_sql(dsn, "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
-                           "AND pid <> pg_backend_pid() AND strpos(query, %s) > 0", [text]):
+    while not run_sql(service, "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                               "AND wait_event = 'PgSleep'"):
         if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:.0f}s for a session running {text!r}; none did")
+            raise AssertionError(f"waited {timeout:.0f}s for a session of {service} in pg_sleep; none was")
         time.sleep(0.2)
 
 
@@ -282,3 +292,21 @@ def deployments_to(service: str, task_definition: str) -> list[dict[str, Any]]:
     included, or a retry started a second one)."""
     listed = aws("ecs").list_service_deployments(cluster=CLUSTER, service=service, maxResults=100)
     return [d for d in listed["serviceDeployments"] if d.get("targetServiceRevisionArn") == task_definition]
+
+
+def assert_released(release: Release, before: ServiceState) -> ServiceState:
+    """The run is green, every stage ran and no rollback did; the service runs the release's image at version 5
+    with every row it had (the checksum of the tables and columns it had before)."""
+    states = release.states()
+    explain = release.explain()
+    assert release.run_state() == "success", explain
+    assert {s: states[s] for s in STAGES} == dict.fromkeys(STAGES, "success"), explain
+    assert {s: states[s] for s in ROLLBACK} == dict.fromkeys(ROLLBACK, "skipped"), explain
+    after = service_state(SERVICE, before.columns())
+    assert after.image == f"{IMAGE_REPOSITORY}/{SERVICE}@{release.digest}", explain
+    assert after.task_definition != before.task_definition
+    assert after.schema_version == 5, explain
+    assert after.checksums() == before.checksums(), "rows changed by the release"
+    report = release.xcom("report")
+    assert report["outcome"] == "released" and report["after"]["task_definition"] == after.task_definition
+    return after

@@ -11,46 +11,24 @@ from typing import Any
 import psutil
 import pytest
 
-from devstack.aws import IMAGE_REPOSITORY
 from tests.chaos.conftest import SLOW_ROLLBACK_FLAG, Chaos
 from tests.chaos.helpers import (
     BASE_VERSION,
+    SERVICE,
+    STAGES,
     Release,
-    ServiceState,
+    assert_released,
     aws,
     deployments_to,
-    dsn_of,
     run_sql,
     scale_service,
     service_state,
-    sleeping_in,
+    wait_for_pg_sleep,
     worker_of,
 )
 
 pytestmark = pytest.mark.chaos
-SERVICE = "auth-service"
-STAGES = ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test", "monitoring_gate",
-          "finalize")
-ROLLBACK = ("rollback_ecs", "rollback_schema", "restore_backup", "verify_rollback")
 RESTART_SECONDS = 60
-
-
-def assert_released(release: Release, before: ServiceState) -> ServiceState:
-    """The run is green, every stage ran and no rollback did; the service runs the release's image at version 5
-    with every row it had (the checksum of the tables and columns it had before)."""
-    states = release.states()
-    explain = release.explain()
-    assert release.run_state() == "success", explain
-    assert {s: states[s] for s in STAGES} == dict.fromkeys(STAGES, "success"), explain
-    assert {s: states[s] for s in ROLLBACK} == dict.fromkeys(ROLLBACK, "skipped"), explain
-    after = service_state(SERVICE, before.columns())
-    assert after.image == f"{IMAGE_REPOSITORY}/{SERVICE}@{release.digest}", explain
-    assert after.task_definition != before.task_definition
-    assert after.schema_version == 5, explain
-    assert after.checksums() == before.checksums(), "rows changed by the release"
-    report = release.xcom("report")
-    assert report["outcome"] == "released" and report["after"]["task_definition"] == after.task_definition
-    return after
 
 
 def wait_for_process(text: str, timeout: float = 60) -> psutil.Process:
@@ -155,18 +133,17 @@ def test_a_worker_killed_during_rollback_schema_finishes_on_retry_and_everything
     """A release whose tasks crash in ECS rolls back; the worker reverting the schema dies in the middle of version
     5's down file (a transaction, so nothing of it stays). The retry reverts 5 and 4, and the run is FAILED with the
     service exactly as before: revision, image, schema version, tables and rows."""
-    dsn = dsn_of(SERVICE)
     before = service_state(SERVICE)
-    run_sql(dsn, f"CREATE SCHEMA {SLOW_ROLLBACK_FLAG}")  # a test constant, not input
+    run_sql(SERVICE, f"CREATE SCHEMA {SLOW_ROLLBACK_FLAG}")  # a test constant, not input
     try:
         release = Release(fresh.topo, fresh.client, SERVICE).trigger("-crashloop")
         ti = release.wait_running("rollback_schema", timeout=240)
-        sleeping_in(dsn, "pg_sleep(")
+        wait_for_pg_sleep(SERVICE)
         worker = worker_of(fresh.topo, ti)
         killed = fresh.topo.kill(worker)
         print(f"killed {worker} (pid {killed}) while rollback_schema reverted version 5")
     finally:
-        run_sql(dsn, f"DROP SCHEMA IF EXISTS {SLOW_ROLLBACK_FLAG}")
+        run_sql(SERVICE, f"DROP SCHEMA IF EXISTS {SLOW_ROLLBACK_FLAG}")
     fresh.topo.wait_restarted(worker, killed, timeout=RESTART_SECONDS)
     assert release.wait_until_end(timeout=300) == "failed", release.explain("rollback_schema")
     states, explain = release.states(), release.explain("rollback_schema")
