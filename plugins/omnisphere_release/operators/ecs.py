@@ -214,8 +214,6 @@ class EcsReturnServiceOperator(ServiceStageOperator):
                                f"{event.get('summary') or event.get('message')}. Retrying if retries remain (the "
                                f"retry looks at the service again); the service may still run the new image.")
 
-    next_step = ""
-
 
 class EcsRollbackServiceOperator(EcsReturnServiceOperator):
     """rollback_ecs: bring the service back to the task definition preflight recorded, and wait until it is stable.
