@@ -55,7 +55,7 @@ def devstack_log(chaos: Chaos) -> list[str]:
 
 def test_a_20s_aws_outage_during_the_bake_is_waited_out(fresh: Chaos):
     before = service_state(SERVICE)
-    release = Release(fresh.topo, fresh.client, SERVICE).trigger(bake_minutes=0.5)
+    release = Release(fresh.topo, fresh.client, SERVICE).trigger(bake_minutes=0.35)
     release.wait_for_task("monitoring_gate", lambda ti: ti["state"] == "deferred", "deferred (baking)")
     time.sleep(2)  # the triggerer has the bake and read CloudWatch once
     faults.set_aws_faults(fresh.state_dir, outage_seconds=20)
