@@ -49,6 +49,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith("tests/e2e/live/"):
                 return "tests/e2e/live/"
+            if nodeid.startswith("tests/chaos/"):  # one Celery topology for the package
+                return "tests/chaos/"
             if nodeid.startswith("tests/e2e/"):
                 return nodeid.split("::", 1)[0]
             return nodeid
