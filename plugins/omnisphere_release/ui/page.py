@@ -1,0 +1,134 @@
+"""The Releases page, rendered on the server from the calendar and the history (the same data as the JSON endpoints).
+
+Times are written in UTC into ``<time datetime=...>`` elements; a few lines of script rewrite them in the viewer's
+time zone with the browser's Intl API (without script, UTC stays readable). Everything shown is escaped: reasons and
+user names are text someone typed.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+OUTCOME_CLASS = {"released": "ok", "rolled_back": "bad", "rollback_incomplete": "worst", "failed": "bad",
+                 "refused": "muted", "dry_run": "muted", "in_progress": "muted"}
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1f2937; }
+h1 { font-size: 1.4rem; } h2 { font-size: 1.15rem; margin-top: 2rem; } h3 { font-size: 1rem; margin-top: 1.5rem; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9rem; }
+th, td { text-align: left; padding: 0.3rem 0.6rem; border-bottom: 1px solid #e5e7eb; vertical-align: top; }
+th { background: #f3f4f6; }
+.ok { color: #047857; font-weight: 600; } .bad { color: #b91c1c; font-weight: 600; }
+.worst { color: #fff; background: #b91c1c; font-weight: 700; padding: 0 0.3rem; } .muted { color: #6b7280; }
+.scope-release_all { background: #eef2ff; } .tz { color: #6b7280; font-size: 0.85rem; }
+code { font-size: 0.85rem; }
+"""
+
+# Rewrites every <time> in the viewer's zone; the zone's name is shown once at the top.
+SCRIPT = """
+(function () {
+  var fmt = new Intl.DateTimeFormat(undefined, {weekday: "short", year: "numeric", month: "short", day: "numeric",
+                                                hour: "2-digit", minute: "2-digit", timeZoneName: "short"});
+  document.querySelectorAll("time[datetime]").forEach(function (el) {
+    var when = new Date(el.getAttribute("datetime"));
+    if (!isNaN(when)) { el.textContent = fmt.format(when); }
+  });
+  var zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  document.querySelectorAll(".viewer-tz").forEach(function (el) { el.textContent = zone; });
+})();
+"""
+
+
+def _e(value: Any) -> str:
+    return escape("" if value is None else str(value))
+
+
+def _time(iso: str | None) -> str:
+    return f'<time datetime="{_e(iso)}">{_e(iso)}</time>' if iso else ""
+
+
+def _link(href: str | None, text: str) -> str:
+    return f'<a href="{_e(href)}" target="_top">{_e(text)}</a>' if href else ""
+
+
+def _release_line(release: dict[str, Any]) -> str:
+    reason = f" — {_e(release['reason'])}" if release.get("reason") else ""
+    forced = f" (forced: {_e(release['force_reason'])})" if release.get("force_reason") else ""
+    return (f"<li><b>{_e(release['service'])}</b> <code>{_e(release.get('image_tag'))}</code> by "
+            f"{_e(release.get('triggered_by') or 'unknown')}{reason}{forced} "
+            f"<span class=muted>({_e(release['run_id'])})</span></li>")
+
+
+def _manifest_line(queued: dict[str, Any]) -> str:
+    services = ", ".join(f"{_e(s)} <code>{_e(tag)}</code>" for s, tag in sorted(queued["manifest"].items()))
+    reason = f" — {_e(queued['reason'])}" if queued.get("reason") else ""
+    return (f"<li>queued manifest: {services}, by {_e(queued.get('queued_by') or 'unknown')}{reason}"
+            f"{' (rehearsed in staging)' if queued.get('staging_rehearsed') else ''}</li>")
+
+
+def _calendar(calendar: dict[str, Any]) -> str:
+    rows = []
+    for window in calendar["windows"]:
+        what = [_release_line(r) for r in window["releases"]]
+        if window.get("manifest"):
+            what.append(_manifest_line(window["manifest"]))
+        rows.append(f'<tr class="scope-{_e(window["scope"])}"><td>{_time(window["start"])}</td>'
+                    f'<td>{_time(window["end"])}</td><td>{_e(window["scope"])}</td>'
+                    f'<td class=muted>{_e(window["summary"])}</td>'
+                    f'<td>{"<ul>" + "".join(what) + "</ul>" if what else "<span class=muted>nothing queued</span>"}'
+                    f"</td></tr>")
+    elsewhere = []
+    for item in calendar["elsewhere"]:
+        if item["kind"] == "release":
+            elsewhere.append(f"<li>{_time(item.get('window_start')) or 'start unknown'}: "
+                             f"{_release_line(item).removeprefix('<li>')}")
+        else:
+            elsewhere.append(f"<li>{_time(item['window_start'])}: {_manifest_line(item).removeprefix('<li>')}")
+    table = ("<table><thead><tr><th>opens</th><th>closes</th><th>for</th><th>window</th><th>will run</th></tr>"
+             "</thead><tbody>" + "".join(rows) + "</tbody></table>") if rows else "<p class=muted>No windows.</p>"
+    more = ("<h3>Waiting outside these windows</h3><ul>" + "".join(elsewhere) + "</ul>") if elsewhere else ""
+    return table + more
+
+
+def _duration(seconds: float | None, slowest: dict[str, Any]) -> str:
+    text = f"{seconds:.0f} s" if seconds is not None else ""
+    if slowest:
+        text += f"<br><span class=muted>slowest: {_e(slowest['stage'])} {_e(slowest['seconds'])} s</span>"
+    return text
+
+
+def _history(service: str, releases: list[dict[str, Any]]) -> str:
+    if not releases:
+        return f"<h3>{_e(service)}</h3><p class=muted>No release runs yet.</p>"
+    rows = []
+    for r in releases:
+        digest = f"<br><code class=muted>{_e(r['target']['image_digest'])}</code>" if r["target"].get(
+            "image_digest") else ""
+        slowest = r.get("slowest_stage") or {}
+        links = " · ".join(x for x in (_link(r["links"]["run"], "run"), _link(r["links"]["report"], "report"),
+                                       _link(r["links"]["failed_task_log"], f"log of {r['failed_task']}")) if x)
+        rows.append(
+            f"<tr><td>{_time(r['started']) or '<span class=muted>not started</span>'}</td>"
+            f"<td><code>{_e(r['before']['image'])}</code> →<br><code>{_e(r['target']['image'])}</code>{digest}</td>"
+            f'<td class="{OUTCOME_CLASS.get(r["outcome"], "")}">{_e(r["outcome_text"])}</td>'
+            f"<td>{_duration(r['duration_seconds'], slowest)}</td>"
+            f"<td>{_e(r['triggered_by'] or 'unknown')}"
+            f"{'<br>approved by ' + _e(r['approved_by']) if r.get('approved_by') else ''}"
+            f"{'<br><span class=muted>' + _e(r['reason']) + '</span>' if r.get('reason') else ''}</td>"
+            f"<td>{links}</td></tr>")
+    return (f"<h3>{_e(service)}</h3><table><thead><tr><th>started</th><th>before → target</th><th>outcome</th>"
+            "<th>duration</th><th>who</th><th>links</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def render_page(calendar: dict[str, Any], history: dict[str, list[dict[str, Any]]]) -> str:
+    services = "".join(_history(s, releases) for s, releases in history.items()) or (
+        "<p class=muted>You may read no release DAG.</p>")
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Releases · OmniSphere</title>"
+        f"<style>{STYLE}</style></head><body>"
+        "<h1>Releases</h1>"
+        f"<p class=tz>Times in <span class=viewer-tz>UTC</span>; generated {_time(calendar['generated_at'])}.</p>"
+        f"<h2>Calendar: windows until {_time(calendar['until'])}</h2>{_calendar(calendar)}"
+        f"<h2>History</h2>{services}"
+        f"<script>{SCRIPT}</script></body></html>")
