@@ -382,3 +382,52 @@ def test_window_closing_during_the_bake_fails_the_gate_and_rolls_back(release_en
     outcome = release(window=window, force_reason="", bake_minutes=3)
     assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
     assert datetime.fromisoformat(outcome.outputs["report"]["window"]["window_end"]) == closes
+
+
+def _drop_connection(conn) -> None:
+    """End ``conn``'s session from another one, as a database restart does: its next statement finds it gone."""
+    with psycopg2.connect(os.environ[DSN_VAR]) as admin, admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", [conn.get_backend_pid()])
+        assert cur.fetchone()[0]
+
+
+def test_a_database_blip_during_schema_up_and_integrity_check_is_survived(release_env, monkeypatch):
+    """The service database drops its connections after schema_up applied one of its two migrations, then again
+    during integrity_check: both stages reconnect and go on, and the release succeeds with no rollback."""
+    from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+    from omnisphere_release.migrations.engine import MigrationEngine
+
+    m = release_env["migrations"]
+    (m / "005_audit.up.sql").write_text("CREATE TABLE audit_events (id bigint PRIMARY KEY, what text);")
+    (m / "005_audit.down.sql").write_text("DROP TABLE audit_events;")
+    dropped: list[str] = []
+    apply, first_rows = MigrationEngine._apply, ServiceDatabaseHook.first_rows
+
+    def apply_after_a_drop_before_the_second_migration(self, conn, migration, reason):
+        if migration.version == 5 and "schema_up" not in dropped:
+            dropped.append("schema_up")
+            _drop_connection(conn)  # before the migration's first statement
+        return apply(self, conn, migration, reason)
+
+    def check_after_a_drop(self, conn, query, limit):
+        if "integrity_check" not in dropped:
+            dropped.append("integrity_check")
+            _drop_connection(conn)
+        return first_rows(self, conn, query, limit)
+
+    monkeypatch.setattr(MigrationEngine, "_apply", apply_after_a_drop_before_the_second_migration)
+    monkeypatch.setattr(ServiceDatabaseHook, "first_rows", check_after_a_drop)
+
+    outcome = release()
+
+    assert dropped == ["schema_up", "integrity_check"]
+    assert outcome.state == "success", outcome.tasks
+    for stage in ("schema_up", "integrity_check", "finalize"):
+        assert outcome.task(stage) == "success", stage
+    assert outcome.task("rollback_ecs") == "skipped"
+    # Both migrations are this release's, though a second connection applied the second one.
+    assert (outcome.outputs["schema_up"]["from_version"], outcome.outputs["schema_up"]["to_version"]) == (3, 5)
+    assert outcome.outputs["schema_up"]["versions"] == [4, 5]
+    assert outcome.outputs["report"]["migrations_applied"] == [4, 5]
+    assert snapshot()["version"] == 5
+    assert outcome.outputs["report"]["outcome"] == "released"
