@@ -1,10 +1,16 @@
-"""Register the OmniSphere release orchestrator with Airflow (the package itself is plugins/omnisphere_release)."""
+"""Register the OmniSphere release orchestrator with Airflow (the package itself is plugins/omnisphere_release):
+the maintenance-window timetable, and the Releases page (a FastAPI app on the API server and its navigation entry)."""
 
 from airflow.plugins_manager import AirflowPlugin
 
 from omnisphere_release.timetables import MaintenanceWindowTimetable
+from omnisphere_release.ui.app import MOUNT, app
 
 
 class OmniSpherePlugin(AirflowPlugin):
     name = "omnisphere_release"
     timetables = [MaintenanceWindowTimetable]
+    fastapi_apps = [{"app": app, "url_prefix": MOUNT, "name": "OmniSphere releases"}]
+    # url_route: the UI shows the page inside its own frame, at /plugin/releases, with the navigation around it.
+    external_views = [{"name": "Releases", "href": f"{MOUNT}/releases", "destination": "nav", "url_route": "releases",
+                       "category": "OmniSphere"}]

@@ -1,0 +1,157 @@
+"""The FastAPI app the plugin mounts on Airflow's API server at ``/omnisphere``: the Releases page and its JSON.
+
+    GET /omnisphere/releases                      the page (calendar and history), for the UI's "Releases" entry
+    GET /omnisphere/api/calendar?weeks=4          the next windows of each service and of release_all, and what runs
+    GET /omnisphere/api/releases?service=S&limit=N  the release history of one service (or of every service)
+    GET /omnisphere/api/report?dag_id=D&run_id=R  a release's report, as its report task returned it
+
+Every route authenticates as Airflow's own API does (a JWT in the Authorization header, or the UI's ``_token``
+cookie): no credential is 401, and a user sees only the services whose release DAG the auth manager lets them read
+(release_all's windows and queue need read access to release_all). The app only reads; it changes nothing.
+
+Airflow's API modules and the ORM are imported when a request comes, not when the plugin is loaded: every Airflow
+process loads the plugin (for its timetable), and only the API server serves these routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
+from sqlalchemy.orm import Session
+
+from omnisphere_release.catalog import Catalog, CatalogError, load_catalog
+from omnisphere_release.report import render_markdown
+from omnisphere_release.ui.calendar import RELEASE_ALL, build_calendar
+from omnisphere_release.ui.history import service_history
+from omnisphere_release.ui.page import render_page
+
+MOUNT = "/omnisphere"
+HISTORY_LIMIT = 10
+_bearer = HTTPBearer(auto_error=False)
+
+
+def release_dag_id(service: str) -> str:
+    return f"release_{service}"
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks, and what they may read: the services whose release DAG, and whether release_all, they may GET."""
+
+    user: Any
+    services: set[str]
+    release_all: bool
+
+
+async def viewer(request: Request) -> Viewer:
+    """Authenticate the request as Airflow's API does and ask the auth manager which release DAGs it may read."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.core_api.security import get_user
+
+    # get_user's own dependencies, resolved here so that importing this module stays cheap (see the docstring).
+    user = await get_user(request, None, await _bearer(request))
+    catalog = _catalog()
+    wanted = {release_dag_id(name) for name in catalog.names} | {RELEASE_ALL}
+    readable = get_auth_manager().filter_authorized_dag_ids(dag_ids=wanted, user=user, method="GET")
+    return Viewer(user, {name for name in catalog.names if release_dag_id(name) in readable}, RELEASE_ALL in readable)
+
+
+ViewerDep = Annotated[Viewer, Depends(viewer)]
+
+
+def _session() -> Iterator[Session]:
+    from airflow.utils.session import create_session
+
+    with create_session() as session:  # read only: nothing is added, so the commit at the end writes nothing
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(_session)]
+
+
+def _catalog() -> Catalog:
+    try:
+        return load_catalog()
+    except CatalogError as exc:
+        raise HTTPException(status_code=500, detail=f"The service catalog cannot be read: {exc}") from None
+
+
+def _bases(request: Request) -> tuple[str, str]:
+    """Return (the path Airflow's UI is served under, this app's path): links work behind a base_url prefix too."""
+    root = str(request.scope.get("root_path") or MOUNT).rstrip("/")
+    return (root[: -len(MOUNT)] if root.endswith(MOUNT) else ""), root
+
+
+def calendar_data(session: Session, who: Viewer, weeks: float) -> dict[str, Any]:
+    from omnisphere_release.ui import metadata
+
+    catalog = _catalog()
+    dags = {release_dag_id(s): s for s in who.services}
+    return build_calendar(catalog, now=datetime.now(timezone.utc), weeks=weeks, services=who.services,
+                          show_release_all=who.release_all, waiting=metadata.waiting_releases(session, dags),
+                          queue=metadata.release_queue(session) if who.release_all else {})
+
+
+def history_data(session: Session, who: Viewer, services: list[str], limit: int, request: Request
+                 ) -> dict[str, list[dict[str, Any]]]:
+    from omnisphere_release.ui import metadata
+
+    ui_base, api_base = _bases(request)
+    runs = metadata.release_runs(session, [release_dag_id(s) for s in services], limit)
+    return {s: service_history(runs.get(release_dag_id(s), []), ui_base, api_base) for s in services}
+
+
+def _services_asked(who: Viewer, service: str | None) -> list[str]:
+    if service is None:
+        return [s for s in _catalog().names if s in who.services]
+    if service not in _catalog().names:
+        raise HTTPException(status_code=404, detail=f"query param service: unknown service {service!r}; known: "
+                                                    f"{', '.join(_catalog().names)}")
+    if service not in who.services:
+        raise HTTPException(status_code=403, detail=f"You may not read DAG {release_dag_id(service)}")
+    return [service]
+
+
+app = FastAPI(title="OmniSphere releases", description=__doc__)
+
+
+@app.get("/api/calendar")
+def get_calendar(who: ViewerDep, session: SessionDep,
+                 weeks: Annotated[float, Query(gt=0, le=26, description="how far ahead, in weeks")] = 4,
+                 ) -> dict[str, Any]:
+    return calendar_data(session, who, weeks)
+
+
+@app.get("/api/releases")
+def get_releases(who: ViewerDep, session: SessionDep, request: Request, service: str | None = None,
+                 limit: Annotated[int, Query(ge=1, le=100)] = HISTORY_LIMIT) -> dict[str, Any]:
+    return {"releases": history_data(session, who, _services_asked(who, service), limit, request)}
+
+
+@app.get("/api/report", response_model=None)
+def get_report(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str,
+               as_format: Annotated[str, Query(alias="format", pattern="^(json|md)$")] = "json") -> dict[str, Any] | PlainTextResponse:
+    from omnisphere_release.ui import metadata
+
+    service = dag_id.removeprefix("release_")
+    if not dag_id.startswith("release_") or service not in who.services:
+        raise HTTPException(status_code=403, detail=f"You may not read DAG {dag_id}, or it is not a release DAG")
+    report = metadata.report_of(session, dag_id, run_id)
+    if report is None:
+        raise HTTPException(status_code=404, detail=f"{dag_id} run {run_id} has no release report (its report task "
+                                                    "has not run)")
+    return PlainTextResponse(render_markdown(report)) if as_format == "md" else report
+
+
+@app.get("/releases", response_class=HTMLResponse)
+def get_page(who: ViewerDep, session: SessionDep, request: Request,
+             weeks: Annotated[float, Query(gt=0, le=26)] = 4) -> HTMLResponse:
+    services = _services_asked(who, None)
+    return HTMLResponse(render_page(calendar_data(session, who, weeks),
+                                    history_data(session, who, services, HISTORY_LIMIT, request)))

@@ -1,0 +1,203 @@
+"""The Releases app as Airflow's API server mounts it from the plugin: its JSON and page, read from a metadata database
+that holds a released run, a rolled-back run, a run deferred in wait_for_window and a queued manifest; and the auth
+manager deciding who reads what (401 without a credential, only readable services otherwise)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from omnisphere_release.catalog import load_catalog
+from omnisphere_release.checks import schedule_of, window_schedule
+from omnisphere_release.release_queue import QUEUE_VARIABLE, window_key
+from omnisphere_release.report import build_report
+
+T0 = datetime.now(timezone.utc) - timedelta(days=3)
+
+
+def _report(run_id: str, outcome: str) -> dict:
+    """A report as the report task builds it (report.build_report), for a release of omni/auth:v1 -> v2."""
+    released = outcome == "released"
+    states = {"preflight": "success", "backup": "success", "monitoring_gate": "success" if released else "failed",
+              "finalize": "success" if released else "upstream_failed",
+              "verify_rollback": "skipped" if released else "success"}
+    preflight = {"service": "auth-service", "previous_image": "omni/auth:v1", "target_image": "omni/auth:v2",
+                 "target_image_digest": "sha256:feed", "schema_version": 1, "target_version": 2}
+    report = build_report(dag_id="release_auth-service", run_id=run_id, triggered_by="alice",
+                          params={"service": "auth-service", "image_tag": "v2", "reason": "new sign-in"},
+                          states=states, durations={"preflight": 3.0, "backup": 12.0, "monitoring_gate": 95.5},
+                          outputs={"preflight": preflight},
+                          after={"image": "omni/auth:v2" if released else "omni/auth:v1",
+                                 "schema_version": 2 if released else 1},
+                          stage_order=list(states))
+    return {**report, "stored_at": f"s3://omni-backups/auth-service/{run_id}/release-report.json"}
+
+
+@pytest.fixture(scope="module")
+def metadata(airflow_db):
+    """Write the runs the page reads (and remove them afterwards: the metadata database is the session's)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.variable import Variable
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete, insert
+
+    catalog = load_catalog()
+    auth_window = schedule_of(catalog.get("auth-service")).next_window(datetime.now(timezone.utc))
+    train_window = window_schedule(catalog.release_all_window).next_window(datetime.now(timezone.utc))
+    runs = [  # dag_id, run_id, state, conf, user, {task_id: (state, try_number, duration)}, xcoms
+        ("release_auth-service", "released_run", "success", {"image_tag": "v2"}, "alice",
+         {"backup": ("success", 1, 12.0), "finalize": ("success", 1, 1.0), "report": ("success", 1, 1.0)},
+         {("report", "return_value"): _report("released_run", "released")}),
+        ("release_auth-service", "rolled_back_run", "failed", {"image_tag": "v3"}, "bob",
+         {"monitoring_gate": ("failed", 2, 95.5), "verify_rollback": ("success", 1, 2.0),
+          "report": ("success", 1, 1.0)},
+         {("report", "return_value"): _report("rolled_back_run", "rolled_back")}),
+        ("release_auth-service", "waiting_run", "running", {"image_tag": "v4", "reason": "sunday fix"}, "carol",
+         {"wait_for_window": ("deferred", 1, None)},
+         {("wait_for_window", "window"): {"mode": "window", "window_start": auth_window.start.isoformat(),
+                                          "window_end": auth_window.end.isoformat()}}),
+        ("queue_release", "queue_run", "success", {}, "dave", {}, {}),
+    ]
+    with create_session() as session:
+        for i, (dag_id, run_id, state, conf, user, tasks, xcoms) in enumerate(runs):
+            run = DagRun(dag_id=dag_id, run_id=run_id, run_type="manual", conf=conf, state=state,
+                         triggering_user_name=user, start_date=T0 + timedelta(hours=i),
+                         run_after=T0 + timedelta(hours=i))
+            if state != "running":
+                run.end_date = T0 + timedelta(hours=i, minutes=10)
+            session.add(run)
+            session.flush()
+            for task_id, (ti_state, try_number, duration) in tasks.items():
+                session.execute(insert(TaskInstance).values(
+                    id=uuid.uuid4(), dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=-1, state=ti_state,
+                    try_number=try_number, duration=duration, pool="default_pool", pool_slots=1, max_tries=1))
+            for (task_id, key), value in xcoms.items():
+                session.execute(insert(XComModel).values(dag_run_id=run.id, task_id=task_id, map_index=-1, key=key,
+                                                         dag_id=dag_id, run_id=run_id, value=value))
+        session.add(Variable(key=QUEUE_VARIABLE, val=json.dumps({window_key(train_window.start): {
+            "manifest": {"auth-service": "v5", "billing-service": "v7"}, "reason": "monthly train",
+            "staging_rehearsed": True, "queued_by": "queue_run"}})))
+    yield {"auth_window": auth_window, "train_window": train_window}
+    with create_session() as session:
+        for model in (XComModel, TaskInstance):
+            session.execute(delete(model).where(model.run_id.in_([r[1] for r in runs])))
+        session.execute(delete(DagRun).where(DagRun.run_id.in_([r[1] for r in runs])))
+        session.execute(delete(Variable).where(Variable.key == QUEUE_VARIABLE))
+
+
+@pytest.fixture(scope="module")
+def api(metadata):
+    """Airflow's API server app, with the plugins of plugins/ (ours among them), and tokens of two users."""
+    from airflow.api_fastapi.app import create_app, get_auth_manager, purge_cached_app
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi.testclient import TestClient
+
+    purge_cached_app()
+    client = TestClient(create_app("core"))
+    manager = get_auth_manager()
+    client.tokens = {name: manager.generate_jwt(SimpleAuthManagerUser(username=name, role="viewer"))
+                     for name in ("admin", "billing-only")}
+    original = manager.filter_authorized_dag_ids
+
+    # The simple auth manager lets every role read every DAG; a real one (FAB, Keycloak) grants DAGs one by one.
+    # This one grants billing-only release_billing-service and nothing else.
+    def filter_authorized_dag_ids(*, dag_ids, user, method="GET", team_name=None):
+        if user.get_name() == "billing-only":
+            return {d for d in dag_ids if d == "release_billing-service"}
+        return original(dag_ids=dag_ids, user=user, method=method, team_name=team_name)
+
+    manager.filter_authorized_dag_ids = filter_authorized_dag_ids  # type: ignore[method-assign]
+    yield client
+    purge_cached_app()
+
+
+def get(api, path: str, user: str | None = "admin", **params):
+    headers = {"Authorization": f"Bearer {api.tokens[user]}"} if user else {}
+    return api.get(path, headers=headers, params=params)
+
+
+@pytest.mark.parametrize("path", ["/omnisphere/api/calendar", "/omnisphere/api/releases", "/omnisphere/releases",
+                                  "/omnisphere/api/report?dag_id=release_auth-service&run_id=released_run"])
+def test_an_anonymous_request_gets_401(api, path):
+    assert api.get(path).status_code == 401
+    assert api.get(path, headers={"Authorization": "Bearer not-a-jwt"}).status_code in (401, 403)
+
+
+def test_the_ui_cookie_authenticates_like_the_api(api):
+    api.cookies.set("_token", api.tokens["admin"])
+    try:
+        assert api.get("/omnisphere/api/calendar").status_code == 200
+    finally:
+        api.cookies.clear()
+
+
+def test_the_plugin_puts_releases_in_the_navigation(api):
+    plugins = get(api, "/api/v2/plugins").json()["plugins"]
+    ours = next(p for p in plugins if p["name"] == "omnisphere_release")
+    assert [(v["name"], v["href"], v["destination"]) for v in ours["external_views"]] == [
+        ("Releases", "/omnisphere/releases", "nav")]
+    assert ours["fastapi_apps"][0]["url_prefix"] == "/omnisphere"
+
+
+def test_the_calendar_shows_every_window_the_waiting_release_and_the_queued_manifest(api, metadata):
+    response = get(api, "/omnisphere/api/calendar", weeks=2)
+    assert response.status_code == 200, response.text
+    cal = response.json()
+    assert cal["services"] == load_catalog().names and cal["release_all"] is True
+    assert {w["scope"] for w in cal["windows"]} == {*load_catalog().names, "release_all"}
+    auth = next(w for w in cal["windows"] if w["scope"] == "auth-service")
+    assert auth["start"] == metadata["auth_window"].start.isoformat()
+    assert [(r["run_id"], r["image_tag"], r["triggered_by"], r["reason"]) for r in auth["releases"]] == [
+        ("waiting_run", "v4", "carol", "sunday fix")]
+    train = next(w for w in cal["windows"] if w["scope"] == "release_all")
+    assert train["manifest"]["manifest"] == {"auth-service": "v5", "billing-service": "v7"}
+    assert train["manifest"]["queued_by"] == "dave" and train["manifest"]["reason"] == "monthly train"
+
+
+def test_the_history_of_a_service_tells_each_release(api):
+    response = get(api, "/omnisphere/api/releases", service="auth-service")
+    assert response.status_code == 200, response.text
+    lines = {r["run_id"]: r for r in response.json()["releases"]["auth-service"]}
+    assert lines.keys() == {"released_run", "rolled_back_run", "waiting_run"}
+    assert lines["released_run"]["outcome"] == "released"
+    assert lines["released_run"]["target"]["image_digest"] == "sha256:feed"
+    bad = lines["rolled_back_run"]
+    assert bad["outcome"] == "rolled_back" and bad["before"]["image"] == bad["after"]["image"] == "omni/auth:v1"
+    assert bad["slowest_stage"] == {"stage": "monitoring_gate", "seconds": 95.5}
+    assert bad["duration_seconds"] == 600.0 and bad["triggered_by"] == "alice"
+    assert bad["links"]["failed_task_log"] == ("/dags/release_auth-service/runs/rolled_back_run/tasks/"
+                                               "monitoring_gate?try_number=2")
+    assert lines["waiting_run"]["outcome"] == "in_progress"
+    report = get(api, bad["links"]["report"].split("?")[0], dag_id="release_auth-service", run_id="rolled_back_run")
+    assert report.status_code == 200 and report.json()["outcome"] == "rolled_back"
+    markdown = get(api, "/omnisphere/api/report", dag_id="release_auth-service", run_id="rolled_back_run",
+                   format="md")
+    assert "FAILED and ROLLED BACK" in markdown.text
+
+
+def test_a_user_sees_only_the_services_whose_dags_they_may_read(api):
+    cal = get(api, "/omnisphere/api/calendar", user="billing-only").json()
+    assert cal["services"] == ["billing-service"] and cal["release_all"] is False
+    assert {w["scope"] for w in cal["windows"]} == {"billing-service"}
+    assert all(not w["releases"] and not w["manifest"] for w in cal["windows"])
+    assert list(get(api, "/omnisphere/api/releases", user="billing-only").json()["releases"]) == ["billing-service"]
+    assert get(api, "/omnisphere/api/releases", user="billing-only", service="auth-service").status_code == 403
+    assert get(api, "/omnisphere/api/report", user="billing-only", dag_id="release_auth-service",
+               run_id="released_run").status_code == 403
+    page = get(api, "/omnisphere/releases", user="billing-only").text
+    assert "billing-service" in page and "auth-service" not in page
+
+
+def test_the_page_shows_the_calendar_and_the_history(api):
+    response = get(api, "/omnisphere/releases")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for expected in ("waiting_run", "monthly train", "omni/auth:v2", "FAILED and ROLLED BACK", "Intl.DateTimeFormat",
+                     "log of monitoring_gate"):
+        assert expected in page
+    assert get(api, "/omnisphere/api/releases", service="no-such-service").status_code == 404
