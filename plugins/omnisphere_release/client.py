@@ -2,6 +2,7 @@
 
     omni-release trigger <service> --image-tag T [--strategy S] [--window now --force-reason R] [--wait]
     omni-release status|logs|report <dag_id>/<run_id>
+    omni-release calendar [--weeks N] [--tz ZONE] [--json]
 
 The Airflow URL and credentials come from the environment, never the command line (CI logs and `ps` show it):
 ``OMNI_AIRFLOW_URL`` (e.g. https://airflow.example.com), and ``OMNI_AIRFLOW_TOKEN`` or ``OMNI_AIRFLOW_USERNAME`` +
@@ -23,10 +24,12 @@ import sys
 import time
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
 from omnisphere_release.report import render_markdown
+from omnisphere_release.ui.calendar import render_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 FINAL = {"success", "failed"}
@@ -112,6 +115,22 @@ class AirflowApi:
                 lines.append(str(item))
         return "\n".join(lines)
 
+    def calendar(self, weeks: float) -> dict[str, Any]:
+        """The Releases page's calendar (the plugin's app, mounted beside the API at /omnisphere)."""
+        try:
+            response = self.http.get(f"{self.url}/omnisphere/api/calendar", params={"weeks": weeks})
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
+        if response.status_code in (401, 403):
+            raise ClientError(f"Airflow refused the calendar (HTTP {response.status_code})", EXIT_UNREACHABLE)
+        if response.status_code == 404:
+            raise ClientError(f"{self.url} has no /omnisphere app: is the omnisphere_release plugin installed in "
+                              "its plugins folder?", EXIT_BAD_INPUT)
+        if response.status_code == 422:
+            raise ClientError(f"--weeks {weeks}: {_api_message(response)}", EXIT_BAD_INPUT)
+        response.raise_for_status()
+        return dict(response.json())
+
     def run_url(self, dag_id: str, run_id: str) -> str:
         return f"{self.url}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
 
@@ -156,6 +175,17 @@ def print_outcome(api: AirflowApi, dag_id: str, run_id: str, out: Any) -> None:
             print(api.log(dag_id, run_id, ti["task_id"], max(1, ti.get("try_number") or 1)), file=out)
 
 
+def print_calendar(api: AirflowApi, weeks: float, tz_name: str | None, as_json: bool, out: Any) -> int:
+    try:
+        tz = ZoneInfo(tz_name) if tz_name else None
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ClientError(f"--tz {tz_name!r} is not an IANA time zone (e.g. Europe/Paris or UTC)",
+                          EXIT_BAD_INPUT) from None
+    calendar = api.calendar(weeks)
+    print(json.dumps(calendar, indent=2) if as_json else render_text(calendar, tz), file=out)
+    return EXIT_OK
+
+
 def parse_run(value: str) -> tuple[str, str]:
     if "/" not in value:
         raise ClientError(f"{value!r}: give the run as <dag_id>/<run_id>, as `trigger` prints it", EXIT_BAD_INPUT)
@@ -184,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("status", "logs", "report"):
         sub = commands.add_parser(name)
         sub.add_argument("run", help="<dag_id>/<run_id>")
+    calendar = commands.add_parser("calendar", help="the next maintenance windows and what will run in them")
+    calendar.add_argument("--weeks", type=float, default=2)
+    calendar.add_argument("--tz", default=None, help="an IANA time zone (default: this machine's)")
+    calendar.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser
 
 
@@ -199,6 +233,8 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
             raise ClientError("set OMNI_AIRFLOW_URL to the Airflow base URL", EXIT_UNREACHABLE)
         api = AirflowApi(url, os.environ.get("OMNI_AIRFLOW_TOKEN"), os.environ.get("OMNI_AIRFLOW_USERNAME"),
                          os.environ.get("OMNI_AIRFLOW_PASSWORD"))
+        if args.command == "calendar":
+            return print_calendar(api, args.weeks, args.tz, args.json, out)
         if args.command == "trigger":
             dag_id = f"release_{args.service}"
             conf: dict[str, Any] = {"image_tag": args.image_tag}

@@ -4,9 +4,11 @@ manager deciding who reads what (401 without a credential, only readable service
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -201,3 +203,25 @@ def test_the_page_shows_the_calendar_and_the_history(api):
                      "log of monitoring_gate"):
         assert expected in page
     assert get(api, "/omnisphere/api/releases", service="no-such-service").status_code == 404
+
+
+def test_omni_release_calendar_prints_the_windows_and_what_waits_in_them(api, metadata, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from omnisphere_release import client
+
+    # The CLI's HTTP client, answered by the API server app in this process instead of over a socket.
+    monkeypatch.setattr(client.httpx, "Client", lambda base_url, timeout: TestClient(api.app, base_url=base_url))
+    monkeypatch.setenv("OMNI_AIRFLOW_URL", "http://testserver")
+    monkeypatch.setenv("OMNI_AIRFLOW_TOKEN", api.tokens["admin"])
+    out = io.StringIO()
+    assert client.main(["calendar", "--weeks", "2", "--tz", "Europe/Paris"], out=out) == client.EXIT_OK
+    text = out.getvalue()
+    auth_start = metadata["auth_window"].start.astimezone(ZoneInfo("Europe/Paris"))
+    assert f"{auth_start:%a %d %b %H:%M}-" in text
+    assert f"(times in {datetime.now(ZoneInfo('Europe/Paris')):%Z})" in text
+    assert "    waiting: auth-service v4 by carol - sunday fix [release_auth-service/waiting_run]" in text
+    assert "    queued manifest: auth-service v5, billing-service v7 by dave - monthly train" in text
+    assert client.main(["calendar", "--tz", "Mars/Olympus"], out=io.StringIO()) == client.EXIT_BAD_INPUT
+    monkeypatch.setenv("OMNI_AIRFLOW_TOKEN", "expired-or-forged")
+    assert client.main(["calendar"], out=io.StringIO()) == client.EXIT_UNREACHABLE

@@ -8,7 +8,7 @@ Times are UTC ISO 8601 strings; the page shows them in the viewer's time zone.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from omnisphere_release.catalog import Catalog, MaintenanceWindow
@@ -113,3 +113,35 @@ def build_calendar(catalog: Catalog, *, now: datetime, weeks: float, services: s
             "services": [s.name for s in visible], "release_all": show_release_all,
             "windows": [{**asdict(w), "start": w.start.isoformat(), "end": w.end.isoformat()} for w in windows],
             "elsewhere": elsewhere}
+
+
+def render_text(calendar: dict[str, Any], tz: tzinfo | None = None) -> str:
+    """Return the calendar (as build_calendar returns it) for a terminal, times in ``tz`` (default: the local zone)."""
+
+    def at(iso: str | None, fmt: str = "%a %d %b %H:%M") -> str:
+        when = _instant(iso)
+        return when.astimezone(tz).strftime(fmt) if when else "start unknown"
+
+    def release(r: dict[str, Any]) -> str:
+        forced = f" (forced: {r['force_reason']})" if r.get("force_reason") else ""
+        reason = f" - {r['reason']}" if r.get("reason") else ""
+        return (f"{r['service']} {r.get('image_tag')} by {r.get('triggered_by') or 'unknown'}{reason}{forced} "
+                f"[{r['dag_id']}/{r['run_id']}]")
+
+    def manifest(m: dict[str, Any]) -> str:
+        services = ", ".join(f"{s} {tag}" for s, tag in sorted(m["manifest"].items()))
+        reason = f" - {m['reason']}" if m.get("reason") else ""
+        return f"queued manifest: {services} by {m.get('queued_by') or 'unknown'}{reason}"
+
+    zone = datetime.now(timezone.utc).astimezone(tz).tzname()
+    lines = [f"Maintenance windows until {at(calendar['until'])} (times in {zone})", ""]
+    for w in calendar["windows"]:
+        lines.append(f"{at(w['start'])}-{at(w['end'], '%H:%M')}  {w['scope']:<24} {w['summary']}")
+        lines += [f"    waiting: {release(r)}" for r in w["releases"]]
+        if w.get("manifest"):
+            lines.append(f"    {manifest(w['manifest'])}")
+    if calendar["elsewhere"]:
+        lines += ["", "Waiting outside these windows:"]
+        lines += [f"  {at(e.get('window_start'))}  " + (release(e) if e["kind"] == "release" else manifest(e))
+                  for e in calendar["elsewhere"]]
+    return "\n".join(lines)
