@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# In the order `make bench` runs them; release_train (the Celery topology, ~15 minutes on 2 cores) comes last.
+# In the order `make bench` runs them; release_train (the Celery topology, 10-20 minutes on 2 cores) comes last.
 BENCHMARKS = ("dag_parse", "migrations", "release", "data_migration", "release_train")
 
 
