@@ -124,7 +124,8 @@ def get(api, path: str, user: str | None = "admin", **params):
 
 
 @pytest.mark.parametrize("path", ["/omnisphere/api/calendar", "/omnisphere/api/releases", "/omnisphere/releases",
-                                  "/omnisphere/api/report?dag_id=release_auth-service&run_id=released_run"])
+                                  "/omnisphere/api/report?dag_id=release_auth-service&run_id=released_run",
+                                  "/omnisphere/api/schema?service=auth-service", "/omnisphere/schema?service=auth-service"])
 def test_an_anonymous_request_gets_401(api, path):
     assert api.get(path).status_code == 401
     assert api.get(path, headers={"Authorization": "Bearer not-a-jwt"}).status_code in (401, 403)
@@ -193,6 +194,16 @@ def test_a_user_sees_only_the_services_whose_dags_they_may_read(api):
                run_id="released_run").status_code == 403
     page = get(api, "/omnisphere/releases", user="billing-only").text
     assert "billing-service" in page and "auth-service" not in page
+    assert get(api, "/omnisphere/api/schema", user="billing-only", service="auth-service").status_code == 403
+
+
+def test_a_schema_history_that_cannot_be_read_says_through_which_connection(api, monkeypatch):
+    # This test's Airflow has no connection for the service's database (tests/integration/test_releases_schema.py
+    # reads a real one): the answer names the service and the connection, and is no 500.
+    monkeypatch.delenv("AIRFLOW_CONN_OMNI_PG_AUTH_SERVICE", raising=False)
+    response = get(api, "/omnisphere/api/schema", service="auth-service")
+    assert response.status_code == 502
+    assert "schema history of auth-service through connection 'omni_pg_auth_service'" in response.json()["detail"]
 
 
 def test_the_page_shows_the_calendar_and_the_history(api):

@@ -4,6 +4,8 @@
     GET /omnisphere/api/calendar?weeks=4          the next windows of each service and of release_all, and what runs
     GET /omnisphere/api/releases?service=S&limit=N  the release history of one service (or of every service)
     GET /omnisphere/api/report?dag_id=D&run_id=R  a release's report, as its report task returned it
+    GET /omnisphere/api/schema?service=S          a service's schema versions and migration audit log (its database)
+    GET /omnisphere/schema?service=S              the same, as a page
 
 Every route authenticates as Airflow's own API does (a JWT in the Authorization header, or the UI's ``_token``
 cookie): no credential is 401, and a user sees only the services whose release DAG the auth manager lets them read
@@ -29,7 +31,7 @@ from omnisphere_release.catalog import Catalog, CatalogError, load_catalog
 from omnisphere_release.report import render_markdown
 from omnisphere_release.ui.calendar import RELEASE_ALL, build_calendar
 from omnisphere_release.ui.history import service_history
-from omnisphere_release.ui.page import render_page
+from omnisphere_release.ui.page import render_page, render_schema_page
 
 MOUNT = "/omnisphere"
 HISTORY_LIMIT = 10
@@ -155,3 +157,31 @@ def get_page(who: ViewerDep, session: SessionDep, request: Request,
     services = _services_asked(who, None)
     return HTMLResponse(render_page(calendar_data(session, who, weeks),
                                     history_data(session, who, services, HISTORY_LIMIT, request)))
+
+
+def schema_data(service: str) -> dict[str, Any]:
+    """Read the schema history from the service's own database, through its Airflow connection."""
+    import logging
+
+    from omnisphere_release.hooks.postgres import ServiceDatabaseHook, schema_engine
+    from omnisphere_release.ui.schema import schema_history
+
+    catalog = _catalog()
+    record = catalog.get(service)
+    try:
+        engine = schema_engine(record, catalog, "releases page", logging.getLogger(__name__))
+        return schema_history(engine, ServiceDatabaseHook(record.postgres_conn_id).get_conn)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same answer: the database could not be read
+        raise HTTPException(status_code=502, detail=f"Could not read the schema history of {service} through "
+                                                    f"connection {record.postgres_conn_id!r}: {type(exc).__name__}: "
+                                                    f"{exc}") from None
+
+
+@app.get("/api/schema")
+def get_schema(who: ViewerDep, service: str) -> dict[str, Any]:
+    return schema_data(_services_asked(who, service)[0])
+
+
+@app.get("/schema", response_class=HTMLResponse)
+def get_schema_page(who: ViewerDep, service: str) -> HTMLResponse:
+    return HTMLResponse(render_schema_page(schema_data(_services_asked(who, service)[0])))

@@ -99,8 +99,10 @@ def _duration(seconds: float | None, slowest: dict[str, Any]) -> str:
 
 
 def _history(service: str, releases: list[dict[str, Any]]) -> str:
+    title = (f'<h3>{_e(service)} <span class=tz><a href="schema?service={_e(service)}">schema history</a></span>'
+             "</h3>")
     if not releases:
-        return f"<h3>{_e(service)}</h3><p class=muted>No release runs yet.</p>"
+        return f"{title}<p class=muted>No release runs yet.</p>"
     rows = []
     for r in releases:
         digest = f"<br><code class=muted>{_e(r['target']['image_digest'])}</code>" if r["target"].get(
@@ -117,18 +119,42 @@ def _history(service: str, releases: list[dict[str, Any]]) -> str:
             f"{'<br>approved by ' + _e(r['approved_by']) if r.get('approved_by') else ''}"
             f"{'<br><span class=muted>' + _e(r['reason']) + '</span>' if r.get('reason') else ''}</td>"
             f"<td>{links}</td></tr>")
-    return (f"<h3>{_e(service)}</h3><table><thead><tr><th>started</th><th>before → target</th><th>outcome</th>"
+    return (f"{title}<table><thead><tr><th>started</th><th>before → target</th><th>outcome</th>"
             "<th>duration</th><th>who</th><th>links</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)} · OmniSphere</title>"
+            f"<style>{STYLE}</style></head><body>{body}<script>{SCRIPT}</script></body></html>")
+
+
+def render_schema_page(schema: dict[str, Any]) -> str:
+    problems = [f'<li class=worst>DIRTY {_e(d["version"])}_{_e(d["name"])} ({_e(d["direction"])}): '
+                f'{_e(d["error"] or "interrupted")} — by {_e(d["applied_by"])}</li>' for d in schema["dirty"]]
+    problems += [f"<li class=bad>DRIFT {_e(d)}</li>" for d in schema["drift"]]
+    applied = "".join(f"<tr><td>{_e(a['version'])}</td><td>{_e(a['name'])}</td><td>{_time(a['applied_at'])}</td>"
+                      f"<td>{_e(a['applied_by'])}</td></tr>" for a in reversed(schema["applied"]))
+    log = "".join(f"<tr><td>{_time(e['at'])}</td><td>{_e(e['version'])}_{_e(e['name'])}</td>"
+                  f"<td>{_e(e['action'])}</td><td>{_e(e['by'])}</td><td>{_e(e['reason'])}</td>"
+                  f"<td>{_e(e['execution_ms'])}</td></tr>" for e in schema["log"])
+    return _page(f"Schema of {schema['service']}", (
+        f"<h1>Schema of {_e(schema['service'])}</h1><p><a href=releases>← Releases</a></p>"
+        f"<p>Version <b>{_e(schema['current_version'])}</b>; {len(schema['applied'])} applied, "
+        f"{len(schema['pending'])} pending ({_e(', '.join(schema['pending'])) or 'none'})"
+        f"{'; baseline ' + _e(schema['baseline']) if schema.get('baseline') is not None else ''}. "
+        f"<span class=tz>Times in <span class=viewer-tz>UTC</span>.</span></p>"
+        + (f"<ul>{''.join(problems)}</ul>" if problems else "<p class=ok>No dirty version, no drift.</p>")
+        + "<h2>Applied versions</h2><table><thead><tr><th>version</th><th>name</th><th>applied</th><th>by</th>"
+        f"</tr></thead><tbody>{applied}</tbody></table>"
+        "<h2>Audit log (newest first)</h2><table><thead><tr><th>at</th><th>migration</th><th>action</th><th>by</th>"
+        f"<th>reason</th><th>ms</th></tr></thead><tbody>{log}</tbody></table>"))
 
 
 def render_page(calendar: dict[str, Any], history: dict[str, list[dict[str, Any]]]) -> str:
     services = "".join(_history(s, releases) for s, releases in history.items()) or (
         "<p class=muted>You may read no release DAG.</p>")
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>Releases · OmniSphere</title>"
-        f"<style>{STYLE}</style></head><body>"
+    return _page("Releases", (
         "<h1>Releases</h1>"
         f"<p class=tz>Times in <span class=viewer-tz>UTC</span>; generated {_time(calendar['generated_at'])}.</p>"
         f"<h2>Calendar: windows until {_time(calendar['until'])}</h2>{_calendar(calendar)}"
-        f"<h2>History</h2>{services}"
-        f"<script>{SCRIPT}</script></body></html>")
+        f"<h2>History</h2>{services}"))
