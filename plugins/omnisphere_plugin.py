@@ -11,6 +11,7 @@ class OmniSpherePlugin(AirflowPlugin):
     name = "omnisphere_release"
     timetables = [MaintenanceWindowTimetable]
     fastapi_apps = [{"app": app, "url_prefix": MOUNT, "name": "OmniSphere releases"}]
-    # url_route: the UI shows the page inside its own frame, at /plugin/releases, with the navigation around it.
+    # url_route: the UI shows the page in its frame at /plugin/releases, with the navigation around it;
+    # nav_top_level: a button of its own in the navigation bar, not an item of the Plugins menu.
     external_views = [{"name": "Releases", "href": f"{MOUNT}/releases", "destination": "nav", "url_route": "releases",
-                       "category": "OmniSphere"}]
+                       "nav_top_level": True}]

@@ -142,8 +142,8 @@ def test_the_ui_cookie_authenticates_like_the_api(api):
 def test_the_plugin_puts_releases_in_the_navigation(api):
     plugins = get(api, "/api/v2/plugins").json()["plugins"]
     ours = next(p for p in plugins if p["name"] == "omnisphere_release")
-    assert [(v["name"], v["href"], v["destination"]) for v in ours["external_views"]] == [
-        ("Releases", "/omnisphere/releases", "nav")]
+    assert [(v["name"], v["href"], v["destination"], v["nav_top_level"]) for v in ours["external_views"]] == [
+        ("Releases", "/omnisphere/releases", "nav", True)]
     assert ours["fastapi_apps"][0]["url_prefix"] == "/omnisphere"
 
 
