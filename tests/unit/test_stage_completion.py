@@ -1,22 +1,21 @@
 """How the deferrable stages end: ``execute_complete`` reads the trigger's event and what the stage pushed before it
 deferred, and returns the stage's output or fails the task (AirflowFailException: no retry).
 
-Also the one ECS way back (rollback_ecs and rollback_<service>): which failures Airflow may retry and which are final.
+The one ECS way back (rollback_ecs and rollback_<service>), now deferred, is tested in test_deferred_waits.py.
 The operators are built outside a DAG; the context is a fake task instance; nothing reaches Airflow's database or AWS.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import load_catalog
-from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsNotOnTarget, ReturnResult
+from omnisphere_release.hooks.ecs import EcsDeploymentError
 from omnisphere_release.operators import ecs as ecs_operators
-from omnisphere_release.operators.ecs import EcsDeployServiceOperator, return_service_to
+from omnisphere_release.operators.ecs import EcsDeployServiceOperator
 from omnisphere_release.operators.monitoring import CloudWatchMonitoringGateOperator
 from omnisphere_release.operators.window import WaitForMaintenanceWindowOperator
 
@@ -114,7 +113,7 @@ AUTH = load_catalog().get("auth-service")
 
 
 class FakeEcsHook:
-    """Stands in for EcsDeploymentHook in operators.ecs: return_to answers ``outcome`` (or raises it)."""
+    """Stands in for EcsDeploymentHook in operators.ecs: find_revision_of_run raises ``outcome``, if an error."""
 
     instances: list[FakeEcsHook] = []
 
@@ -123,12 +122,6 @@ class FakeEcsHook:
         self.outcome = outcome
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         FakeEcsHook.instances.append(self)
-
-    def return_to(self, *args: Any) -> ReturnResult:
-        self.calls.append(("return_to", args))
-        if isinstance(self.outcome, Exception):
-            raise self.outcome
-        return self.outcome
 
     def find_revision_of_run(self, *args: Any) -> str | None:
         if isinstance(self.outcome, Exception):
@@ -161,42 +154,6 @@ def test_ecs_deploy_that_cannot_start_is_retried_not_failed_for_good(ecs_hook_an
     assert type(raised.value) is AirflowException
     assert str(raised.value) == ("ECS deploy of auth-service could not start: list revisions of auth-service: "
                                  "ThrottlingException")
-
-
-def test_the_way_back_returns_what_ecs_did(ecs_hook_answers):
-    done = ReturnResult("stopped in-flight deployment with ROLLBACK", PREVIOUS,
-                        {"status": "ROLLBACK_SUCCESSFUL", "lifecycleStage": "CLEAN_UP"})
-    hooks = ecs_hook_answers(done)
-
-    result = return_service_to(AUTH, PREVIOUS, logging.getLogger("test"), poll_seconds=0)
-
-    assert result == done
-    [hook] = hooks
-    assert hook.aws_conn_id == AUTH.aws_conn_id
-    assert hook.calls == [("return_to", (AUTH.ecs.cluster, AUTH.ecs.service, PREVIOUS,
-                                         AUTH.deploy.timeout_minutes * 60, 0))]
-
-
-def test_the_way_back_ending_on_another_revision_fails_for_good(ecs_hook_answers):
-    ecs_hook_answers(EcsNotOnTarget(f"ECS service omnisphere/auth-service ended on {RELEASED}, not {PREVIOUS}"))
-
-    with pytest.raises(AirflowFailException) as raised:
-        return_service_to(AUTH, PREVIOUS, logging.getLogger("test"), poll_seconds=0)
-
-    assert str(raised.value) == (f"ECS rollback of auth-service failed: ECS service omnisphere/auth-service ended on "
-                                 f"{RELEASED}, not {PREVIOUS}. The schema is left as is. Page the service owner.")
-
-
-def test_the_way_back_interrupted_by_an_aws_error_is_retried_not_failed_for_good(ecs_hook_answers):
-    ecs_hook_answers(EcsDeploymentError("describe service omnisphere/auth-service: ThrottlingException"))
-
-    with pytest.raises(AirflowException) as raised:
-        return_service_to(AUTH, PREVIOUS, logging.getLogger("test"), poll_seconds=0)
-
-    assert type(raised.value) is AirflowException  # not AirflowFailException: Airflow retries it
-    assert str(raised.value) == ("ECS rollback of auth-service could not finish: describe service "
-                                 "omnisphere/auth-service: ThrottlingException. Retrying if retries remain; the "
-                                 "service may still run the new image.")
 
 
 # --- monitoring_gate -----------------------------------------------------------------------------------------------
