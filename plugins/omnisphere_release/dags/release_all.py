@@ -20,7 +20,7 @@ from omnisphere_release.operators.release_all import (
     CHECK_MANIFEST,
     ReleaseAllSummaryOperator,
     ReleaseManifestCheckOperator,
-    ReleaseTrainSlotSensor,
+    ReleaseTrainSlotOperator,
     max_parallel_bounds,
 )
 from omnisphere_release.params import optional_text
@@ -69,8 +69,8 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
             name = service.name
             # Runs once check_manifest passed and every dependency was released or is not in the manifest; a failed
             # dependency makes it (and so the release) upstream_failed: "depends on X which failed".
-            start = ReleaseTrainSlotSensor(task_id=f"{START_PREFIX}{name}", service=name, retries=0,
-                                           trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+            start = ReleaseTrainSlotOperator(task_id=f"{START_PREFIX}{name}", service=name, retries=0,
+                                             trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
             release = TriggerDagRunOperator(
                 task_id=f"{RELEASE_PREFIX}{name}",
                 trigger_dag_id=f"release_{name}",

@@ -3,11 +3,12 @@ tag) taken, checked before any release starts, released in waves that follow dep
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypedDict
 from urllib.parse import quote
 
-from airflow.sdk import BaseOperator, BaseSensorOperator, Context, Variable
+from airflow.sdk import BaseOperator, Context, Variable
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -16,6 +17,7 @@ from omnisphere_release.catalog import Catalog, ReleaseTrain, load_catalog
 from omnisphere_release.contracts import VERIFY_ROLLBACK, ReleaseRun
 from omnisphere_release.logs import Log
 from omnisphere_release.release_queue import QUEUE_VARIABLE, queue_manifest, take_manifest, window_key
+from omnisphere_release.triggers.release_train import ReleaseTrainSlotTrigger
 
 CHECK_MANIFEST = "check_manifest"
 
@@ -125,23 +127,22 @@ class ReleaseManifestCheckOperator(BaseOperator):
                 "release_confs": confs}
 
 
-class ReleaseTrainSlotSensor(BaseSensorOperator):
-    """start_<service>: wait, without holding a worker slot, until fewer than max_parallel services of this run are
-    releasing, then let the service's release start; skip it when the manifest leaves it out or when a release of
-    this run has failed (what has not started does not start)."""
+class ReleaseTrainSlotOperator(BaseOperator):
+    """start_<service>: wait, deferred (no worker slot, no process per check), until fewer than max_parallel services
+    of this run are releasing, then let the service's release start; skip it when the manifest leaves it out or when a
+    release of this run has failed (what has not started does not start)."""
 
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
-        # Rescheduled, not poking in place: a waiting gate holds no worker slot between its checks.
-        kwargs.setdefault("mode", "reschedule")
-        kwargs.setdefault("poke_interval", 10)
-        # A hand-triggered train releases each service in its own weekly window, one after another when they depend
-        # on each other: a gate may wait for a few such windows.
-        kwargs.setdefault("timeout", timedelta(days=22).total_seconds())
-        kwargs.setdefault("execution_timeout", timedelta(minutes=5))  # one check, not the whole wait
+    # A hand-triggered train releases each service in its own weekly window, one after another when they depend on
+    # each other: a gate may wait for a few such windows.
+    MAX_WAIT = timedelta(days=22)
+
+    def __init__(self, *, service: str, poll_seconds: float = 10.0, **kwargs: Any) -> None:
+        kwargs.setdefault("execution_timeout", timedelta(minutes=5))  # one decision on a worker, not the whole wait
         super().__init__(**kwargs)
         self.service = service
+        self.poll_seconds = poll_seconds
 
-    def poke(self, context: Context) -> bool:
+    def execute(self, context: Context, deadline: float | None = None) -> None:
         run = ReleaseRun(context)
         checked: CheckedManifest | None = run.output(CHECK_MANIFEST)
         if checked is None:
@@ -150,12 +151,22 @@ class ReleaseTrainSlotSensor(BaseSensorOperator):
                                                 checked["max_parallel"])
         if decision.action == "skip":
             raise AirflowSkipException(f"{self.service}: not attempted: {decision.why}")
-        if decision.action == "wait":
-            self.log.info("%s waits for a release slot: %s; checking again in %ds.", self.service, decision.why,
-                          self.poke_interval)
-            return False
-        self.log.info("%s %s starts its release: %s.", self.service, checked["manifest"][self.service], decision.why)
-        return True
+        if decision.action == "go":
+            self.log.info("%s %s starts its release: %s.", self.service, checked["manifest"][self.service],
+                          decision.why)
+            return
+        # Absolute, so that waking up to re-check (another gate took the slot first) does not extend the wait.
+        deadline = deadline or time.time() + self.MAX_WAIT.total_seconds()
+        self.log.info("%s waits, deferred, for a release slot: %s; checked every %.0fs.", self.service, decision.why,
+                      self.poll_seconds)
+        self.defer(trigger=ReleaseTrainSlotTrigger(context["dag"].dag_id, context["run_id"], self.service,
+                                                   checked["order"], checked["max_parallel"], self.poll_seconds),
+                   method_name="execute_complete", kwargs={"deadline": deadline},
+                   timeout=timedelta(seconds=max(1.0, deadline - time.time())))
+
+    def execute_complete(self, context: Context, event: dict[str, Any], deadline: float | None = None) -> None:
+        # Decide again on this worker: the states may have moved since the trigger read them.
+        self.execute(context, deadline)
 
 
 class ReleaseAllSummaryOperator(BaseOperator):
