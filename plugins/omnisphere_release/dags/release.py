@@ -17,7 +17,7 @@ from datetime import timedelta
 from airflow.sdk import DAG, Param, TriggerRule
 
 from omnisphere_release import contracts as stage
-from omnisphere_release.catalog import Catalog, Service
+from omnisphere_release.catalog import Service
 from omnisphere_release.checks import ENVIRONMENT_VARIABLE, PRODUCTION, WINDOW_PATTERN, schedule_of
 from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
 from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
@@ -162,9 +162,3 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         [finalize, verify] >> failed
         [finalize, verify] >> report
     return dag
-
-
-def build_release_dags(catalog: Catalog) -> list[DAG]:
-    # Listing data/ reads local files only; the stage exists for the services that have data migrations.
-    return [build_release_dag(service, any((catalog.sql_dir / service.name / "data").glob("*.yaml")))
-            for service in catalog.services]

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, BaseOperator, Param, TriggerRule
 
-from omnisphere_release.catalog import Catalog, Service
+from omnisphere_release.catalog import Service
 from omnisphere_release.operators.manual_rollback import PLAN, ManualRollbackPlanOperator, ManualRollbackStepOperator
 from omnisphere_release.params import IMAGE_TAG_PATTERN, optional_text
 
@@ -37,8 +37,10 @@ release; its sha256 is checked before anything is restored). `plan` checks every
             "task_definition": Param(None, type=["null", "string"], description="Task definition ARN to run again."),
             "image_tag": Param(None, type=["null", "string"], pattern=IMAGE_TAG_PATTERN,
                                description="Or: an image tag to deploy (same repository)."),
-            "schema_version": Param(None, type=["null", "integer"], minimum=0,
-                                    description="Revert every migration above this version."),
+            # -1 is the engine's "nothing applied" (NOTHING_APPLIED): golang-migrate sets start at version 0.
+            "schema_version": Param(None, type=["null", "integer"], minimum=-1,
+                                    description="Revert every migration above this version (it stays applied); "
+                                                "-1 reverts every migration, version 0 included."),
             "restore_backup_uri": Param(None, type=["null", "string"], pattern=r"^s3://[^/]+/.+$",
                                         description="Restore the database from this backup."),
             "reason": optional_text("Why (required)."),
@@ -55,7 +57,3 @@ release; its sha256 is checked before anything is restored). `plan` checks every
             previous >> task
             previous = task
     return dag
-
-
-def build_rollback_dags(catalog: Catalog) -> list[DAG]:
-    return [build_rollback_dag(service) for service in catalog.services]
