@@ -112,9 +112,9 @@ def history_data(session: Session, who: Viewer, services: list[str], limit: int,
 def _services_asked(who: Viewer, service: str | None) -> list[str]:
     if service is None:
         return [s for s in _catalog().names if s in who.services]
-    if service not in _catalog().names:
-        raise HTTPException(status_code=404, detail=f"query param service: unknown service {service!r}; known: "
-                                                    f"{', '.join(_catalog().names)}")
+    if service not in _catalog().names:  # name only the services this user may see
+        raise HTTPException(status_code=404, detail=f"query param service: unknown service {service!r}; yours: "
+                                                    f"{', '.join(sorted(who.services)) or 'none'}")
     if service not in who.services:
         raise HTTPException(status_code=403, detail=f"You may not read DAG {release_dag_id(service)}")
     return [service]
@@ -141,8 +141,7 @@ def get_report(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str,
                as_format: Annotated[str, Query(alias="format", pattern="^(json|md)$")] = "json") -> dict[str, Any] | PlainTextResponse:
     from omnisphere_release.ui import metadata
 
-    service = dag_id.removeprefix("release_")
-    if not dag_id.startswith("release_") or service not in who.services:
+    if dag_id not in {release_dag_id(s) for s in who.services}:
         raise HTTPException(status_code=403, detail=f"You may not read DAG {dag_id}, or it is not a release DAG")
     report = metadata.report_of(session, dag_id, run_id)
     if report is None:
