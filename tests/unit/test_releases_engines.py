@@ -9,7 +9,7 @@ import pytest
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.ui.calendar import WaitingRelease, build_calendar
 from omnisphere_release.ui.history import RunRecord, TaskRecord, release_entry, service_history
-from omnisphere_release.ui.page import render_page
+from omnisphere_release.ui.page import render_page, render_schema_page
 
 # A Thursday: auth-service's next window is Sunday 02:00 Paris (01:00 UTC), billing's Tuesday 03:00 Paris,
 # notification's every day 01:30 UTC; release_all's Sunday 02:00 Paris.
@@ -135,3 +135,31 @@ def test_the_page_escapes_what_people_typed_and_shows_times_for_the_viewers_zone
     assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert f'<time datetime="{SUNDAY}">' in html and "Intl.DateTimeFormat" in html
     assert "FAILED, ROLLBACK INCOMPLETE" in html
+
+
+def test_the_page_puts_what_will_run_and_each_next_window_first_and_folds_the_empty_ones(catalog):
+    later = "2026-12-06T01:00:00+00:00"  # auth-service's second window
+    cal = build_calendar(catalog, now=NOW, weeks=2, services=set(catalog.names), show_release_all=False, queue={},
+                         waiting=[waiting("auth-service", later)])
+    html = render_page(cal, {})
+    shown, folded = html.split("<details>")
+    assert f'<time datetime="{SUNDAY}">' in shown and f'<time datetime="{later}">' in shown
+    assert "manual__auth-service" in shown
+    notification = [w["start"] for w in cal["windows"] if w["scope"] == "notification-service"]
+    assert f'<time datetime="{notification[0]}">' in shown
+    assert all(f'<time datetime="{start}">' in folded for start in notification[1:])
+    billing = [w["start"] for w in cal["windows"] if w["scope"] == "billing-service"]
+    assert len(billing) == 2 and f'<time datetime="{billing[1]}">' in folded
+    assert f"{(len(notification) - 1) + (len(billing) - 1)} more windows with nothing queued yet" in folded
+
+
+def test_the_schema_page_links_a_migration_to_the_run_that_applied_it():
+    entry = {"version": 3, "name": "create_api_tokens", "applied_at": "2026-11-26T10:00:00+00:00",
+             "applied_by": "dag=release_auth-service run=manual__2026-11-26T10:00:00+00:00"}
+    html = render_schema_page({"service": "auth-service", "current_version": "3", "baseline": None,
+                               "applied": [entry], "dirty": [], "drift": [], "pending": [],
+                               "log": [{"at": entry["applied_at"], "version": 3, "name": "create_api_tokens",
+                                        "action": "applied", "by": "cli", "reason": "", "execution_ms": 4}]})
+    assert ('<a href="../dags/release_auth-service/runs/manual__2026-11-26T10%3A00%3A00%2B00%3A00" target="_top">'
+            "dag=release_auth-service run=manual__2026-11-26T10:00:00+00:00</a>") in html
+    assert "<td>cli</td>" in html and "No dirty version, no drift." in html

@@ -7,8 +7,11 @@ user names are text someone typed.
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import Any
+
+from omnisphere_release.ui.history import run_path
 
 OUTCOME_CLASS = {"released": "ok", "rolled_back": "bad", "rollback_incomplete": "worst", "failed": "bad",
                  "refused": "muted", "dry_run": "muted", "in_progress": "muted"}
@@ -67,17 +70,31 @@ def _manifest_line(queued: dict[str, Any]) -> str:
             f"{' (rehearsed in staging)' if queued.get('staging_rehearsed') else ''}</li>")
 
 
+def _window_row(window: dict[str, Any]) -> str:
+    what = [_release_line(r) for r in window["releases"]]
+    if window.get("manifest"):
+        what.append(_manifest_line(window["manifest"]))
+    return (f'<tr class="scope-{_e(window["scope"])}"><td>{_time(window["start"])}</td>'
+            f'<td>{_time(window["end"])}</td><td>{_e(window["scope"])}</td>'
+            f'<td class=muted>{_e(window["summary"])}</td>'
+            f'<td>{"<ul>" + "".join(what) + "</ul>" if what else "<span class=muted>nothing queued</span>"}'
+            f"</td></tr>")
+
+
+CALENDAR_HEAD = ("<table><thead><tr><th>opens</th><th>closes</th><th>for</th><th>window</th><th>will run</th></tr>"
+                 "</thead><tbody>")
+
+
 def _calendar(calendar: dict[str, Any]) -> str:
-    rows = []
+    """The windows where something will run and the next window of each service come first; the others, where
+    nothing is queued yet, are folded away (a daily window would otherwise push everything else off the screen)."""
+    first, shown, folded = set(), [], []
     for window in calendar["windows"]:
-        what = [_release_line(r) for r in window["releases"]]
-        if window.get("manifest"):
-            what.append(_manifest_line(window["manifest"]))
-        rows.append(f'<tr class="scope-{_e(window["scope"])}"><td>{_time(window["start"])}</td>'
-                    f'<td>{_time(window["end"])}</td><td>{_e(window["scope"])}</td>'
-                    f'<td class=muted>{_e(window["summary"])}</td>'
-                    f'<td>{"<ul>" + "".join(what) + "</ul>" if what else "<span class=muted>nothing queued</span>"}'
-                    f"</td></tr>")
+        if window["releases"] or window.get("manifest") or window["scope"] not in first:
+            shown.append(_window_row(window))
+        else:
+            folded.append(_window_row(window))
+        first.add(window["scope"])
     elsewhere = []
     for item in calendar["elsewhere"]:
         if item["kind"] == "release":
@@ -85,8 +102,12 @@ def _calendar(calendar: dict[str, Any]) -> str:
                              f"{_release_line(item).removeprefix('<li>')}")
         else:
             elsewhere.append(f"<li>{_time(item['window_start'])}: {_manifest_line(item).removeprefix('<li>')}")
-    table = ("<table><thead><tr><th>opens</th><th>closes</th><th>for</th><th>window</th><th>will run</th></tr>"
-             "</thead><tbody>" + "".join(rows) + "</tbody></table>") if rows else "<p class=muted>No windows.</p>"
+    if not shown:
+        return "<p class=muted>No windows.</p>"
+    table = CALENDAR_HEAD + "".join(shown) + "</tbody></table>"
+    if folded:
+        table += (f"<details><summary>{len(folded)} more windows with nothing queued yet</summary>{CALENDAR_HEAD}"
+                  + "".join(folded) + "</tbody></table></details>")
     more = ("<h3>Waiting outside these windows</h3><ul>" + "".join(elsewhere) + "</ul>") if elsewhere else ""
     return table + more
 
@@ -128,14 +149,26 @@ def _page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head><body>{body}<script>{SCRIPT}</script></body></html>")
 
 
+# How the release stages sign what they apply: "dag=<dag_id> run=<run_id>" (operators/migrations.py, preflight.py).
+_RUN_SIGNATURE = re.compile(r"^dag=(\S+) run=(\S+)")
+
+
+def _by(signature: str) -> str:
+    """Link a migration's author to its run when it was a DAG run (relative: this page is served at /omnisphere/)."""
+    match = _RUN_SIGNATURE.match(signature or "")
+    if not match:
+        return _e(signature)
+    return _link(f"..{run_path(match.group(1), match.group(2))}", signature)
+
+
 def render_schema_page(schema: dict[str, Any]) -> str:
     problems = [f'<li class=worst>DIRTY {_e(d["version"])}_{_e(d["name"])} ({_e(d["direction"])}): '
                 f'{_e(d["error"] or "interrupted")} — by {_e(d["applied_by"])}</li>' for d in schema["dirty"]]
     problems += [f"<li class=bad>DRIFT {_e(d)}</li>" for d in schema["drift"]]
     applied = "".join(f"<tr><td>{_e(a['version'])}</td><td>{_e(a['name'])}</td><td>{_time(a['applied_at'])}</td>"
-                      f"<td>{_e(a['applied_by'])}</td></tr>" for a in reversed(schema["applied"]))
+                      f"<td>{_by(a['applied_by'])}</td></tr>" for a in reversed(schema["applied"]))
     log = "".join(f"<tr><td>{_time(e['at'])}</td><td>{_e(e['version'])}_{_e(e['name'])}</td>"
-                  f"<td>{_e(e['action'])}</td><td>{_e(e['by'])}</td><td>{_e(e['reason'])}</td>"
+                  f"<td>{_e(e['action'])}</td><td>{_by(e['by'])}</td><td>{_e(e['reason'])}</td>"
                   f"<td>{_e(e['execution_ms'])}</td></tr>" for e in schema["log"])
     return _page(f"Schema of {schema['service']}", (
         f"<h1>Schema of {_e(schema['service'])}</h1><p><a href=releases>← Releases</a></p>"
