@@ -4,13 +4,14 @@ the maintenance-window timetable, and the Releases page (a FastAPI app on the AP
 from airflow.plugins_manager import AirflowPlugin
 
 from omnisphere_release.timetables import MaintenanceWindowTimetable
-from omnisphere_release.ui.app import MOUNT, app
+from omnisphere_release.ui.mount import MOUNT, ReleasesApp
 
 
 class OmniSpherePlugin(AirflowPlugin):
     name = "omnisphere_release"
     timetables = [MaintenanceWindowTimetable]
-    fastapi_apps = [{"app": app, "url_prefix": MOUNT, "name": "OmniSphere releases"}]
+    # Imported on its first request: every process loads this plugin, only the API server serves the page.
+    fastapi_apps = [{"app": ReleasesApp(), "url_prefix": MOUNT, "name": "OmniSphere releases"}]
     # url_route: the UI shows the page in its frame at /plugin/releases, with the navigation around it;
     # nav_top_level: a button of its own in the navigation bar, not an item of the Plugins menu.
     external_views = [{"name": "Releases", "href": f"{MOUNT}/releases", "destination": "nav", "url_route": "releases",

@@ -11,8 +11,8 @@ Every route authenticates as Airflow's own API does (a JWT in the Authorization 
 cookie): no credential is 401, and a user sees only the services whose release DAG the auth manager lets them read
 (release_all's windows and queue need read access to release_all). The app only reads; it changes nothing.
 
-Airflow's API modules and the ORM are imported when a request comes, not when the plugin is loaded: every Airflow
-process loads the plugin (for its timetable), and only the API server serves these routes.
+The plugin hands Airflow :class:`omnisphere_release.ui.mount.ReleasesApp`, which imports this module on the first
+request; Airflow's API modules and the ORM queries are imported later still, by the routes that need them.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from omnisphere_release.catalog import Catalog, CatalogError, load_catalog
 from omnisphere_release.report import render_markdown
 from omnisphere_release.ui.calendar import RELEASE_ALL, build_calendar
 from omnisphere_release.ui.history import service_history
+from omnisphere_release.ui.mount import MOUNT
 from omnisphere_release.ui.page import render_page, render_schema_page
 
-MOUNT = "/omnisphere"
 HISTORY_LIMIT = 10
 _bearer = HTTPBearer(auto_error=False)
 
@@ -56,7 +56,7 @@ async def viewer(request: Request) -> Viewer:
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.core_api.security import get_user
 
-    # get_user's own dependencies, resolved here so that importing this module stays cheap (see the docstring).
+    # get_user's own dependencies (the bearer header), resolved here: its module is imported at the first request.
     user = await get_user(request, None, await _bearer(request))
     catalog = _catalog()
     wanted = {release_dag_id(name) for name in catalog.names} | {RELEASE_ALL}
