@@ -25,8 +25,9 @@ def airflow_env(devstack_env: dict[str, str], home: Path, port: int,
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, **devstack_env}
     env.update({
-        # `airflow standalone` starts its parts by calling `airflow` from PATH: the project's venv must come first.
-        "PATH": f"{venv_bin}:{env.get('PATH', '')}",
+        # `airflow standalone` starts its parts by calling `airflow` from PATH: first the shim that binds their log
+        # servers to 127.0.0.1 (loopback_shim), then the project's venv.
+        "PATH": f"{home / 'bin'}:{venv_bin}:{env.get('PATH', '')}",
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
@@ -60,6 +61,18 @@ def admin_password(home: Path) -> str:
     return password
 
 
+def loopback_shim(home: Path) -> None:
+    """Write ``<home>/bin/airflow``, which runs the airflow CLI with its log server bound to 127.0.0.1.
+
+    The scheduler's executor and the triggerer that standalone starts serve task logs on every interface, with no
+    setting to change it (see devstack.topology.airflow_on_loopback); they are found through PATH.
+    """
+    shim = home / "bin" / "airflow"
+    shim.parent.mkdir(parents=True, exist_ok=True)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m devstack.topology airflow "$@"\n')
+    shim.chmod(0o755)
+
+
 def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: float = 240,
           extra_env: dict[str, str] | None = None) -> dict[str, str]:
     """Start Airflow in the background; return when its API answers. Return url, username and password."""
@@ -71,8 +84,9 @@ def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: f
     subprocess.run([*airflow, "pools", "set", *MIGRATIONS_POOL], env=env, check=True, capture_output=True,
                    timeout=120)
     log = open(home / "standalone.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen([*airflow, "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    loopback_shim(home)
+    process = subprocess.Popen([str(home / "bin" / "airflow"), "standalone"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
     (home / "standalone.pid").write_text(str(process.pid))
     # What `stop` checks is closed: the API, and the log servers of the scheduler and the triggerer.
     (home / "standalone.json").write_text(json.dumps({"ports": {

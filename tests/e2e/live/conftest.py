@@ -46,6 +46,7 @@ def live_airflow(devstack, secret_watch):
         assert time.monotonic() < deadline, "the DAG processor did not parse the DAGs in time"
         time.sleep(2)
     client.info = info  # type: ignore[attr-defined]  # url, username, password for the CLI tests
+    client.home = home  # type: ignore[attr-defined]  # its ports and logs
     try:
         yield client
     finally:
