@@ -135,6 +135,7 @@ def test_the_page_escapes_what_people_typed_and_shows_times_for_the_viewers_zone
     assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert f'<time datetime="{SUNDAY}">' in html and "Intl.DateTimeFormat" in html
     assert "FAILED, ROLLBACK INCOMPLETE" in html
+    assert '<code title="repo/auth:v1">auth:v1</code> →<br><code title="repo/auth:v2">auth:v2</code>' in html
 
 
 def test_the_page_puts_what_will_run_and_each_next_window_first_and_folds_the_empty_ones(catalog):

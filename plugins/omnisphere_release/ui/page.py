@@ -112,6 +112,13 @@ def _calendar(calendar: dict[str, Any]) -> str:
     return table + more
 
 
+def _image(image: str | None) -> str:
+    """Show ``name:tag`` (the registry host and path are the same on every line); the whole reference on hover."""
+    if not image:
+        return "<span class=muted>unknown</span>"
+    return f'<code title="{_e(image)}">{_e(image.rsplit("/", 1)[-1])}</code>'
+
+
 def _duration(seconds: float | None, slowest: dict[str, Any]) -> str:
     text = f"{seconds:.0f} s" if seconds is not None else ""
     if slowest:
@@ -133,7 +140,7 @@ def _history(service: str, releases: list[dict[str, Any]]) -> str:
                                        _link(r["links"]["failed_task_log"], f"log of {r['failed_task']}")) if x)
         rows.append(
             f"<tr><td>{_time(r['started']) or '<span class=muted>not started</span>'}</td>"
-            f"<td><code>{_e(r['before']['image'])}</code> →<br><code>{_e(r['target']['image'])}</code>{digest}</td>"
+            f"<td>{_image(r['before']['image'])} →<br>{_image(r['target']['image'])}{digest}</td>"
             f'<td class="{OUTCOME_CLASS.get(r["outcome"], "")}">{_e(r["outcome_text"])}</td>'
             f"<td>{_duration(r['duration_seconds'], slowest)}</td>"
             f"<td>{_e(r['triggered_by'] or 'unknown')}"
