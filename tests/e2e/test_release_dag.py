@@ -391,10 +391,11 @@ def _drop_connection(conn) -> None:
         assert cur.fetchone()[0]
 
 
-def test_a_database_blip_during_schema_up_and_integrity_check_is_survived(release_env, monkeypatch):
+def test_a_database_blip_during_schema_up_and_integrity_check_is_survived(release_env, monkeypatch, request):
     """The service database drops its connections after schema_up applied one of its two migrations, then again
     during integrity_check: both stages reconnect and go on, and the release succeeds with no rollback."""
     from omnisphere_release.hooks.postgres import ServiceDatabaseHook
+    from omnisphere_release.migrations.__main__ import main as migrate
     from omnisphere_release.migrations.engine import MigrationEngine
 
     m = release_env["migrations"]
@@ -417,6 +418,9 @@ def test_a_database_blip_during_schema_up_and_integrity_check_is_survived(releas
 
     monkeypatch.setattr(MigrationEngine, "_apply", apply_after_a_drop_before_the_second_migration)
     monkeypatch.setattr(ServiceDatabaseHook, "first_rows", check_after_a_drop)
+    # 005 exists only in this test's SQL folder: revert it here, or the next test's reset finds a version it has no
+    # file for (and every later test on this devstack fails in its setup).
+    request.addfinalizer(lambda: migrate(["auth-service", "down", "--to", "3", "--reason", "test cleanup"]))
 
     outcome = release()
 
