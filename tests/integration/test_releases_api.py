@@ -170,7 +170,9 @@ def test_the_history_of_a_service_tells_each_release(api):
     response = get(api, "/omnisphere/api/releases", service="auth-service")
     assert response.status_code == 200, response.text
     lines = {r["run_id"]: r for r in response.json()["releases"]["auth-service"]}
-    assert lines.keys() == {"released_run", "rolled_back_run", "waiting_run"}
+    # Other tests of the session release auth-service too (the metadata database is shared); this module's runs are
+    # the newest, so they are among the last ten shown.
+    assert {"released_run", "rolled_back_run", "waiting_run"} <= lines.keys()
     assert lines["released_run"]["outcome"] == "released"
     assert lines["released_run"]["target"]["image_digest"] == "sha256:feed"
     bad = lines["rolled_back_run"]
