@@ -200,13 +200,18 @@ THROTTLED = RuntimeError("describe deployment: ThrottlingException: Rate exceede
 UNREACHABLE = RuntimeError("describe deployment: Could not connect to the endpoint URL")
 
 
+def _fake_clock_in(module: Any, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """Give a trigger module a clock that moves only when the trigger sleeps."""
+    fake = FakeClock(T0)
+    monkeypatch.setattr(module, "time", _ModuleWith(time, time=fake.time))
+    monkeypatch.setattr(module, "asyncio", _ModuleWith(asyncio, sleep=fake.sleep))
+    return fake
+
+
 @pytest.fixture
 def ecs_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """The ECS trigger's clock: time moves only when it sleeps."""
-    fake = FakeClock(T0)
-    monkeypatch.setattr(ecs_trigger_module, "time", _ModuleWith(time, time=fake.time))
-    monkeypatch.setattr(ecs_trigger_module, "asyncio", _ModuleWith(asyncio, sleep=fake.sleep))
-    return fake
+    return _fake_clock_in(ecs_trigger_module, monkeypatch)
 
 
 def test_ecs_trigger_rides_out_failed_reads_and_follows_the_deployment_to_its_end(ecs_hook, ecs_clock):
@@ -357,10 +362,8 @@ class FakeMetricsHook:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock(T0)
-    monkeypatch.setattr(monitoring_trigger_module, "time", _ModuleWith(time, time=fake.time))
-    monkeypatch.setattr(monitoring_trigger_module, "asyncio", _ModuleWith(asyncio, sleep=fake.sleep))
-    return fake
+    """The monitoring trigger's clock: time moves only when it sleeps."""
+    return _fake_clock_in(monitoring_trigger_module, monkeypatch)
 
 
 @pytest.fixture
