@@ -31,20 +31,22 @@ def retrying_config(connection_config: Config | None = None) -> Config:
     return defaults.merge(connection_config) if connection_config else defaults
 
 
-class RetryingAwsHook(AwsBaseHook):
-    """AwsBaseHook whose clients retry transient errors (see the module's docstring)."""
+class _RetryingConfig:
+    """The botocore config of a hook whose clients retry transient errors (see the module's docstring)."""
+
+    conn_config: Any
 
     @property
     def config(self) -> Config:
         return retrying_config(self.conn_config.botocore_config)
 
 
-class RetryingS3Hook(S3Hook):
-    """S3Hook whose client retries transient errors (see the module's docstring)."""
+class RetryingAwsHook(_RetryingConfig, AwsBaseHook):
+    """AwsBaseHook whose clients retry transient errors."""
 
-    @property
-    def config(self) -> Config:
-        return retrying_config(self.conn_config.botocore_config)
+
+class RetryingS3Hook(_RetryingConfig, S3Hook):
+    """S3Hook whose client retries transient errors."""
 
 
 def aws_client(client_type: str, aws_conn_id: str | None, region_name: str | None = None) -> Any:
