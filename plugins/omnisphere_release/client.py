@@ -9,7 +9,8 @@ The Airflow URL and credentials come from the environment, never the command lin
 ``OMNI_AIRFLOW_PASSWORD``.
 
 Exit codes: 0 released (or the run succeeded), 1 failed or rolled back, 2 bad input or refused (the API's message is
-shown), 3 timeout, 4 Airflow cannot be reached or refuses the credentials.
+shown; a 403 names the permission the user lacks), 3 timeout, 4 Airflow cannot be reached or refuses the credentials
+(a 401: a wrong password, an expired token).
 
 httpx rather than apache-airflow-client: one small, typed dependency that CI images already tend to have, and the
 few endpoints used here are stable parts of API v2; the generated client pins its own urllib3 and pydantic versions.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -67,9 +69,11 @@ class AirflowApi:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
-        if response.status_code in (401, 403):
-            raise ClientError(f"Airflow refused the request {method} {path} (HTTP {response.status_code})",
-                              EXIT_UNREACHABLE)
+        if response.status_code == 401:
+            raise ClientError(f"Airflow refused the credentials for {method} {path} (HTTP 401): the token expired or "
+                              "is wrong; check OMNI_AIRFLOW_TOKEN or OMNI_AIRFLOW_USERNAME/PASSWORD", EXIT_UNREACHABLE)
+        if response.status_code == 403:
+            raise ClientError(forbidden_message(method, path, response), EXIT_BAD_INPUT)
         if response.status_code in (400, 404, 409, 422):
             raise ClientError(f"Airflow refused {method} {path} (HTTP {response.status_code}): "
                               f"{_api_message(response)}", EXIT_BAD_INPUT)
@@ -121,8 +125,10 @@ class AirflowApi:
             response = self.http.get(f"{self.url}/omnisphere/api/calendar", params={"weeks": weeks})
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
-        if response.status_code in (401, 403):
-            raise ClientError(f"Airflow refused the calendar (HTTP {response.status_code})", EXIT_UNREACHABLE)
+        if response.status_code == 401:
+            raise ClientError("Airflow refused the credentials for the calendar (HTTP 401)", EXIT_UNREACHABLE)
+        if response.status_code == 403:
+            raise ClientError(forbidden_message("GET", "/omnisphere/api/calendar", response), EXIT_BAD_INPUT)
         if response.status_code == 404:
             raise ClientError(f"{self.url} has no /omnisphere app: is the omnisphere_release plugin installed in "
                               "its plugins folder?", EXIT_BAD_INPUT)
@@ -143,6 +149,24 @@ def _api_message(response: httpx.Response) -> str:
     if isinstance(detail, list):
         return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
     return str(detail)
+
+
+def forbidden_message(method: str, path: str, response: httpx.Response) -> str:
+    """Say which permission a 403 means: Airflow's own answer is a bare "Forbidden" (a refusal with a reason of its
+    own, such as the force-window guard's, is shown as it is). Permissions as the FAB auth manager names them."""
+    detail = _api_message(response)
+    dag = re.match(r"/dags/([^/]+)(/.*)?$", path)
+    if dag and method == "POST" and (dag.group(2) or "") == "/dagRuns":
+        needed = f"trigger {dag.group(1)}: can_edit on DAG:{dag.group(1)} and can_create on DAG Runs"
+    elif dag and method == "GET":
+        needed = f"read {dag.group(1)}: can_read on DAG:{dag.group(1)} (and on DAG Runs, Task Instances, Task Logs)"
+    elif dag:
+        needed = f"change {dag.group(1)}: can_edit on DAG:{dag.group(1)}"
+    else:
+        needed = "read the DAGs: can_read on DAGs or on a DAG:<dag_id>"
+    reason = "" if detail.strip().lower() in ("", "forbidden") else f" ({detail})"
+    return (f"Airflow refused {method} {path} (HTTP 403){reason}: the user lacks the permission to {needed}; "
+            "ask for the role that holds it (docs/runbook.md, Roles)")
 
 
 def follow(api: AirflowApi, dag_id: str, run_id: str, timeout: float, poll: float, out: Any) -> str:
