@@ -37,7 +37,31 @@ def _report(run_id: str, outcome: str) -> dict:
                           after={"image": "omni/auth:v2" if released else "omni/auth:v1",
                                  "schema_version": 2 if released else 1},
                           stage_order=list(states))
-    return {**report, "stored_at": f"s3://omni-backups/auth-service/{run_id}/release-report.json"}
+    report = {**report, "stored_at": f"s3://omni-backups/auth-service/{run_id}/release-report.json"}
+    if released:  # approved in production before it ran (the approve_release task records who and when)
+        report["approval"] = {"approved_by": "erin", "approved_at": "2026-11-29T01:55:00+00:00"}
+    report["bake"] = bake(failed=not released)
+    return report
+
+
+def bake(failed: bool) -> dict:
+    """A bake as the monitoring gate records it: five minutes, one without data, a 5xx breach in the last one."""
+    t0 = datetime(2026, 11, 29, 2, 0, tzinfo=timezone.utc)
+    readings = [{"minute": (t0 + timedelta(minutes=i)).isoformat(), "error_rate": 0.002, "p99_ms": 180.0 + i,
+                 "requests": 600} for i in range(5)]
+    readings[2] = {**readings[2], "error_rate": None, "p99_ms": None, "requests": None}
+    if failed:
+        readings[4] = {**readings[4], "error_rate": 0.25, "p99_ms": 420.0}
+    return {"started_at": t0.isoformat(), "ended_at": (t0 + timedelta(minutes=4, seconds=40)).isoformat(),
+            "thresholds": {"max_error_rate": 0.01, "max_p99_latency_ms": 800, "missing_data_minutes": 3.0},
+            "readings": readings, "failed_at": (t0 + timedelta(minutes=4, seconds=40)).isoformat() if failed else None,
+            "verdict": "failed" if failed else "passed",
+            "reason": "5xx error rate 25.00% (150 of 600 requests) is above the 1.00% threshold" if failed else None,
+            "steps": [{"percent": 10, "started_at": t0.isoformat(),
+                       "ended_at": (t0 + timedelta(minutes=2)).isoformat(), "verdict": "passed"},
+                      {"percent": 100, "started_at": (t0 + timedelta(minutes=2)).isoformat(),
+                       "ended_at": (t0 + timedelta(minutes=4, seconds=40)).isoformat(),
+                       "verdict": "failed" if failed else "passed"}]}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +153,10 @@ def get(api, path: str, user: str | None = "admin", **params):
 
 @pytest.mark.parametrize("path", ["/omnisphere/api/calendar", "/omnisphere/api/releases", "/omnisphere/releases",
                                   "/omnisphere/api/report?dag_id=release_auth-service&run_id=released_run",
+                                  "/omnisphere/api/bake?dag_id=release_auth-service&run_id=rolled_back_run",
+                                  "/omnisphere/api/bake.svg?dag_id=release_auth-service&run_id=rolled_back_run",
+                                  "/omnisphere/release?dag_id=release_auth-service&run_id=rolled_back_run",
+                                  "/omnisphere/api/overview",
                                   "/omnisphere/api/schema?service=auth-service", "/omnisphere/schema?service=auth-service"])
 def test_an_anonymous_request_gets_401(api, path):
     assert api.get(path).status_code == 401
@@ -242,3 +270,95 @@ def test_omni_release_calendar_prints_the_windows_and_what_waits_in_them(api, me
     assert client.main(["calendar", "--tz", "Mars/Olympus"], out=io.StringIO()) == client.EXIT_BAD_INPUT
     monkeypatch.setenv("OMNI_AIRFLOW_TOKEN", "expired-or-forged")
     assert client.main(["calendar"], out=io.StringIO()) == client.EXIT_UNREACHABLE
+
+
+def test_the_history_says_who_approved_and_how_each_bake_went(api):
+    lines = {r["run_id"]: r for r in get(api, "/omnisphere/api/releases", service="auth-service").json()[
+        "releases"]["auth-service"]}
+    good, bad = lines["released_run"], lines["rolled_back_run"]
+    assert (good["approved_by"], good["approved_at"]) == ("erin", "2026-11-29T01:55:00+00:00")
+    assert bad["approved_by"] is None
+    assert good["bake"]["verdict"] == "passed" and good["bake"]["minutes_without_data"] == 1
+    assert bad["bake"]["verdict"] == "failed" and bad["bake"]["max_error_rate"] == 0.25
+    assert bad["bake"]["failed_at"] == "2026-11-29T02:04:40+00:00" and "25.00%" in bad["bake"]["reason"]
+    assert bad["links"]["bake_chart"] == ("/omnisphere/api/bake.svg?dag_id=release_auth-service&"
+                                          "run_id=rolled_back_run")
+    assert lines["waiting_run"]["bake"] is None and lines["waiting_run"]["links"]["bake_chart"] is None
+
+
+def test_the_bake_is_served_as_json_as_the_gate_recorded_it(api):
+    response = get(api, "/omnisphere/api/bake", dag_id="release_auth-service", run_id="rolled_back_run")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["bake"] == bake(failed=True) and body["note"] is None and body["outcome"] == "rolled_back"
+    # A run whose report has no bake (the gate was not reached) says so, and is no error.
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import update
+
+    with create_session() as session:
+        row = session.scalar(XComModel.get_many(run_id="released_run", dag_ids="release_auth-service",
+                                                task_ids="report", key="return_value"))
+        saved = XComModel.deserialize_value(row)
+        session.execute(update(XComModel).where(XComModel.dag_run_id == row.dag_run_id, XComModel.task_id == "report")
+                        .values(value={k: v for k, v in saved.items() if k != "bake"}))
+    try:
+        none = get(api, "/omnisphere/api/bake", dag_id="release_auth-service", run_id="released_run").json()
+        assert none["bake"] is None and none["note"] == "no bake recorded"
+        chart = get(api, "/omnisphere/api/bake.svg", dag_id="release_auth-service", run_id="released_run")
+        assert chart.status_code == 404 and "no bake recorded" in chart.json()["detail"]
+        page = get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="released_run")
+        assert page.status_code == 200 and "No bake recorded" in page.text
+    finally:
+        with create_session() as session:
+            session.execute(update(XComModel).where(XComModel.dag_run_id == row.dag_run_id,
+                                                    XComModel.task_id == "report").values(value=saved))
+
+
+def test_the_bake_chart_draws_the_thresholds_and_the_failure_in_the_viewers_zone(api):
+    response = get(api, "/omnisphere/api/bake.svg", dag_id="release_auth-service", run_id="rolled_back_run",
+                   tz="Europe/Paris")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/svg+xml"
+    svg = response.text
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "matplotlib" in svg.lower()
+    for expected in ("auth-service rolled_back_run: bake FAILED", "threshold 1.00 %", "threshold 800 ms",
+                     "failed 03:04:40",  # 02:04:40 UTC in Paris
+                     "minute (Europe/Paris)", "no data", "10 %"):
+        assert expected in svg, expected
+    assert get(api, "/omnisphere/api/bake.svg", dag_id="release_auth-service", run_id="rolled_back_run",
+               tz="Mars/Olympus").status_code == 422
+    assert get(api, "/omnisphere/api/bake.svg", user="billing-only", dag_id="release_auth-service",
+               run_id="rolled_back_run").status_code == 403
+    assert get(api, "/omnisphere/api/bake", dag_id="release_auth-service", run_id="no_such_run").status_code == 404
+
+
+def test_the_release_page_shows_the_release_its_chart_and_its_minutes(api):
+    response = get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="rolled_back_run")
+    assert response.status_code == 200, response.text
+    page = response.text
+    for expected in ("FAILED and ROLLED BACK", 'data-chart="/omnisphere/api/bake.svg?dag_id=release_auth-service&amp;'
+                     "run_id=rolled_back_run", "25.00%", "5 readings, one a minute", "no data", "Canary steps",
+                     "log of monitoring_gate"):
+        assert expected in page, expected
+    approved = get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="released_run").text
+    assert "approved by erin" in approved
+    assert get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="nope").status_code == 404
+
+
+def test_the_overview_gives_each_service_its_state_last_releases_and_next_window(api, metadata):
+    response = get(api, "/omnisphere/api/overview", weeks=2)
+    assert response.status_code == 200, response.text
+    overview = response.json()
+    assert [line["service"] for line in overview["services"]] == load_catalog().names
+    auth = next(line for line in overview["services"] if line["service"] == "auth-service")
+    assert auth["running"]["image"] == "omni/auth:v1" and auth["running"]["by_run"] == "rolled_back_run"
+    assert auth["last_release"]["outcome"] == "rolled_back" and auth["recent_outcomes"][-2:] == [
+        "released", "rolled_back"]
+    assert auth["next_window"]["start"] == metadata["auth_window"].start.isoformat()
+    assert [w["run_id"] for w in auth["waiting"]] == ["waiting_run"] and auth["in_progress"] == ["waiting_run"]
+    assert auth["needs_attention"] is False
+    assert overview["release_all"]["next_queued"]["manifest"] == {"auth-service": "v5", "billing-service": "v7"}
+    page = get(api, "/omnisphere/releases").text
+    assert "Services at a glance" in page and "release_all</b> next window" in page
+    assert get(api, "/omnisphere/api/overview", user="billing-only").json()["release_all"] is None

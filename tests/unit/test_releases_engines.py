@@ -9,6 +9,7 @@ import pytest
 from omnisphere_release.catalog import load_catalog
 from omnisphere_release.ui.calendar import WaitingRelease, build_calendar
 from omnisphere_release.ui.history import RunRecord, TaskRecord, release_entry, service_history
+from omnisphere_release.ui.overview import service_overview
 from omnisphere_release.ui.page import render_page, render_schema_page
 
 # A Thursday: auth-service's next window is Sunday 02:00 Paris (01:00 UTC), billing's Tuesday 03:00 Paris,
@@ -107,7 +108,9 @@ def test_a_rolled_back_release_shows_before_target_outcome_slowest_stage_and_lin
     assert entry["triggered_by"] == "alice" and entry["failed_task"] == "monitoring_gate"
     assert entry["links"] == {
         "run": "/base/dags/release_auth-service/runs/manual__1",
+        "detail": "/base/omnisphere/release?dag_id=release_auth-service&run_id=manual__1",
         "report": "/base/omnisphere/api/report?dag_id=release_auth-service&run_id=manual__1",
+        "bake": None, "bake_chart": None,  # this report has no bake
         "report_stored_at": "s3://b/k.json",
         "failed_task_log": "/base/dags/release_auth-service/runs/manual__1/tasks/monitoring_gate?try_number=2"}
 
@@ -131,7 +134,8 @@ def test_the_page_escapes_what_people_typed_and_shows_times_for_the_viewers_zone
                                                  "window", "v2", "alice", evil)])
     rep = report("rollback_incomplete", [("backup", 1.0)])
     rep["reason"] = evil
-    html = render_page(cal, {"auth-service": service_history([record("failed", rep)], "", "/omnisphere")})
+    history = {"auth-service": service_history([record("failed", rep)], "", "/omnisphere")}
+    html = render_page(cal, history, service_overview(cal, history))
     assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert f'<time datetime="{SUNDAY}">' in html and "Intl.DateTimeFormat" in html
     assert "FAILED, ROLLBACK INCOMPLETE" in html
@@ -142,7 +146,7 @@ def test_the_page_puts_what_will_run_and_each_next_window_first_and_folds_the_em
     later = "2026-12-06T01:00:00+00:00"  # auth-service's second window
     cal = build_calendar(catalog, now=NOW, weeks=2, services=set(catalog.names), show_release_all=False, queue={},
                          waiting=[waiting("auth-service", later)])
-    html = render_page(cal, {})
+    html = render_page(cal, {}, service_overview(cal, {}))
     shown, folded = html.split("<details>")
     assert f'<time datetime="{SUNDAY}">' in shown and f'<time datetime="{later}">' in shown
     assert "manual__auth-service" in shown

@@ -4,6 +4,10 @@
     GET /omnisphere/api/calendar?weeks=4          the next windows of each service and of release_all, and what runs
     GET /omnisphere/api/releases?service=S&limit=N  the release history of one service (or of every service)
     GET /omnisphere/api/report?dag_id=D&run_id=R  a release's report, as its report task returned it
+    GET /omnisphere/api/bake?dag_id=D&run_id=R    the bake the monitoring gate recorded in that report (or none)
+    GET /omnisphere/api/bake.svg?dag_id=D&run_id=R&tz=Z  its chart: 5xx rate and p99 per minute against the thresholds
+    GET /omnisphere/release?dag_id=D&run_id=R     one release: its history line, approval, bake chart and readings
+    GET /omnisphere/api/overview                  one line per service: running now, last releases, next window
     GET /omnisphere/api/schema?service=S          a service's schema versions and migration audit log (its database)
     GET /omnisphere/schema?service=S              the same, as a page
 
@@ -21,18 +25,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
 from omnisphere_release.catalog import Catalog, CatalogError, load_catalog
 from omnisphere_release.report import render_markdown
+from omnisphere_release.ui.bake import NO_BAKE, BakeError, bake_of, bake_summary, check_bake, render_chart
 from omnisphere_release.ui.calendar import RELEASE_ALL, build_calendar
-from omnisphere_release.ui.history import service_history
+from omnisphere_release.ui.history import release_entry, service_history
 from omnisphere_release.ui.mount import MOUNT
-from omnisphere_release.ui.page import render_page, render_schema_page
+from omnisphere_release.ui.overview import service_overview
+from omnisphere_release.ui.page import render_page, render_release_page, render_schema_page
 
 HISTORY_LIMIT = 10
 _bearer = HTTPBearer(auto_error=False)
@@ -136,26 +143,102 @@ def get_releases(who: ViewerDep, session: SessionDep, request: Request, service:
     return {"releases": history_data(session, who, _services_asked(who, service), limit, request)}
 
 
-@app.get("/api/report", response_model=None)
-def get_report(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str,
-               as_format: Annotated[str, Query(alias="format", pattern="^(json|md)$")] = "json") -> dict[str, Any] | PlainTextResponse:
+def _readable_release(who: Viewer, dag_id: str) -> str:
+    """Return the service of a release DAG the viewer may read; 403 otherwise (the one rule for a single run)."""
+    services = {release_dag_id(s): s for s in who.services}
+    if dag_id not in services:
+        raise HTTPException(status_code=403, detail=f"You may not read DAG {dag_id}, or it is not a release DAG")
+    return services[dag_id]
+
+
+def _report(session: Session, who: Viewer, dag_id: str, run_id: str) -> dict[str, Any]:
     from omnisphere_release.ui import metadata
 
-    if dag_id not in {release_dag_id(s) for s in who.services}:
-        raise HTTPException(status_code=403, detail=f"You may not read DAG {dag_id}, or it is not a release DAG")
+    _readable_release(who, dag_id)
     report = metadata.report_of(session, dag_id, run_id)
     if report is None:
         raise HTTPException(status_code=404, detail=f"{dag_id} run {run_id} has no release report (its report task "
                                                     "has not run)")
+    return report
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise HTTPException(status_code=422, detail=f"query param tz: unknown time zone {tz!r}; give an IANA name "
+                                                    "such as UTC or Europe/Paris") from None
+
+
+@app.get("/api/report", response_model=None)
+def get_report(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str,
+               as_format: Annotated[str, Query(alias="format", pattern="^(json|md)$")] = "json") -> dict[str, Any] | PlainTextResponse:
+    report = _report(session, who, dag_id, run_id)
     return PlainTextResponse(render_markdown(report)) if as_format == "md" else report
+
+
+@app.get("/api/bake")
+def get_bake(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str) -> dict[str, Any]:
+    """The bake as the monitoring gate recorded it (``bake`` is null, with a note, when the run recorded none)."""
+    report = _report(session, who, dag_id, run_id)
+    bake = bake_of(report)
+    return {"dag_id": dag_id, "run_id": run_id, "service": report.get("service"), "outcome": report.get("outcome"),
+            "bake": bake, "summary": bake_summary(bake), "note": None if bake else NO_BAKE}
+
+
+@app.get("/api/bake.svg", response_class=Response)
+def get_bake_chart(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str, tz: str = "UTC") -> Response:
+    zone = _zone(tz)
+    service = _readable_release(who, dag_id)
+    bake = bake_of(_report(session, who, dag_id, run_id))
+    if bake is None:
+        raise HTTPException(status_code=404, detail=f"{dag_id} run {run_id}: {NO_BAKE} (the run did not reach the "
+                                                    "monitoring gate, or its report predates bake recording)")
+    try:
+        svg = render_chart(bake, title=f"{service} {run_id}", tz=zone)
+    except BakeError as exc:
+        raise HTTPException(status_code=500, detail=f"{dag_id} run {run_id}: {exc}") from None
+    # A report is written once: the browser may keep the chart (private: it is one user's view).
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "private, max-age=300"})
+
+
+@app.get("/release", response_class=HTMLResponse)
+def get_release_page(who: ViewerDep, session: SessionDep, request: Request, dag_id: str, run_id: str
+                     ) -> HTMLResponse:
+    from omnisphere_release.ui import metadata
+
+    service = _readable_release(who, dag_id)
+    record = metadata.release_run(session, dag_id, run_id)
+    if record is None:
+        raise HTTPException(status_code=404, detail=f"{dag_id} has no run {run_id}")
+    ui_base, api_base = _bases(request)
+    bake = bake_of(record.report)
+    problem = None
+    try:
+        if bake is not None:
+            check_bake(bake)
+    except BakeError as exc:
+        problem = str(exc)
+    return HTMLResponse(render_release_page(service, release_entry(record, ui_base, api_base), bake, problem))
+
+
+def overview_data(session: Session, who: Viewer, request: Request, weeks: float
+                  ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    calendar = calendar_data(session, who, weeks)
+    history = history_data(session, who, _services_asked(who, None), HISTORY_LIMIT, request)
+    return calendar, history, service_overview(calendar, history)
+
+
+@app.get("/api/overview")
+def get_overview(who: ViewerDep, session: SessionDep, request: Request,
+                 weeks: Annotated[float, Query(gt=0, le=26)] = 4) -> dict[str, Any]:
+    return overview_data(session, who, request, weeks)[2]
 
 
 @app.get("/releases", response_class=HTMLResponse)
 def get_page(who: ViewerDep, session: SessionDep, request: Request,
              weeks: Annotated[float, Query(gt=0, le=26)] = 4) -> HTMLResponse:
-    services = _services_asked(who, None)
-    return HTMLResponse(render_page(calendar_data(session, who, weeks),
-                                    history_data(session, who, services, HISTORY_LIMIT, request)))
+    return HTMLResponse(render_page(*overview_data(session, who, request, weeks)))
 
 
 def schema_data(service: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from omnisphere_release.contracts import MAIN_STAGES, RELEASE_FAILED, REPORT, ROLLBACK_STAGES, WAIT_FOR_WINDOW
 from omnisphere_release.report import OUTCOME_TEXT
+from omnisphere_release.ui.bake import bake_of, bake_summary
 
 # Stages whose time is not the release's work: waiting for the window, and the bookkeeping at the end.
 NOT_WORK = {WAIT_FOR_WINDOW, REPORT, RELEASE_FAILED}
@@ -84,6 +85,10 @@ def release_entry(record: RunRecord, ui_base: str, api_base: str) -> dict[str, A
     duration = (record.end - record.start).total_seconds() if record.start and record.end else None
     failed = _failed_task(record)
     path = run_path(record.dag_id, record.run_id)
+    approval = report.get("approval")
+    approval = approval if isinstance(approval, dict) else {}
+    bake = bake_summary(bake_of(report))
+    query = f"dag_id={quote(record.dag_id)}&run_id={quote(record.run_id, safe='')}"
     return {
         "dag_id": record.dag_id,
         "run_id": record.run_id,
@@ -100,13 +105,17 @@ def release_entry(record: RunRecord, ui_base: str, api_base: str) -> dict[str, A
         "after": {"image": after.get("image"), "schema_version": after.get("schema_version")},
         "image_tag": record.conf.get("image_tag"),
         "triggered_by": report.get("triggered_by") or record.triggered_by,
-        "approved_by": (report.get("approval") or {}).get("approved_by"),
+        "approved_by": approval.get("approved_by"),
+        "approved_at": approval.get("approved_at"),
         "reason": report.get("reason") or record.conf.get("reason") or "",
         "failed_task": failed.task_id if failed else None,
+        "bake": bake,
         "links": {
             "run": f"{ui_base}{path}",
-            "report": f"{api_base}/api/report?dag_id={quote(record.dag_id)}&run_id={quote(record.run_id, safe='')}"
-            if record.report else None,
+            "detail": f"{api_base}/release?{query}",
+            "report": f"{api_base}/api/report?{query}" if record.report else None,
+            "bake": f"{api_base}/api/bake?{query}" if bake else None,
+            "bake_chart": f"{api_base}/api/bake.svg?{query}" if bake else None,
             "report_stored_at": report.get("stored_at"),
             "failed_task_log": f"{ui_base}{path}/tasks/{quote(failed.task_id)}?try_number={max(1, failed.try_number)}"
             if failed else None,

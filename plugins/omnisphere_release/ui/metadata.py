@@ -86,8 +86,22 @@ def release_runs(session: Session, dag_ids: list[str], limit: int) -> dict[str, 
     rank = func.row_number().over(partition_by=DagRun.dag_id, order_by=DagRun.run_after.desc()).label("rank")
     newest = select(DagRun.id, rank).where(DagRun.dag_id.in_(dag_ids)).subquery()
     runs = session.scalars(select(DagRun).join(newest, newest.c.id == DagRun.id).where(newest.c.rank <= limit)).all()
+    found: dict[str, list[RunRecord]] = defaultdict(list)
+    for record in _records(session, list(runs)):
+        found[record.dag_id].append(record)
+    return found
+
+
+def release_run(session: Session, dag_id: str, run_id: str) -> RunRecord | None:
+    """Return one run with its task instances and release report, or None."""
+    run = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+    return _records(session, [run])[0] if run is not None else None
+
+
+def _records(session: Session, runs: list[DagRun]) -> list[RunRecord]:
+    """Return the runs as RunRecords: two more queries, for all their task instances and all their reports."""
     if not runs:
-        return {}
+        return []
     run_ids = [r.id for r in runs]
     keys = [(r.dag_id, r.run_id) for r in runs]
     tasks: dict[tuple[str, str], list[TaskRecord]] = defaultdict(list)
@@ -98,14 +112,11 @@ def release_runs(session: Session, dag_ids: list[str], limit: int) -> dict[str, 
     reports = {x.dag_run_id: _xcom_value(x) for x in session.scalars(
         select(XComModel).where(XComModel.dag_run_id.in_(run_ids), XComModel.task_id == REPORT,
                                 XComModel.key == "return_value", XComModel.map_index == -1))}
-    found: dict[str, list[RunRecord]] = defaultdict(list)
-    for run in runs:
-        report = reports.get(run.id)
-        found[run.dag_id].append(RunRecord(
-            dag_id=run.dag_id, run_id=run.run_id, state=str(run.state) if run.state else None,
-            start=run.start_date, end=run.end_date, triggered_by=run.triggering_user_name, conf=run.conf or {},
-            tasks=tasks[(run.dag_id, run.run_id)], report=report if isinstance(report, dict) else None))
-    return found
+    return [RunRecord(dag_id=run.dag_id, run_id=run.run_id, state=str(run.state) if run.state else None,
+                      start=run.start_date, end=run.end_date, triggered_by=run.triggering_user_name,
+                      conf=run.conf or {}, tasks=tasks[(run.dag_id, run.run_id)],
+                      report=report if isinstance(report := reports.get(run.id), dict) else None)
+            for run in runs]
 
 
 def report_of(session: Session, dag_id: str, run_id: str) -> dict[str, Any] | None:

@@ -26,6 +26,10 @@ th { background: #f3f4f6; }
 .worst { color: #fff; background: #b91c1c; font-weight: 700; padding: 0 0.3rem; } .muted { color: #6b7280; }
 .scope-release_all { background: #eef2ff; } .tz { color: #6b7280; font-size: 0.85rem; }
 code { font-size: 0.85rem; }
+.chart { max-width: 100%; height: auto; border: 1px solid #e5e7eb; margin-top: 0.4rem; }
+.strip span { display: inline-block; width: 0.8rem; text-align: center; }
+.attention { background: #fef2f2; }
+details > summary { cursor: pointer; }
 """
 
 # Rewrites every <time> in the viewer's zone; the zone's name is shown once at the top.
@@ -37,8 +41,12 @@ SCRIPT = """
     var when = new Date(el.getAttribute("datetime"));
     if (!isNaN(when)) { el.textContent = fmt.format(when); }
   });
-  var zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  var zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
   document.querySelectorAll(".viewer-tz").forEach(function (el) { el.textContent = zone; });
+  // Charts are drawn on the server: ask for them in the viewer's zone (a folded chart loads when it is opened).
+  document.querySelectorAll("img[data-chart]").forEach(function (el) {
+    el.src = el.getAttribute("data-chart") + "&tz=" + encodeURIComponent(zone);
+  });
 })();
 """
 
@@ -51,8 +59,54 @@ def _time(iso: str | None) -> str:
     return f'<time datetime="{_e(iso)}">{_e(iso)}</time>' if iso else ""
 
 
-def _link(href: str | None, text: str) -> str:
-    return f'<a href="{_e(href)}" target="_top">{_e(text)}</a>' if href else ""
+def _link(href: str | None, text: str, top: bool = True) -> str:
+    """Links into Airflow's own pages leave the plugin's frame (``top``); links to this app's pages stay in it."""
+    target = ' target="_top"' if top else ""
+    return f'<a href="{_e(href)}"{target}>{_e(text)}</a>' if href else ""
+
+
+def _who(r: dict[str, Any]) -> str:
+    approved = ""
+    if r.get("approved_by"):
+        approved = f"<br>approved by {_e(r['approved_by'])}"
+        if r.get("approved_at"):
+            approved += f" <span class=muted>{_time(r['approved_at'])}</span>"
+    reason = f"<br><span class=muted>{_e(r['reason'])}</span>" if r.get("reason") else ""
+    return f"{_e(r['triggered_by'] or 'unknown')}{approved}{reason}"
+
+
+def _pct(rate: Any) -> str:
+    return f"{rate * 100:.2f} %" if isinstance(rate, (int, float)) else "n/a"
+
+
+def _bake_text(bake: dict[str, Any]) -> str:
+    """One line: the verdict, and for a failure when and why; else the worst minute against the thresholds."""
+    thresholds = bake.get("thresholds") or {}
+    if bake.get("verdict") == "failed":
+        when = f" at {_time(bake['failed_at'])}" if bake.get("failed_at") else ""
+        return f'<span class=bad>failed{when}</span>: {_e(bake.get("reason") or "no reason recorded")}'
+    return (f"<span class=ok>{_e(bake.get('verdict') or 'unknown')}</span> · {bake['minutes']} min · worst 5xx "
+            f"{_pct(bake.get('max_error_rate'))} (max {_pct(thresholds.get('max_error_rate'))}), worst p99 "
+            f"{_e(_num(bake.get('max_p99_ms')))} ms (max {_e(thresholds.get('max_p99_latency_ms'))} ms)")
+
+
+def _num(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _chart(src: str, alt: str, lazy: bool) -> str:
+    """The server-drawn chart; the page's script adds the viewer's time zone to its address (UTC without script)."""
+    loading = ' loading="lazy"' if lazy else ""
+    return (f'<img class=chart data-chart="{_e(src)}" alt="{_e(alt)}"{loading}>'
+            f'<noscript><img class=chart src="{_e(src)}" alt="{_e(alt)}"></noscript>')
+
+
+def _bake_cell(r: dict[str, Any]) -> str:
+    bake = r.get("bake")
+    if not bake:
+        return "<span class=muted>no bake recorded</span>"
+    return (f"{_bake_text(bake)}<details class=bake><summary>chart</summary>"
+            f"{_chart(r['links']['bake_chart'], 'bake of ' + r['run_id'], lazy=True)}</details>")
 
 
 def _release_line(release: dict[str, Any]) -> str:
@@ -136,19 +190,20 @@ def _history(service: str, releases: list[dict[str, Any]]) -> str:
         digest = f"<br><code class=muted>{_e(r['target']['image_digest'])}</code>" if r["target"].get(
             "image_digest") else ""
         slowest = r.get("slowest_stage") or {}
-        links = " · ".join(x for x in (_link(r["links"]["run"], "run"), _link(r["links"]["report"], "report"),
+        links = " · ".join(x for x in (_link(r["links"]["detail"], "details", top=False),
+                                       _link(r["links"]["run"], "run"), _link(r["links"]["report"], "report"),
                                        _link(r["links"]["failed_task_log"], f"log of {r['failed_task']}")) if x)
         rows.append(
             f"<tr><td>{_time(r['started']) or '<span class=muted>not started</span>'}</td>"
             f"<td>{_image(r['before']['image'])} →<br>{_image(r['target']['image'])}{digest}</td>"
             f'<td class="{OUTCOME_CLASS.get(r["outcome"], "")}">{_e(r["outcome_text"])}</td>'
             f"<td>{_duration(r['duration_seconds'], slowest)}</td>"
-            f"<td>{_e(r['triggered_by'] or 'unknown')}"
-            f"{'<br>approved by ' + _e(r['approved_by']) if r.get('approved_by') else ''}"
-            f"{'<br><span class=muted>' + _e(r['reason']) + '</span>' if r.get('reason') else ''}</td>"
+            f"<td>{_who(r)}</td>"
+            f"<td>{_bake_cell(r)}</td>"
             f"<td>{links}</td></tr>")
     return (f"{title}<table><thead><tr><th>started</th><th>before → target</th><th>outcome</th>"
-            "<th>duration</th><th>who</th><th>links</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            "<th>duration</th><th>who</th><th>bake</th><th>links</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table>")
 
 
 def _page(title: str, body: str) -> str:
@@ -190,11 +245,102 @@ def render_schema_page(schema: dict[str, Any]) -> str:
         f"<th>reason</th><th>ms</th></tr></thead><tbody>{log}</tbody></table>"))
 
 
-def render_page(calendar: dict[str, Any], history: dict[str, list[dict[str, Any]]]) -> str:
+OUTCOME_MARK = {"released": "✓", "rolled_back": "✗", "failed": "✗", "rollback_incomplete": "‼"}
+
+
+def _overview(overview: dict[str, Any]) -> str:
+    """Services at a glance: what runs, how the last releases went, the next window and what waits for it."""
+    rows = []
+    for line in overview["services"]:
+        running = line["running"] or {}
+        last = line["last_release"]
+        strip = "".join(f'<span class="{OUTCOME_CLASS.get(o, "")}" title="{_e(o)}">{OUTCOME_MARK.get(o, "?")}</span>'
+                        for o in line["recent_outcomes"])
+        last_text = (f'<a href="{_e(last["detail"])}" class="{OUTCOME_CLASS.get(last["outcome"], "")}">'
+                     f'{_e(last["outcome"].replace("_", " "))}</a> {_time(last["started"])}' if last
+                     else "<span class=muted>none yet</span>")
+        window = line["next_window"]
+        waiting = "".join(f"<li><code>{_e(w.get('image_tag'))}</code> by {_e(w.get('triggered_by') or 'unknown')}"
+                          f"{' (forced)' if w.get('mode') == 'forced' else ''}</li>" for w in line["waiting"])
+        busy = f"<br><span class=muted>in progress: {_e(', '.join(line['in_progress']))}</span>" if line[
+            "in_progress"] else ""
+        attention = " class=attention" if line["needs_attention"] else ""
+        rows.append(
+            f"<tr{attention}><td><b>{_e(line['service'])}</b>"
+            f"{'<br><span class=worst>rollback incomplete: act first</span>' if line['needs_attention'] else ''}</td>"
+            f"<td>{_image(running.get('image'))}<br><span class=muted>schema "
+            f"{_e(running.get('schema_version') if running else 'unknown')}</span></td>"
+            f"<td>{last_text}{busy}</td><td class=strip>{strip or '<span class=muted>—</span>'}</td>"
+            f"<td>{_time(window['start']) if window else '<span class=muted>none in range</span>'}"
+            f"{'<br><span class=muted>' + _e(window['summary']) + '</span>' if window else ''}</td>"
+            f"<td>{'<ul>' + waiting + '</ul>' if waiting else '<span class=muted>nothing waiting</span>'}</td></tr>")
+    train = overview.get("release_all")
+    train_text = ""
+    if train and train["next_window"]:
+        queued = train["next_queued"]
+        what = (", ".join(f"{_e(s)} <code>{_e(t)}</code>" for s, t in sorted(queued["manifest"].items()))
+                + f" by {_e(queued.get('queued_by') or 'unknown')}" if queued else "nothing queued yet")
+        train_text = (f"<p><b>release_all</b> next window {_time(train['next_window']['start'])} "
+                      f"<span class=muted>({_e(train['next_window']['summary'])})</span>: {what}</p>")
+    if not rows:
+        return train_text
+    return (train_text + "<table><thead><tr><th>service</th><th>running now</th><th>last release</th>"
+            "<th>last releases (oldest → newest)</th><th>next window</th><th>waiting for it</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
+
+
+def render_page(calendar: dict[str, Any], history: dict[str, list[dict[str, Any]]],
+                overview: dict[str, Any]) -> str:
     services = "".join(_history(s, releases) for s, releases in history.items()) or (
         "<p class=muted>You may read no release DAG.</p>")
     return _page("Releases", (
         "<h1>Releases</h1>"
-        f"<p class=tz>Times in <span class=viewer-tz>UTC</span>; generated {_time(calendar['generated_at'])}.</p>"
+        f"<p class=tz>Times in <span class=viewer-tz>UTC</span>; generated {_time(calendar['generated_at'])}. "
+        "The same data as JSON: <a href=api/overview>overview</a> · <a href=api/calendar>calendar</a> · "
+        "<a href=api/releases>releases</a>.</p>"
+        f"<h2>Services at a glance</h2>{_overview(overview)}"
         f"<h2>Calendar: windows until {_time(calendar['until'])}</h2>{_calendar(calendar)}"
         f"<h2>History</h2>{services}"))
+
+
+def render_release_page(service: str, release: dict[str, Any], bake: dict[str, Any] | None,
+                        problem: str | None) -> str:
+    """One release: its history line, who approved, its bake chart and the minutes behind it, its canary steps."""
+    r = release
+    links = " · ".join(x for x in (_link(r["links"]["run"], "run in Airflow"), _link(r["links"]["report"], "report"),
+                                   _link(r["links"]["bake"], "bake as JSON", top=False),
+                                   _link(r["links"]["failed_task_log"], f"log of {r['failed_task']}")) if x)
+    head = (f"<h1>{_e(service)}: {_e(r['run_id'])}</h1><p><a href=releases>← Releases</a> · {links}</p>"
+            f'<p class="{OUTCOME_CLASS.get(r["outcome"], "")}">{_e(r["outcome_text"])}</p>'
+            f"<table><tbody><tr><th>before → target</th><td>{_image(r['before']['image'])} → "
+            f"{_image(r['target']['image'])} <code class=muted>{_e(r['target'].get('image_digest'))}</code></td></tr>"
+            f"<tr><th>started</th><td>{_time(r['started'])}</td></tr>"
+            f"<tr><th>duration</th><td>{_duration(r['duration_seconds'], r.get('slowest_stage') or {})}</td></tr>"
+            f"<tr><th>who</th><td>{_who(r)}</td></tr></tbody></table>")
+    if bake is None:
+        return _page(f"{service} {r['run_id']}", head + "<h2>Bake</h2><p class=muted>No bake recorded: the run did "
+                     "not reach the monitoring gate, or its report predates bake recording.</p>")
+    if problem:
+        return _page(f"{service} {r['run_id']}", head + f"<h2>Bake</h2><p class=bad>The bake cannot be drawn: "
+                     f"{_e(problem)}</p>")
+    thresholds = bake.get("thresholds") or {}
+    steps = "".join(f"<tr><td>{_e(s.get('percent'))} %</td><td>{_time(s.get('started_at'))}</td>"
+                    f"<td>{_time(s.get('ended_at'))}</td><td>{_e(s.get('verdict'))}</td></tr>"
+                    for s in bake.get("steps") or [])
+    readings = "".join(
+        f"<tr><td>{_time(x.get('minute'))}</td><td>{_pct(x.get('error_rate'))}</td><td>{_num(x.get('p99_ms'))}</td>"
+        f"<td>{_e(x.get('requests') if x.get('requests') is not None else 'no data')}</td></tr>"
+        for x in bake.get("readings") or [])
+    summary = r.get("bake") or {}
+    body = (head + f"<h2>Bake</h2><p>{_bake_text(summary)}</p>"
+            f"<p class=muted>Thresholds: 5xx rate {_pct(thresholds.get('max_error_rate'))}, p99 "
+            f"{_e(thresholds.get('max_p99_latency_ms'))} ms, no data for at most "
+            f"{_e(thresholds.get('missing_data_minutes'))} min. From {_time(bake.get('started_at'))} to "
+            f"{_time(bake.get('ended_at')) or 'not ended'}.</p>"
+            + _chart(r["links"]["bake_chart"], f"bake of {r['run_id']}", lazy=False)
+            + ("<h3>Canary steps</h3><table><thead><tr><th>traffic</th><th>from</th><th>to</th><th>verdict</th></tr>"
+               f"</thead><tbody>{steps}</tbody></table>" if steps else "")
+            + f"<details><summary>{len(bake.get('readings') or [])} readings, one a minute</summary><table><thead>"
+            f"<tr><th>minute</th><th>5xx rate</th><th>p99 ms</th><th>requests</th></tr></thead><tbody>{readings}"
+            "</tbody></table></details>")
+    return _page(f"{service} {r['run_id']}", body)
