@@ -22,6 +22,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CATALOG = PROJECT_ROOT / "include" / "services.yaml"
 DEFAULT_SQL_DIR = PROJECT_ROOT / "include" / "sql"
 
+TOP_LEVEL_KEYS = {"services", "release_all_window", "release_train", "environments", "default_environment", "teams",
+                  "evidence_bucket_variable"}
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}[a-z0-9]$")
 DeployStrategy = Literal["rolling", "blue_green", "canary", "linear"]
 
@@ -41,12 +43,28 @@ class EcsTarget(_Record):
     desired_count: int = Field(default=2, ge=1, le=100)
 
 
+class DeployStep(_Record):
+    # One step of a canary or linear deployment: this share of the traffic on the new version, watched this long.
+    percent: int = Field(ge=1, le=100)
+    bake_minutes: float = Field(default=2, ge=0, le=24 * 60)
+
+
 class DeployPolicy(_Record):
     strategy: DeployStrategy = "rolling"
     timeout_minutes: int = Field(default=20, ge=1, le=24 * 60)
     bake_minutes: float = Field(default=5, ge=0, le=24 * 60)
     # How long a release takes, until earlier releases' reports tell better; a window with less room left is refused.
     estimated_minutes: float = Field(default=20, gt=0, le=24 * 60)
+    # Canary and linear: the traffic steps, each baked and analysed before the next (the last must be 100).
+    steps: tuple[DeployStep, ...] = ()
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_rise_to_100(cls, value: tuple[DeployStep, ...]) -> tuple[DeployStep, ...]:
+        percents = [step.percent for step in value]
+        if value and (percents != sorted(set(percents)) or percents[-1] != 100):
+            raise ValueError(f"steps {percents} must rise strictly and end at 100, e.g. 10, 50, 100")
+        return value
 
 
 class SmokeTest(_Record):
@@ -57,6 +75,22 @@ class SmokeTest(_Record):
     latency_budget_ms: int = Field(default=1000, ge=1)
 
 
+class LogCheck(_Record):
+    # The CloudWatch Logs group the service's tasks write to; the bake reads the new task set's streams in it.
+    log_group: str = Field(min_length=1)
+    # CloudWatch Logs filter patterns that mark an error line (e.g. '"ERROR"', '?Traceback ?FATAL').
+    error_patterns: tuple[str, ...] = Field(min_length=1)
+    # More matching lines than this during the bake fails the release.
+    max_error_lines: int = Field(default=0, ge=0)
+
+
+class RegressionSuite(_Record):
+    # The ECS task definition (family or family:revision) of the service's regression suite, run as a one-off task.
+    task_definition: str = Field(min_length=1)
+    container: str = Field(min_length=1)
+    timeout_minutes: int = Field(default=15, ge=1, le=24 * 60)
+
+
 class MonitoringThresholds(_Record):
     # The service's ALB target group, as the CloudWatch dimension value ``targetgroup/<name>/<id>``.
     target_group: str = Field(pattern=r"^targetgroup/[A-Za-z0-9-]+/[0-9a-f]+$")
@@ -64,6 +98,7 @@ class MonitoringThresholds(_Record):
     max_p99_latency_ms: int = Field(ge=1)
     missing_data_minutes: float = Field(default=3, gt=0)
     alarms: tuple[str, ...] = ()
+    logs: LogCheck | None = None
 
 
 class MaintenanceWindow(_Record):
@@ -106,6 +141,36 @@ class IntegrityPolicy(_Record):
     max_row_loss: float = Field(default=0.01, ge=0, le=1)
 
 
+class Environment(_Record):
+    """Where a service runs: each environment has its own databases, ECS cluster and backup bucket."""
+
+    name: str
+    # Appended to every service's postgres_conn_id and http_conn_id (``omni_pg_auth_service`` + ``_production``).
+    connection_suffix: str = Field(default="", pattern=r"^[a-z0-9_]*$")
+    ecs_cluster: str | None = None  # None: each service's ecs.cluster
+    aws_conn_id: str | None = None  # None: each service's aws_conn_id
+    # The Airflow Variable naming the S3 bucket of this environment's pre-release backups.
+    backup_bucket_variable: str = "omni_backup_bucket"
+    # Production rules: a reason, the maintenance window and a backup for every standalone change.
+    production: bool = False
+    # A release here needs evidence: a successful release of the same image digest, with the same migration and
+    # data-migration checksums, in this environment, no older than evidence_max_age_hours.
+    promote_from: str | None = None
+    evidence_max_age_hours: float = Field(default=168, gt=0, le=24 * 366)
+    # Four eyes: a release here waits at approve_release for one of the service's approvers.
+    approval: bool = False
+    approval_timeout_hours: float = Field(default=24, gt=0, le=24 * 14)
+
+
+class Team(_Record):
+    """Who a service belongs to: where its release news goes."""
+
+    # SNS topic ARNs that get every release outcome of the team's services.
+    sns_topics: tuple[str, ...] = ()
+    # E-mail addresses (through the smtp_default connection), if any.
+    emails: tuple[str, ...] = ()
+
+
 class ReleaseTrain(_Record):
     # How many services release_all releases at once (a run may lower or raise it with its max_parallel param).
     max_parallel: int = Field(default=4, ge=1, le=50)
@@ -126,6 +191,9 @@ class Service(_Record):
     migrations: MigrationSettings = MigrationSettings()
     integrity: IntegrityPolicy = IntegrityPolicy()
     smoke_deadline_seconds: float = Field(default=30, gt=0, le=3600)
+    regression: RegressionSuite | None = None
+    # Who may approve a release of this service where its environment requires approval (never the triggering user).
+    approvers: tuple[str, ...] = ()
     depends_on: tuple[str, ...] = ()
 
     @field_validator("name")
@@ -134,6 +202,16 @@ class Service(_Record):
         if not SERVICE_NAME.match(value):
             raise ValueError(f"{value!r} must be lower-case letters, digits and '-' (it becomes a DAG id)")
         return value
+
+    def in_environment(self, environment: Environment) -> Service:
+        """Return this service as it runs in ``environment``: its connections, cluster and AWS connection there."""
+        update: dict[str, object] = {"postgres_conn_id": self.postgres_conn_id + environment.connection_suffix,
+                                     "http_conn_id": self.http_conn_id + environment.connection_suffix}
+        if environment.aws_conn_id:
+            update["aws_conn_id"] = environment.aws_conn_id
+        if environment.ecs_cluster:
+            update["ecs"] = self.ecs.model_copy(update={"cluster": environment.ecs_cluster})
+        return self.model_copy(update=update)
 
     @property
     def env_suffix(self) -> str:
@@ -148,16 +226,38 @@ class Catalog(_Record):
     # When release_all releases the queued manifest; None: release_all runs only when triggered.
     release_all_window: MaintenanceWindow | None = None
     release_train: ReleaseTrain = ReleaseTrain()
+    environments: tuple[Environment, ...] = (Environment(name="default"),)
+    default_environment: str = "default"
+    teams: dict[str, Team] = Field(default_factory=dict)
+    # The Airflow Variable naming the S3 bucket where every release's report is kept as evidence for promotions.
+    evidence_bucket_variable: str = "omni_evidence_bucket"
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.services]
 
-    def get(self, name: str) -> Service:
+    @property
+    def environment_names(self) -> list[str]:
+        return [e.name for e in self.environments]
+
+    def environment(self, name: str | None = None) -> Environment:
+        """Return the environment called ``name`` (None or "": the default one); refuse an unknown name."""
+        wanted = name or self.default_environment
+        for environment in self.environments:
+            if environment.name == wanted:
+                return environment
+        raise CatalogError(f"{self.path}: unknown environment {wanted!r} (param 'environment'); known environments: "
+                           f"{', '.join(self.environment_names)}")
+
+    def get(self, name: str, environment: str | None = None) -> Service:
+        """Return the service ``name`` as it runs in ``environment`` (None or "": the default environment)."""
         for service in self.services:
             if service.name == name:
-                return service
+                return service.in_environment(self.environment(environment))
         raise CatalogError(f"{self.path}: unknown service {name!r}; known services: {', '.join(self.names)}")
+
+    def team(self, name: str) -> Team:
+        return self.teams.get(name) or Team()
 
     def release_order(self, names: list[str] | None = None) -> list[Service]:
         """Return services so that each comes after everything it depends on (catalog order breaks ties)."""
@@ -250,10 +350,10 @@ def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
         raise CatalogError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or "services" not in raw or set(raw) - {"services", "release_all_window", "release_train"}:
+    if not isinstance(raw, dict) or "services" not in raw or set(raw) - TOP_LEVEL_KEYS:
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CatalogError(f"{path}: the top level must be a mapping of 'services' and optionally "
-                           f"'release_all_window' and 'release_train' (found {found})")
+                           f"{', '.join(repr(k) for k in sorted(TOP_LEVEL_KEYS - {'services'}))} (found {found})")
     raw_services = raw["services"]
     if not isinstance(raw_services, list) or not raw_services:
         raise CatalogError(f"{path}: field 'services' must be a non-empty list of service entries")
@@ -309,8 +409,52 @@ def parse_catalog(text: str, path: Path, sql_dir: Path) -> Catalog:
         err = exc.errors()[0]
         raise CatalogError(f"{path}: field release_train.{'.'.join(map(str, err['loc']))}: "
                            f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+    environments, default_environment = _environments(raw, path)
+    teams = {}
+    for team_name, team in (raw.get("teams") or {}).items():
+        try:
+            teams[str(team_name)] = Team.model_validate(team or {})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise CatalogError(f"{path}: field teams.{team_name}.{'.'.join(map(str, err['loc']))}: "
+                               f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+    for i, service in enumerate(services):
+        if service.team and teams and service.team not in teams:
+            raise CatalogError(f"{path}: field services[{i}] ({service.name}).team: unknown team {service.team!r}; "
+                               f"add it under 'teams' (known: {', '.join(teams)})")
+    extra = {"evidence_bucket_variable": raw["evidence_bucket_variable"]} if raw.get("evidence_bucket_variable") else {}
     return Catalog(path=path, sql_dir=sql_dir, services=services, release_all_window=release_all_window,
-                   release_train=release_train)
+                   release_train=release_train, environments=environments, default_environment=default_environment,
+                   teams=teams, **extra)
+
+
+def _environments(raw: dict, path: Path) -> tuple[tuple[Environment, ...], str]:
+    """Read 'environments' (a mapping of name to settings) and 'default_environment'; a catalog without them has one
+    environment, ``default``, in which every service uses its own connections and cluster."""
+    if not raw.get("environments"):
+        return (Environment(name="default"),), "default"
+    if not isinstance(raw["environments"], dict):
+        raise CatalogError(f"{path}: field environments must map environment names to their settings")
+    environments = []
+    for name, settings in raw["environments"].items():
+        if not isinstance(name, str) or not SERVICE_NAME.match(name):
+            raise CatalogError(f"{path}: field environments.{name}: environment names are lower-case slugs")
+        try:
+            environments.append(Environment.model_validate({**(settings or {}), "name": name}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise CatalogError(f"{path}: field environments.{name}.{'.'.join(map(str, err['loc']))}: "
+                               f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}") from None
+    names = [e.name for e in environments]
+    for environment in environments:
+        if environment.promote_from and environment.promote_from not in names:
+            raise CatalogError(f"{path}: field environments.{environment.name}.promote_from: unknown environment "
+                               f"{environment.promote_from!r}; known: {', '.join(names)}")
+    default = raw.get("default_environment") or names[0]
+    if default not in names:
+        raise CatalogError(f"{path}: field default_environment: unknown environment {default!r}; known: "
+                           f"{', '.join(names)}")
+    return tuple(environments), default
 
 
 def _is_valid(entry: object) -> bool:

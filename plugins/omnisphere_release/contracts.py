@@ -66,6 +66,7 @@ class ReleasePlan(TypedDict):
     lint: list[str]
     row_counts: dict[str, int]
     backup_bucket: str
+    environment: str
     window: WindowDecision
     staging_rehearsed: bool
 

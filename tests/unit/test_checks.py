@@ -462,7 +462,7 @@ def test_the_release_form_refuses_a_tag_with_a_final_newline():
 
     from omnisphere_release.dags.release import release_params
 
-    image_tag = release_params(CATALOG.get("auth-service"))["image_tag"]
+    image_tag = release_params(CATALOG.get("auth-service"), CATALOG)["image_tag"]
     assert image_tag.resolve("1.1.0") == "1.1.0"
     with pytest.raises(ParamValidationError):
         image_tag.resolve("1.1.0\n")

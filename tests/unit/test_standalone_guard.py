@@ -72,9 +72,10 @@ class FakeBackupHook:
 @pytest.fixture()
 def operator(monkeypatch) -> StandaloneApplyMigrationsOperator:
     monkeypatch.setenv(f"AIRFLOW_CONN_{AUTH.postgres_conn_id.upper()}", "postgres://auth:pw@127.0.0.1:9/auth")
+    # The backup bucket is the Variable the catalog names for the run's environment (the default one here).
+    monkeypatch.setenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET", "omni-backups")
     with DAG("schema_migrations", schedule=None):
-        return StandaloneApplyMigrationsOperator(task_id="migrate_wave_1", service="auth-service",
-                                                 backup_bucket="omni-backups")
+        return StandaloneApplyMigrationsOperator(task_id="migrate_wave_1", service="auth-service")
 
 
 def use_hook(monkeypatch, hook: FakeBackupHook) -> FakeBackupHook:
@@ -101,7 +102,7 @@ def test_a_retry_keeps_the_backup_taken_before_the_first_change(operator, monkey
 
 def test_no_backup_bucket_is_refused_before_anything(operator, monkeypatch):
     hook = use_hook(monkeypatch, FakeBackupHook(tagged=None))
-    operator.backup_bucket = ""
-    with pytest.raises(AirflowFailException, match="Variable omni_backup_bucket is not set"):
+    monkeypatch.delenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET")
+    with pytest.raises(AirflowFailException, match=r"Variable omni_backup_bucket \(the backup bucket of staging\) is not set"):
         operator._back_up({"run_id": RUN_ID}, AUTH)  # type: ignore[arg-type]
     assert hook.dumps == []

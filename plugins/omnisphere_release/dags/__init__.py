@@ -28,9 +28,9 @@ def build_dags(catalog: Catalog, only: str | None = None) -> list[DAG]:
     # queue_release exists only when the catalog has a release_all window.
     builders: dict[str, Callable[[], DAG | None]] = {
         "schema_migrations": partial(build_schema_migrations_dag, catalog),
-        **{f"release_{s.name}": partial(build_release_dag, s, catalog.has_data_migrations(s.name))
+        **{f"release_{s.name}": partial(build_release_dag, s, catalog, catalog.has_data_migrations(s.name))
            for s in catalog.services},
-        **{f"rollback_{s.name}": partial(build_rollback_dag, s) for s in catalog.services},
+        **{f"rollback_{s.name}": partial(build_rollback_dag, s, catalog) for s in catalog.services},
         "release_all": partial(build_release_all_dag, catalog),
         "data_migrations": partial(build_data_migrations_dag, catalog),
         "queue_release": partial(build_queue_release_dag, catalog),

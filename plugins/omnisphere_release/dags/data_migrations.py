@@ -8,7 +8,9 @@ from airflow.sdk import DAG, Param
 
 from omnisphere_release.catalog import Catalog
 from omnisphere_release.checks import WINDOW_PATTERN
+from omnisphere_release.dags.release import environment_param
 from omnisphere_release.datamigrate import discover_specs
+from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE
 from omnisphere_release.operators.standalone import (
     GUARD_TEMPLATES,
     StandaloneDataMigrateOperator,
@@ -24,7 +26,7 @@ stopped. The task log shows progress every few seconds (rows done / estimated to
 at the end. `action`: `run` (also resumes), `pause` (the running migration stops after its current batch),
 `revert` (only for reversible specs).
 
-In production (Variable `omni_environment`), `run` and `revert` need a **reason**, wait for the service's maintenance
+In production (param **environment**, an environment the catalog marks `production`), `run` and `revert` need a **reason**, wait for the service's maintenance
 window (**window** `next`; or an ISO 8601 start; outside a window, or `now`, only with a **force_reason**), and back
 the service's database up to S3 (`<service>/<run id>/data_migrations.dump`, sha256-tagged, verified) before the
 first batch. A `pause` is a request to the running migration and needs none of it. A conf key the DAG does not know
@@ -43,9 +45,10 @@ def build_data_migrations_dag(catalog: Catalog) -> DAG:
         catchup=False,
         tags=["omnisphere", "migrations", "data"],
         # Resumable: a retry, or a run after the timeout, goes on from the checkpoint.
-        default_args={"owner": "platform", "retries": 3, "retry_delay": timedelta(seconds=30),
+        default_args={"environment": ENVIRONMENT_TEMPLATE, "owner": "platform", "retries": 3, "retry_delay": timedelta(seconds=30),
                       "execution_timeout": timedelta(hours=12)},
         params={
+            "environment": environment_param(catalog),
             "migration": Param(choices[0] if choices else "", type="string", enum=choices or [""],
                                description="<service>/<name> of the data migration"),
             "action": Param("run", type="string", enum=["run", "pause", "revert"]),

@@ -17,9 +17,10 @@ from datetime import timedelta
 from airflow.sdk import DAG, Param, TriggerRule
 
 from omnisphere_release import contracts as stage
-from omnisphere_release.catalog import Service
-from omnisphere_release.checks import ENVIRONMENT_VARIABLE, PRODUCTION, WINDOW_PATTERN, schedule_of
+from omnisphere_release.catalog import Catalog, Service
+from omnisphere_release.checks import WINDOW_PATTERN, schedule_of
 from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
+from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE
 from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
 from omnisphere_release.operators.ecs import EcsDeployServiceOperator, EcsRollbackServiceOperator
 from omnisphere_release.operators.finalize import ReleaseFinalizeOperator, VerifyRollbackOperator
@@ -44,9 +45,19 @@ DATA_MIGRATION_TIMEOUT = timedelta(hours=12)  # resumable: a retry goes on from 
 SHORT_STAGE_TIMEOUT = timedelta(minutes=30)  # preflight, checks, verification, report
 
 
-def release_params(service: Service) -> dict[str, Param]:
+def environment_param(catalog: Catalog) -> Param:
+    """The run's environment: which databases, cluster and backup bucket it acts on, and which rules apply."""
+    rules = {e.name: ", ".join(r for r in (f"needs evidence from {e.promote_from}" if e.promote_from else "",
+                                           "needs an approver" if e.approval else "") if r) or "no promotion rule"
+             for e in catalog.environments}
+    return Param(catalog.default_environment, type="string", enum=catalog.environment_names, title="Environment",
+                 description="Where to act: " + "; ".join(f"{name} ({rule})" for name, rule in rules.items()) + ".")
+
+
+def release_params(service: Service, catalog: Catalog) -> dict[str, Param]:
     # Titles and descriptions are what the UI's trigger form shows; the keys are what the API and the CLI send.
     return {
+        "environment": environment_param(catalog),
         "image_tag": Param(type="string", pattern=IMAGE_TAG_PATTERN, title="Image tag",
                            description="The tag of the image to release, from the same repository as the running "
                                        f"image: {IMAGE_TAG_RULE}."),
@@ -91,7 +102,7 @@ Default strategy `{service.deploy.strategy}`, bake {service.deploy.bake_minutes}
 """
 
 
-def build_release_dag(service: Service, has_data_migrations: bool = False) -> DAG:
+def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: bool = False) -> DAG:
     name = service.name
     with DAG(
         dag_id=f"release_{name}",
@@ -105,8 +116,8 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
         # Templates render as text: native rendering would turn an image tag like 1.10 into the float 1.1.
         render_template_as_native_obj=False,
         tags=["omnisphere", "release", name],
-        params=release_params(service),
-        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
+        params=release_params(service, catalog),
+        default_args={"environment": ENVIRONMENT_TEMPLATE, "owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
                       "execution_timeout": SHORT_STAGE_TIMEOUT},
     ) as dag:
         deploy_timeout = timedelta(minutes=service.deploy.timeout_minutes + 10)
@@ -118,9 +129,7 @@ def build_release_dag(service: Service, has_data_migrations: bool = False) -> DA
             task_id=stage.PREFLIGHT, service=name, image_tag="{{ params.image_tag }}",
             strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
             target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
-            backup_bucket="{{ var.value.omni_backup_bucket }}", reason="{{ params.reason or '' }}",
-            staging_rehearsed="{{ params.staging_rehearsed }}",
-            environment=f"{{{{ var.value.get('{ENVIRONMENT_VARIABLE}', '{PRODUCTION}') }}}}")
+            reason="{{ params.reason or '' }}", staging_rehearsed="{{ params.staging_rehearsed }}")
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name,
                                             execution_timeout=DATABASE_STAGE_TIMEOUT)
         schema_up = PostgresApplyMigrationsOperator(

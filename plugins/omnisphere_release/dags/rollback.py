@@ -6,12 +6,14 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, BaseOperator, Param, TriggerRule
 
-from omnisphere_release.catalog import Service
+from omnisphere_release.catalog import Catalog, Service
+from omnisphere_release.dags.release import environment_param
+from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE
 from omnisphere_release.operators.manual_rollback import PLAN, ManualRollbackPlanOperator, ManualRollbackStepOperator
 from omnisphere_release.params import IMAGE_TAG_PATTERN, optional_text
 
 
-def build_rollback_dag(service: Service) -> DAG:
+def build_rollback_dag(service: Service, catalog: Catalog) -> DAG:
     name = service.name
     with DAG(
         dag_id=f"rollback_{name}",
@@ -31,9 +33,10 @@ release; its sha256 is checked before anything is restored). `plan` checks every
         render_template_as_native_obj=False,
         tags=["omnisphere", "rollback", name],
         # Bounded like the release's own rollback: an ECS return (stop, then redeploy), a schema revert, a restore.
-        default_args={"owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
+        default_args={"environment": ENVIRONMENT_TEMPLATE, "owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
                       "execution_timeout": max(timedelta(hours=3), timedelta(minutes=2 * service.deploy.timeout_minutes + 20))},
         params={
+            "environment": environment_param(catalog),
             "task_definition": Param(None, type=["null", "string"], description="Task definition ARN to run again."),
             "image_tag": Param(None, type=["null", "string"], pattern=IMAGE_TAG_PATTERN,
                                description="Or: an image tag to deploy (same repository)."),

@@ -27,14 +27,13 @@ from airflow.sdk import DAG, Context, Param, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from omnisphere_release.catalog import Catalog
-from omnisphere_release.checks import PRODUCTION, WINDOW_PATTERN, plain_text, schedule_of, unknown_conf_problem
+from omnisphere_release.checks import WINDOW_PATTERN, plain_text, schedule_of, unknown_conf_problem
+from omnisphere_release.dags.release import environment_param
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.migrations import InvalidMigrationInput
 from omnisphere_release.migrations.engine import GOLANG_MIGRATE_TABLE, NOTHING_APPLIED
-from omnisphere_release.operators.common import as_optional_text, hold_service
+from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE, hold_service
 from omnisphere_release.operators.standalone import (
-    BACKUP_BUCKET_TEMPLATE,
-    ENVIRONMENT_TEMPLATE,
     GUARD_TEMPLATES,
     StandaloneApplyMigrationsOperator,
     check_backup_bucket,
@@ -61,7 +60,7 @@ Applies (`up`) or reverts (`down`) the schema migrations of one OmniSphere servi
   service, a **reason**, and `dry_run` off to record; refused if the history disagrees. See the runbook's
   "Adopting an existing service".
 * A file changed after it was applied is refused (drift) unless **acknowledge_drift** says why.
-* In production (Variable `omni_environment`), a change also waits for each service's maintenance window
+* In production (param **environment**, an environment the catalog marks `production`), a change also waits for each service's maintenance window
   (**window** `next`; or an ISO 8601 start; outside a window, or `now`, only with a **force_reason**) and backs the
   service's database up to S3 (`<service>/<run id>/schema_migrations.dump`, sha256-tagged, verified) just before
   changing it. With `all` and `next`, each service waits for its own window, wave after wave: the run can take days.
@@ -104,6 +103,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
     names = catalog.names
     windows = "; ".join(f"{s.name} {schedule_of(s).summary()}" for s in catalog.services)
     dag_params = {
+        "environment": environment_param(catalog),
         "service": Param("all", type="string", enum=["all", *names],
                          description="The service to migrate, or all of them in dependency order."),
         "direction": Param("up", type="string", enum=["up", "down"]),
@@ -136,7 +136,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
         max_active_runs=1,
         render_template_as_native_obj=True,
         tags=["omnisphere", "migrations"],
-        default_args={"owner": "platform", "retries": 2, "retry_delay": timedelta(seconds=30),
+        default_args={"environment": ENVIRONMENT_TEMPLATE, "owner": "platform", "retries": 2, "retry_delay": timedelta(seconds=30),
                       "execution_timeout": timedelta(hours=3)},
         params=dag_params,
     ) as dag:
@@ -152,8 +152,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             return waves
 
         @task(retries=0)
-        def check_params(environment: str, backup_bucket: str, params: dict[str, Any] | None = None,
-                         **context: Any) -> None:
+        def check_params(params: dict[str, Any] | None = None, **context: Any) -> None:
             """Refuse unknown conf keys, contradictory params, a change production forbids now, and a service another
             run holds, before any database is changed; log the plan of waves."""
             assert params is not None
@@ -171,16 +170,17 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             if problem:
                 raise AirflowFailException(problem)
             if params["action"] != "migrate":
-                service = catalog.get(params["service"])
+                service = catalog.get(params["service"], params["environment"])
                 if not params["dry_run"]:
                     hold_service(cast("Context", context), service, f"{params['action']} of {service.name}", log)
                 log.info("%s: %s%s; no wave runs.", service.name, params["action"],
                          " as a dry run" if params["dry_run"] else "")
                 return
-            chosen = [catalog.get(n) for wave in waves_for(params) for n in wave]
-            if not params["dry_run"] and str(environment) == PRODUCTION:
+            chosen = [catalog.get(n, params["environment"]) for wave in waves_for(params) for n in wave]
+            environment = catalog.environment(params["environment"])
+            if not params["dry_run"] and environment.production:
                 # Refused now rather than when a window opens: a wrong window param, or no place for the backups.
-                check_backup_bucket(chosen, as_optional_text(backup_bucket))
+                check_backup_bucket(chosen, environment)
                 now = datetime.now(timezone.utc)
                 for service in chosen:
                     decision = production_window(service, params["window"], params.get("force_reason") or "", now,
@@ -207,7 +207,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             if params["action"] == "migrate":
                 raise AirflowSkipException("action=migrate: nothing to record")
             log = context["task"].log
-            service = catalog.get(params["service"])
+            service = catalog.get(params["service"], params["environment"])
             engine = schema_engine(service, catalog, f"dag={dag_id} run={context['run_id']}", log)
             reason = plain_text(params.get("reason"))
             try:
@@ -221,7 +221,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
             return {"service": service.name, "action": params["action"], "baseline": result.version,
                     "recorded": result.recorded, "dry_run": result.dry_run}
 
-        checked: Any = check_params(environment=ENVIRONMENT_TEMPLATE, backup_bucket=BACKUP_BUCKET_TEMPLATE)
+        checked: Any = check_params()
         checked >> record_baseline()
         previous: Any = checked
         for index in range(wave_count):

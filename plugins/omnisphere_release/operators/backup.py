@@ -38,7 +38,7 @@ class PostgresBackupToS3Operator(ServiceStageOperator):
     The object key is derived from the run, so a retry overwrites its own dump instead of leaving a second one.
     """
 
-    template_fields = ("service", "kms_key_id")
+    template_fields = ("service", "environment", "kms_key_id")
 
     def __init__(self, *, service: str, kms_key_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
@@ -48,7 +48,7 @@ class PostgresBackupToS3Operator(ServiceStageOperator):
         plan = ReleaseRun(context).plan
         if plan is None or plan["dry_run"]:
             raise AirflowSkipException("Dry run: preflight printed the plan; nothing is backed up or changed.")
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         bucket = plan["backup_bucket"]
         key = f"{service.name}/{safe_key(context['run_id'])}/{service.name}.dump"
         self.log.info("Backing up %s (%s) to s3://%s/%s with pg_dump --format=custom ...", service.name,
@@ -72,7 +72,7 @@ class PostgresRestoreFromS3Operator(ServiceStageOperator):
     same database.
     """
 
-    template_fields = ("service", "restore_policy")
+    template_fields = ("service", "environment", "restore_policy")
 
     def __init__(self, *, service: str, restore_policy: str = "when_needed", **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
@@ -93,7 +93,7 @@ class PostgresRestoreFromS3Operator(ServiceStageOperator):
         if not backup:
             raise AirflowSkipException("No restore possible: this run took no backup (it failed before or at the "
                                        "backup stage, so the database was not changed by it).")
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         why = "the schema rollback failed" if schema_state == "failed" else "restore_policy is always"
         self.log.info("Restoring because %s.", why)
         seconds = restore_database(service, backup["bucket"], backup["key"], backup["sha256"], self.log)

@@ -5,15 +5,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import BaseOperator, Context, Variable
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from omnisphere_release.catalog import Service
+from omnisphere_release.catalog import Environment, Service
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.locks import Holder, ServiceBusy, ServiceLock, Taken
 from omnisphere_release.logs import Log
 
 FINISHED_RUN_STATES = ("success", "failed")
+# The run's environment (param ``environment``), given to every operator through the DAG's default_args; a DAG
+# without that param renders "", as an operator built without it has: the catalog's default environment.
+ENVIRONMENT_TEMPLATE = "{{ params.get('environment') or '' }}"
+
+
+def backup_bucket_of(environment: Environment) -> str:
+    """Return the backup bucket of ``environment``: the Airflow Variable the catalog names for it ("" when unset)."""
+    return str(Variable.get(environment.backup_bucket_variable, default="") or "")
 
 
 def safe_key(text: str) -> str:
@@ -39,13 +47,15 @@ def as_optional_text(value: Any) -> str | None:
 
 
 class ServiceStageOperator(BaseOperator):
-    """A release stage that acts on one catalog service, named by ``service`` (templated)."""
+    """A release stage that acts on one catalog service, named by ``service``, in the run's ``environment`` (both
+    templated): ``catalog.get(self.service, self.environment)`` is the service with that environment's connections."""
 
-    template_fields: tuple[str, ...] = ("service",)
+    template_fields: tuple[str, ...] = ("service", "environment")
 
-    def __init__(self, *, service: str, **kwargs: Any) -> None:
+    def __init__(self, *, service: str, environment: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.service = service
+        self.environment = environment
 
 
 def run_is_over(ti: Any, holder: Holder) -> bool:

@@ -24,7 +24,7 @@ class PostgresDataMigrateOperator(ServiceStageOperator):
     ``reason``, when given, is logged and kept as part of ``run_by`` in the checkpoint the run creates.
     """
 
-    template_fields: tuple[str, ...] = ("service", "migration", "action", "reason")
+    template_fields: tuple[str, ...] = ("service", "environment", "migration", "action", "reason")
 
     def __init__(self, *, service: str, migration: str | None = None, action: str = "run", reason: str | None = None,
                  **kwargs: Any) -> None:
@@ -57,7 +57,7 @@ class PostgresDataMigrateOperator(ServiceStageOperator):
 
     def execute(self, context: Context) -> dict[str, list[DataMigrationOutcome]]:
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         specs = self.specs(catalog, service)
         if self.action != "pause":  # a pause is a request to the run that holds the service, not a new operation
             hold_service(context, service, self.operation(service), self.log)

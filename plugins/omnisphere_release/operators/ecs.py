@@ -36,7 +36,7 @@ class EcsDeployServiceOperator(ServiceStageOperator):
     the deployment with ROLLBACK, which ECS does at once.
     """
 
-    template_fields = ("service", "strategy", "bake_minutes")
+    template_fields = ("service", "environment", "strategy", "bake_minutes")
 
     def __init__(self, *, service: str, strategy: str, bake_minutes: Any, poll_seconds: float = 3.0,
                  **kwargs: Any) -> None:
@@ -46,7 +46,7 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         self.poll_seconds = poll_seconds
 
     def execute(self, context: Context) -> None:
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         before = ReleaseRun(context).plan
         assert before is not None, "ecs_deploy runs only after preflight succeeded"
         ecs = EcsDeploymentHook(service.aws_conn_id)
@@ -203,7 +203,7 @@ class EcsReturnServiceOperator(ServiceStageOperator):
 
     def resume_return(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Go on after the trigger: a settled deployment leads to the next step; anything else is retryable."""
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         if event.get("status") == "settled":
             self.log.info("Deployment settled: %s", event.get("summary"))
             way_back = cast("WayBack", context["ti"].xcom_pull(task_ids=self.task_id, key=WAY_BACK))
@@ -229,4 +229,4 @@ class EcsRollbackServiceOperator(EcsReturnServiceOperator):
         if not plan:
             self.log.info("Nothing to roll back on ECS: preflight recorded no state, so this run changed nothing.")
             return {"action": "none"}
-        return self.return_service_to(context, load_catalog().get(self.service), plan["previous_task_definition"])
+        return self.return_service_to(context, load_catalog().get(self.service, self.environment), plan["previous_task_definition"])

@@ -47,7 +47,7 @@ class ReleaseFinalizeOperator(ServiceStageOperator):
         self.poll_seconds = poll_seconds
 
     def execute(self, context: Context) -> dict[str, Any]:
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         arn = ReleaseRun(context).deployment["deployment_arn"]
         try:
             deployment = EcsDeploymentHook(service.aws_conn_id).describe_deployment(arn)
@@ -86,7 +86,7 @@ class ReleaseFinalizeOperator(ServiceStageOperator):
                                        f"{reason}. Next: the release rolls back.")
         run = ReleaseRun(context)
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         plan = run.plan
         assert plan is not None, "finalize runs only after preflight succeeded"
         # Green means true: what runs now is what this run deployed and migrated, whatever else happened meanwhile.
@@ -118,7 +118,7 @@ class VerifyRollbackOperator(ServiceStageOperator):
         if not plan:
             raise AirflowSkipException("Nothing to verify: preflight refused the release, nothing was changed.")
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         self.log.info("Verifying that %s is back to its state before the release: task definition %s, schema version "
                       "%s, smoke tests on the old version.", service.name, plan["previous_task_definition"],
                       plan["schema_version"])

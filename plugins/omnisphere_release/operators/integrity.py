@@ -33,7 +33,7 @@ class PostgresIntegrityCheckOperator(ServiceStageOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         plan = ReleaseRun(context).plan
         counts_before = plan["row_counts"] if plan else {}
         files = check_files(catalog.checks_dir(service.name))

@@ -53,7 +53,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 class ManualRollbackPlanOperator(ServiceStageOperator):
     """Check the requested steps against what exists and print the plan; change nothing."""
 
-    template_fields = ("service", "task_definition", "image_tag", "schema_version", "restore_backup_uri", "reason")
+    template_fields = ("service", "environment", "task_definition", "image_tag", "schema_version", "restore_backup_uri", "reason")
 
     def __init__(self, *, service: str, task_definition: Any, image_tag: Any, schema_version: Any,
                  restore_backup_uri: Any, reason: Any, **kwargs: Any) -> None:
@@ -66,7 +66,7 @@ class ManualRollbackPlanOperator(ServiceStageOperator):
         if unknown:
             raise AirflowFailException(unknown)
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         # Params arrive as rendered text; "None" is an unset optional param.
         task_definition, image_tag = as_optional_text(self.task_definition), as_optional_text(self.image_tag)
         backup_uri, schema_version = as_optional_text(self.restore_backup_uri), as_optional_int(self.schema_version)
@@ -140,7 +140,7 @@ class ManualRollbackStepOperator(EcsReturnServiceOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         plan: ManualRollbackPlan = context["ti"].xcom_pull(task_ids=PLAN)
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         if self.step == "ecs":
             if "task_definition" not in plan and "image" not in plan:
                 raise AirflowSkipException("No ECS step requested.")

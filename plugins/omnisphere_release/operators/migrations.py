@@ -15,7 +15,12 @@ from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations import InvalidMigrationInput, MigrationFailed, RunResult, Status
-from omnisphere_release.operators.common import ServiceStageOperator, as_bool, as_optional_int, hold_service
+from omnisphere_release.operators.common import (
+    ServiceStageOperator,
+    as_bool,
+    as_optional_int,
+    hold_service,
+)
 from omnisphere_release.transient import DatabaseUnreachable, retry_lost_connection
 
 
@@ -61,14 +66,16 @@ class PostgresApplyMigrationsOperator(BaseOperator):
     rollback reads to undo exactly what this run did.
     """
 
-    template_fields: Sequence[str] = ("service", "direction", "target_version", "plan_only", "reason",
+    template_fields: Sequence[str] = ("service", "environment", "direction", "target_version", "plan_only", "reason",
                                       "acknowledge_drift")
     ui_color = "#d8e8f8"
 
     def __init__(self, *, service: str, direction: str = "up", target_version: Any = None, dry_run: Any = False,
-                 reason: str | None = None, acknowledge_drift: str | None = None, **kwargs: Any) -> None:
+                 reason: str | None = None, acknowledge_drift: str | None = None,
+                 environment: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.service = service
+        self.environment = environment
         self.direction = direction
         self.target_version = target_version
         self.plan_only = dry_run  # not self.dry_run: that is BaseOperator's own method
@@ -77,7 +84,7 @@ class PostgresApplyMigrationsOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         target = as_optional_int(self.target_version)
         dry_run = as_bool(self.plan_only)
         engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
@@ -151,7 +158,7 @@ class PostgresRevertReleaseMigrationsOperator(ServiceStageOperator):
             self.log.info("Nothing to revert: preflight recorded no state, so this run changed no schema.")
             return {"reverted": [], "schema_version": None}
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         data_reverted = self._revert_data_migrations(service, catalog, run, context["run_id"])
         result = revert_schema_to(service, catalog, plan["schema_version"],
                                   applied_by=f"dag={self.dag_id} run={context['run_id']} rollback",

@@ -23,7 +23,7 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
     (the next reading covers it); a longer one fails the gate, saying for how long CloudWatch could not be read.
     """
 
-    template_fields = ("service", "bake_minutes")
+    template_fields = ("service", "environment", "bake_minutes")
 
     def __init__(self, *, service: str, bake_minutes: Any, poll_seconds: float = 10.0, **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
@@ -31,7 +31,7 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
         self.poll_seconds = poll_seconds
 
     def execute(self, context: Context) -> None:
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         bake = float(self.bake_minutes) * 60
         m = service.monitoring
         now = time.time()

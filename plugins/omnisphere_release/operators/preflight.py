@@ -19,7 +19,12 @@ from omnisphere_release.hooks.postgres import ServiceDatabaseHook, schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
 from omnisphere_release.migrations import InvalidMigrationInput, Plan
 from omnisphere_release.migrations.engine import version_label
-from omnisphere_release.operators.common import as_bool, as_optional_int, hold_service
+from omnisphere_release.operators.common import (
+    as_bool,
+    as_optional_int,
+    backup_bucket_of,
+    hold_service,
+)
 
 TOUCHED_TABLE = re.compile(
     r"\b(?:ALTER\s+TABLE(?:\s+IF\s+EXISTS)?(?:\s+ONLY)?|INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?)"
@@ -43,12 +48,12 @@ class ReleasePreflightOperator(BaseOperator):
     Changes nothing. Returns the "before" state (:class:`ReleasePlan`) that every later stage and rollback step reads.
     """
 
-    template_fields: Sequence[str] = ("service", "image_tag", "strategy", "migrate", "target_version", "plan_only",
+    template_fields: Sequence[str] = ("service", "environment", "image_tag", "strategy", "migrate", "target_version", "plan_only",
                                       "backup_bucket", "reason", "staging_rehearsed", "environment")
 
     def __init__(self, *, service: str, image_tag: str, strategy: str, migrate: Any = True,
                  target_version: Any = None, dry_run: Any = False, backup_bucket: str = "", reason: str = "",
-                 staging_rehearsed: Any = False, environment: str = "production", **kwargs: Any) -> None:
+                 staging_rehearsed: Any = False, environment: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.staging_rehearsed, self.environment = staging_rehearsed, environment
         self.service, self.image_tag, self.strategy = service, image_tag, strategy
@@ -58,12 +63,15 @@ class ReleasePreflightOperator(BaseOperator):
 
     def execute(self, context: Context) -> ReleasePlan:
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
+        environment = catalog.environment(self.environment)
+        self.environment = environment.name  # "" (no param) means the default environment: say which
+        self.backup_bucket = self.backup_bucket or backup_bucket_of(environment)
         migrate, dry_run = as_bool(self.migrate), as_bool(self.plan_only)
         problems: list[str] = []
-        self.log.info("Preflight of the release of %s to image tag %s (%s%s): checking the migration plan, ECS, "
-                      "the backup destination; nothing will change.", service.name, self.image_tag, self.strategy,
-                      ", dry run" if dry_run else "")
+        self.log.info("Preflight of the release of %s to image tag %s in %s (%s%s): checking the migration plan, ECS "
+                      "(cluster %s), the backup destination; nothing will change.", service.name, self.image_tag,
+                      environment.name, self.strategy, ", dry run" if dry_run else "", service.ecs.cluster)
         if not dry_run:  # a dry run changes nothing, so it holds nothing either
             hold_service(context, service, f"release of {service.name} to {self.image_tag}", self.log)
 
@@ -122,6 +130,7 @@ class ReleasePreflightOperator(BaseOperator):
             touched_tables([m.up.sql for m in plan.steps]) if plan else [])
         before: ReleasePlan = {
             "service": service.name,
+            "environment": environment.name,
             "image_tag": self.image_tag,
             "strategy": self.strategy,
             "dry_run": dry_run,

@@ -50,7 +50,7 @@ class ReleaseReportOperator(ServiceStageOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        service = catalog.get(self.service, self.environment)
         run = ReleaseRun(context)
         ti = context["ti"]
         states = run.task_states()

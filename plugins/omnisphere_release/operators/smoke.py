@@ -16,7 +16,7 @@ class HttpSmokeTestOperator(ServiceStageOperator):
     """Probe the service's smoke_tests (status, JSON fields, latency budget); fail if they never all pass."""
 
     def execute(self, context: Context) -> dict[str, Any]:
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         http = SmokeTestHook(service.http_conn_id)
         self.log.info("Smoke-testing %s: %d endpoint(s) at %s, deadline %.0fs.", service.name,
                       len(service.smoke_tests), http.url_from_endpoint(""), service.smoke_deadline_seconds)

@@ -7,7 +7,8 @@ different windows: with a wait task per wave, a service whose window opened on S
 when the wave's last window opened. So each mapped task waits (deferred) for its own service's window, takes the
 lease, backs the database up, then changes it, and the next wave starts once every service of this one is done.
 
-Outside production (the Variable ``omni_environment`` is not ``production``) the guards are off: the change runs at
+Outside production (the run's param ``environment`` names an environment the catalog does not mark ``production``)
+the guards are off: the change runs at
 once and no backup is taken. A dry run, a pause request, and a run with nothing to change need no guard anywhere.
 """
 
@@ -22,10 +23,8 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import BotoCoreError, ClientError
 
-from omnisphere_release.catalog import Catalog, Service, load_catalog
+from omnisphere_release.catalog import Catalog, Environment, Service, load_catalog
 from omnisphere_release.checks import (
-    ENVIRONMENT_VARIABLE,
-    PRODUCTION,
     Refused,
     decide_window,
     plain_text,
@@ -36,18 +35,13 @@ from omnisphere_release.contracts import WindowDecision
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
 from omnisphere_release.migrations import InvalidMigrationInput
-from omnisphere_release.operators.common import as_bool, as_optional_int, as_optional_text, hold_service, safe_key
+from omnisphere_release.operators.common import as_bool, as_optional_int, backup_bucket_of, hold_service, safe_key
 from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
 from omnisphere_release.operators.migrations import PostgresApplyMigrationsOperator
 
-# Read as the release's preflight reads them; an unset bucket renders empty and is refused only where a backup is due.
-ENVIRONMENT_TEMPLATE = f"{{{{ var.value.get('{ENVIRONMENT_VARIABLE}', '{PRODUCTION}') }}}}"
-BACKUP_BUCKET_TEMPLATE = "{{ var.value.get('omni_backup_bucket', '') }}"
-GUARD_FIELDS = ("window", "force_reason", "environment", "backup_bucket")
-# What both standalone DAGs pass a guarded operator: their own window params, and the environment and bucket as the
-# release reads them.
-GUARD_TEMPLATES = {"window": "{{ params.window }}", "force_reason": "{{ params.force_reason or '' }}",
-                   "environment": ENVIRONMENT_TEMPLATE, "backup_bucket": BACKUP_BUCKET_TEMPLATE}
+GUARD_FIELDS = ("window", "force_reason")
+# What both standalone DAGs pass a guarded operator: their own window params (the environment is the run's param).
+GUARD_TEMPLATES = {"window": "{{ params.window }}", "force_reason": "{{ params.force_reason or '' }}"}
 
 
 def backup_key(service: str, dag_id: str, run_id: str) -> str:
@@ -82,12 +76,15 @@ def production_window(service: Service, window: str, force_reason: str, now: dat
     return decision
 
 
-def check_backup_bucket(services: list[Service], bucket: str | None) -> str:
-    """Refuse for good when the backup bucket is unset or out of reach of a service's AWS connection; return it."""
+def check_backup_bucket(services: list[Service], environment: Environment) -> str:
+    """Refuse for good when the environment's backup bucket is unset or out of reach of a service's AWS connection;
+    return it."""
+    bucket = backup_bucket_of(environment)
     if not bucket:
         raise AirflowFailException(
-            "Refused, nothing was changed: the Airflow Variable omni_backup_bucket is not set, and in production a "
-            "database is backed up before it changes. Set it to the backup bucket (docs/runbook.md, Production).")
+            f"Refused, nothing was changed: the Airflow Variable {environment.backup_bucket_variable} (the backup "
+            f"bucket of {environment.name}) is not set, and in production a database is backed up before it changes. "
+            f"Set it to the backup bucket (docs/runbook.md, Production).")
     for service in services:
         try:
             BackupHook.for_service(service).check_destination(bucket)
@@ -109,13 +106,12 @@ class StandaloneGuard(BaseOperator):
     service: str
     reason: Any
 
-    def __init__(self, *, window: str = "next", force_reason: str | None = None, environment: str = PRODUCTION,
-                 backup_bucket: str | None = None, **kwargs: Any) -> None:
+    environment: str
+
+    def __init__(self, *, window: str = "next", force_reason: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.window = window
         self.force_reason = force_reason
-        self.environment = environment
-        self.backup_bucket = backup_bucket
 
     # ---- what the stage says: each guarded operator below answers these three ---------------------------------
     def _asks_for_change(self) -> bool:
@@ -131,13 +127,14 @@ class StandaloneGuard(BaseOperator):
     def execute(self, context: Context) -> Any:
         if not self._asks_for_change():
             return super().execute(context)
-        environment = str(self.environment)
-        if environment != PRODUCTION:
-            self.log.info("Environment %s (Variable %s): no maintenance window and no backup before this change; "
-                          "they apply in %s.", environment, ENVIRONMENT_VARIABLE, PRODUCTION)
-            return super().execute(context)
         catalog = load_catalog()
-        service = catalog.get(self.service)
+        environment = catalog.environment(self.environment)
+        if not environment.production:
+            self.log.info("Environment %s: no maintenance window and no backup before this change; they apply in "
+                          "production environments (%s).", environment.name,
+                          ", ".join(e.name for e in catalog.environments if e.production) or "none in the catalog")
+            return super().execute(context)
+        service = catalog.get(self.service, self.environment)
         if not plain_text(self.reason):
             raise AirflowFailException(f"Refused, nothing was changed: param 'reason' is required in production to "
                                        f"change {service.name}: say why (it is kept with the change).")
@@ -178,7 +175,7 @@ class StandaloneGuard(BaseOperator):
 
     def _back_up(self, context: Context, service: Service) -> dict[str, Any]:
         """Dump the service database to S3, verified, and return where; on a retry, keep this run's first dump."""
-        bucket = check_backup_bucket([service], as_optional_text(self.backup_bucket))
+        bucket = check_backup_bucket([service], load_catalog().environment(self.environment))
         key = backup_key(service.name, self.dag_id, context["run_id"])
         uri = f"s3://{bucket}/{key}"
         hook = BackupHook.for_service(service)

@@ -24,7 +24,7 @@ class WaitForMaintenanceWindowOperator(ServiceStageOperator):
     and needs ``force_reason``, which the report keeps.
     """
 
-    template_fields = ("service", "window", "force_reason")
+    template_fields = ("service", "environment", "window", "force_reason")
 
     def __init__(self, *, service: str, window: str = "next", force_reason: str = "", **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
@@ -35,7 +35,7 @@ class WaitForMaintenanceWindowOperator(ServiceStageOperator):
         unknown = unknown_conf_problem(getattr(context.get("dag_run"), "conf", None), self.dag.params.keys())
         if unknown:
             raise AirflowFailException(unknown)
-        service = load_catalog().get(self.service)
+        service = load_catalog().get(self.service, self.environment)
         schedule = schedule_of(service)
         now = datetime.now(timezone.utc)
         try:
