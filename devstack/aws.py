@@ -1,6 +1,7 @@
 """The devstack's AWS side: moto with the ECS deployment simulator, the S3 faults and ECR's image retention, the
-catalog's cluster, services, task definitions and backup buckets, the ECR registry with the images CI has built
-(``push_image`` adds one), one sample service per catalog entry and the CloudWatch metrics they publish.
+catalog's clusters (one per environment), services, task definitions, backup buckets (one per environment) and evidence
+bucket, the ECR registry with the images CI has built (``push_image`` adds one), one sample service per catalog entry
+and environment, and the CloudWatch metrics they publish.
 
 moto answers on two listeners: the endpoint that clients use, where ``python -m devstack faults aws`` injects its
 faults (devstack/faults.py), and an internal one on 127.0.0.1 for the devstack's own calls (seeding, the metrics the
@@ -29,7 +30,8 @@ from devstack.net import free_port
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"
-BACKUP_BUCKET = "omnisphere-backups-local"
+BACKUP_BUCKET = "omnisphere-backups-local"  # the default environment's; another environment's adds "-<name>"
+EVIDENCE_BUCKET = "omnisphere-evidence-local"  # every release's report, kept as evidence for promotions
 REGISTRY = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
 REPOSITORY_PREFIX = "omnisphere"
 IMAGE_REPOSITORY = f"{REGISTRY}/{REPOSITORY_PREFIX}"
@@ -39,6 +41,26 @@ INITIAL_TAG = "1.0.0"
 BUILT_TAGS = (INITIAL_TAG, "1.1.0", "1.2.0", "1.2.0-errors", "1.2.0-crashloop", "1.2.0-unhealthy")
 
 log = logging.getLogger("devstack.aws")
+
+
+def backup_bucket(catalog: Any, environment: Any) -> str:
+    """Return the local backup bucket of ``environment``: the default environment keeps the devstack's historical
+    bucket (every existing test and script uses it), every other one has its own."""
+    return BACKUP_BUCKET if environment.name == catalog.default_environment else f"{BACKUP_BUCKET}-{environment.name}"
+
+
+def sample_key(service: Any, environment: Any) -> str:
+    """Name the sample service of ``service`` in ``environment``: ``auth-service`` in the default environment (its
+    connection suffix is empty), ``auth-service_production`` in production, as the connection ids are suffixed."""
+    return f"{service.name}{environment.connection_suffix}"
+
+
+def deployments(catalog: Any) -> list[tuple[Any, Any]]:
+    """Return (environment, service as it runs there) for every environment and service, default environment
+    first, so that its sample services keep the first ports (docker-compose's local profile relies on it)."""
+    environments = sorted(catalog.environments, key=lambda e: e.name != catalog.default_environment)
+    return [(environment, catalog.get(service.name, environment.name))
+            for environment in environments for service in catalog.services]
 
 
 @dataclass
@@ -177,15 +199,16 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
         seed_aws(session, internal_endpoint, catalog)
 
         samples = []
-        for index, service in enumerate(catalog.services):
+        for index, (environment, service) in enumerate(deployments(catalog)):
             sample = SampleService(
-                service.name,
+                sample_key(service, environment),
                 (lambda c=service.ecs.cluster, s=service.ecs.service: simulator.serving_image(c, s)),
                 host=host, port=first_sample_port + index if first_sample_port else 0,
             )
             sample.start()
             aws.parts.append(sample)
-            aws.sample_ports[service.name] = sample.port
+            aws.sample_ports[sample_key(service, environment)] = sample.port
+            # The catalog names one target group per service: both environments' traffic counts in its metrics.
             samples.append((sample, service.monitoring.target_group))
         quick = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
         publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=internal_endpoint, config=quick), samples,
@@ -218,15 +241,15 @@ def push_image(ecr: Any, service: str, tag: str, build: str = "") -> str:
 
 
 def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
-    """Create the ECS cluster, services and current task definitions of the catalog, their ECR repositories with the
-    images already built, and the backup bucket."""
+    """Create the ECS clusters of every environment with each service in each, the current task definitions, the ECR
+    repositories with the images already built, each environment's backup bucket and the evidence bucket."""
     ecr = session.client("ecr", endpoint_url=endpoint)
     for service in catalog.services:
         ecr.create_repository(repositoryName=f"{REPOSITORY_PREFIX}/{service.name}")
         for tag in BUILT_TAGS:
             push_image(ecr, service.name, tag)
     ecs = session.client("ecs", endpoint_url=endpoint)
-    for cluster in sorted({s.ecs.cluster for s in catalog.services}):
+    for cluster in sorted({service.ecs.cluster for _, service in deployments(catalog)}):
         ecs.create_cluster(clusterName=cluster)
     for service in catalog.services:
         task_definition = ecs.register_task_definition(
@@ -243,16 +266,19 @@ def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
                 "environment": [{"name": "OMNI_SERVICE", "value": service.name}],
             }],
         )["taskDefinition"]
-        ecs.create_service(
-            cluster=service.ecs.cluster,
-            serviceName=service.ecs.service,
-            taskDefinition=task_definition["taskDefinitionArn"],
-            desiredCount=service.ecs.desired_count,
-            launchType="FARGATE",
-        )
+        # One registry and one task definition family for all environments (one account); a service per cluster.
+        for _, deployed in (d for d in deployments(catalog) if d[1].name == service.name):
+            ecs.create_service(
+                cluster=deployed.ecs.cluster,
+                serviceName=deployed.ecs.service,
+                taskDefinition=task_definition["taskDefinitionArn"],
+                desiredCount=deployed.ecs.desired_count,
+                launchType="FARGATE",
+            )
     s3 = session.client("s3", endpoint_url=endpoint)
-    # The second bucket answers HeadBucket but refuses writes (a devstack fault, see devstack/s3_faults.py).
-    for bucket in (BACKUP_BUCKET, f"{BACKUP_BUCKET}-unwritable"):
+    # The "-unwritable" bucket answers HeadBucket but refuses writes (a devstack fault, see devstack/s3_faults.py).
+    buckets = [backup_bucket(catalog, environment) for environment in catalog.environments]
+    for bucket in sorted({*buckets, f"{BACKUP_BUCKET}-unwritable", EVIDENCE_BUCKET}):
         s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
         s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
             "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})

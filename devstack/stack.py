@@ -50,8 +50,13 @@ def run(state_dir: Path) -> None:
     try:
         postgres.start()
         postgres.wait_ready()
-        dsns = {service.name: postgres.create_database(service.name.replace("-", "_")) for service in catalog.services}
-        log.info("PostgreSQL ready on 127.0.0.1:%d with %d databases", postgres.port, len(dsns))
+        # One database per service per environment: auth_service (the default environment's, as always),
+        # auth_service_production...
+        dsns = {key: postgres.create_database(key.replace("-", "_"))
+                for key in (local_aws.sample_key(service, environment)
+                            for environment, service in local_aws.deployments(catalog))}
+        log.info("PostgreSQL ready on 127.0.0.1:%d with %d databases (%d environments)", postgres.port, len(dsns),
+                 len(catalog.environments))
 
         faults_file = state_dir / FAULTS_FILE
         faults_file.unlink(missing_ok=True)  # a new stack starts without the faults a previous one was given
@@ -80,7 +85,12 @@ def run(state_dir: Path) -> None:
 
 def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: str, endpoint: str,
               sample_ports: dict[str, int], aws_credentials: tuple[str, str]) -> dict[str, str]:
-    """Return the environment that points Airflow, the tests and any script at this stack."""
+    """Return the environment that points Airflow, the tests and any script at this stack.
+
+    ``dsns`` and ``sample_ports`` are keyed by :func:`devstack.aws.sample_key` (the service name plus its
+    environment's connection suffix). The default environment's keys are as they always were (OMNI_PG_DSN_<SERVICE>,
+    OMNI_SAMPLE_URL_<SERVICE>); another environment's end with its connection suffix (OMNI_PG_DSN_<SERVICE>_PRODUCTION).
+    """
     airflow_home = Path(os.environ.get("OMNI_AIRFLOW_HOME") or (REPO / ".airflow"))
     env = {
         "OMNI_DEVSTACK_DIR": str(state_dir),
@@ -97,18 +107,20 @@ def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: st
             "conn_type": "aws", "login": aws_credentials[0], "password": aws_credentials[1],
             "extra": {"region_name": local_aws.REGION, "endpoint_url": endpoint},
         }),
-        "AIRFLOW_VAR_OMNI_BACKUP_BUCKET": local_aws.BACKUP_BUCKET,
-        "AIRFLOW_VAR_OMNI_ENVIRONMENT": "local",
+        f"AIRFLOW_VAR_{catalog.evidence_bucket_variable.upper()}": local_aws.EVIDENCE_BUCKET,
         "OMNI_PG_BIN_DIR": str(_pg_bin()),
         # The local server's superuser, for tests that create scratch databases. Local stack only.
         "OMNI_PG_ADMIN_DSN": admin_dsn,
     }
-    for service in catalog.services:
-        dsn = dsns[service.name]
-        env[f"OMNI_PG_DSN_{service.env_suffix}"] = dsn
-        env[f"AIRFLOW_CONN_{service.postgres_conn_id.upper()}"] = dsn.replace("postgresql://", "postgres://", 1)
-        env[f"AIRFLOW_CONN_{service.http_conn_id.upper()}"] = f"http://127.0.0.1:{sample_ports[service.name]}"
-        env[f"OMNI_SAMPLE_URL_{service.env_suffix}"] = f"http://127.0.0.1:{sample_ports[service.name]}"
+    for environment in catalog.environments:
+        env[f"AIRFLOW_VAR_{environment.backup_bucket_variable.upper()}"] = local_aws.backup_bucket(catalog, environment)
+    for environment, service in local_aws.deployments(catalog):
+        key = local_aws.sample_key(service, environment)
+        suffix = service.env_suffix + environment.connection_suffix.upper()
+        env[f"OMNI_PG_DSN_{suffix}"] = dsns[key]
+        env[f"AIRFLOW_CONN_{service.postgres_conn_id.upper()}"] = dsns[key].replace("postgresql://", "postgres://", 1)
+        env[f"AIRFLOW_CONN_{service.http_conn_id.upper()}"] = f"http://127.0.0.1:{sample_ports[key]}"
+        env[f"OMNI_SAMPLE_URL_{suffix}"] = f"http://127.0.0.1:{sample_ports[key]}"
     return env
 
 

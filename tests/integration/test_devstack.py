@@ -84,6 +84,35 @@ def test_services_and_task_definitions_of_the_catalog_exist(devstack):
     assert aws("s3").get_bucket_encryption(Bucket=devstack["AIRFLOW_VAR_OMNI_BACKUP_BUCKET"])
 
 
+def test_production_runs_beside_staging_with_databases_cluster_buckets_and_samples_of_its_own(devstack):
+    """The catalog's production environment: each service has its own database, an ECS service in the production
+    cluster, its own sample service (serving what that cluster runs) and connections with the _production suffix;
+    its backup bucket and the evidence bucket exist, encrypted. Staging stays as it was."""
+    from omnisphere_release.catalog import load_catalog
+
+    catalog = load_catalog()
+    production = catalog.environment("production")
+    psql = Path(devstack["OMNI_PG_BIN_DIR"]) / "psql"
+    for name in ("AUTH_SERVICE", "BILLING_SERVICE", "NOTIFICATION_SERVICE"):
+        staging_dsn, production_dsn = devstack[f"OMNI_PG_DSN_{name}"], devstack[f"OMNI_PG_DSN_{name}_PRODUCTION"]
+        assert staging_dsn != production_dsn
+        result = subprocess.run([str(psql), production_dsn, "-Atc", "select current_database()"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        assert result.stdout.strip() == f"{name.lower()}_production"
+        assert devstack[f"AIRFLOW_CONN_OMNI_PG_{name}_PRODUCTION"].startswith("postgres://")
+        assert devstack[f"AIRFLOW_CONN_OMNI_HTTP_{name}_PRODUCTION"] == devstack[f"OMNI_SAMPLE_URL_{name}_PRODUCTION"]
+    ecs = aws("ecs")
+    services = ecs.describe_services(cluster=production.ecs_cluster, services=catalog.names)["services"]
+    assert [s["serviceName"] for s in services] == catalog.names
+    assert all(s["clusterArn"].endswith(f"/{production.ecs_cluster}") for s in services)
+    status, body = get_json(devstack["OMNI_SAMPLE_URL_AUTH_SERVICE_PRODUCTION"] + "/version")
+    assert status == 200 and body["version"] == "1.0.0"
+    assert devstack["AIRFLOW_VAR_OMNI_BACKUP_BUCKET_PRODUCTION"] != devstack["AIRFLOW_VAR_OMNI_BACKUP_BUCKET"]
+    for variable in ("AIRFLOW_VAR_OMNI_BACKUP_BUCKET_PRODUCTION", "AIRFLOW_VAR_OMNI_EVIDENCE_BUCKET"):
+        assert aws("s3").get_bucket_encryption(Bucket=devstack[variable])
+    assert "AIRFLOW_VAR_OMNI_ENVIRONMENT" not in devstack  # environments are the catalog's, not a Variable's
+
+
 def test_rolling_deployment_ramps_and_completes_and_the_service_serves_it(devstack):
     ecs = aws("ecs")
     arn = deploy(ecs, "auth-service", "1.1.0", {"strategy": "ROLLING", "maximumPercent": 200,
