@@ -1,5 +1,5 @@
-"""The release rules, each in one place: the target image and its registry, maintenance windows, the environment's
-staging rule, and manifests. preflight, wait_for_window, rollback_<service>, release_all and queue_release call them.
+"""The release rules, each in one place: the target image and its registry, maintenance windows, promotion on
+evidence between environments, and manifests. preflight, wait_for_window, rollback_<service>, release_all and queue_release call them.
 
 Pure rules take values and return a decision or the problems found; the few that must look at a system do it through
 the hooks. None of them raises an Airflow exception: the calling stage decides what a refusal means for its run.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from omnisphere_release.catalog import Catalog, MaintenanceWindow, Service
+from omnisphere_release.catalog import Catalog, Environment, MaintenanceWindow, Service
 from omnisphere_release.contracts import WindowDecision
 from omnisphere_release.hooks.ecs import (
     EcsDeploymentError,
@@ -24,16 +24,14 @@ from omnisphere_release.hooks.ecs import (
     pinned_image,
     with_image,
 )
+from omnisphere_release.hooks.evidence import EvidenceStoreHook, evidence_bucket
 from omnisphere_release.hooks.registry import ImageCheck, ImageRegistryHook
 from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE
 from omnisphere_release.windows import WindowSchedule
 
 # (?!\n): as in IMAGE_TAG_PATTERN, Python's $ would also match before a final newline.
 WINDOW_PATTERN = r"^(next|now|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?(\.\d+)?(Z|[+-]\d{2}:\d{2}))(?!\n)$"
-PRODUCTION = "production"
 DEFAULT_MAX_DAYS_AHEAD = 14  # as the catalog's maintenance_window.max_days_ahead defaults
-# The Airflow Variable that says which environment this Airflow releases to.
-ENVIRONMENT_VARIABLE = "omni_environment"
 
 
 class Refused(ValueError):
@@ -269,15 +267,173 @@ def truth_problems(service: str, observed: ObservedState, *, task_definition: st
     return problems
 
 
-# --- Environments -----------------------------------------------------------------------------------------------
+# --- Promotion on evidence -------------------------------------------------------------------------------------
 
-def staging_rule_problem(environment: str, staging_rehearsed: bool, forced: bool = False) -> str | None:
-    """In production the checklist requires a staging rehearsal first; a forced release (outside its window, with a
-    reason kept in the report) may go without it. Return what is missing, or None."""
-    if environment != PRODUCTION or staging_rehearsed or forced:
-        return None
-    return ("the checklist requires a staging rehearsal in production: release the same image on staging first, "
-            "then set param staging_rehearsed")
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a release puts into an environment, as promotion compares it: the image, by digest (a tag can be pushed
+    again, a digest cannot), and the sha256 of every schema migration file up to the target schema version and of
+    every data migration spec. Two releases with the same fingerprint run the same code on the same schema."""
+
+    image_digest: str | None
+    schema_version: int
+    migrations: dict[str, dict[str, str | None]]  # version -> {"name": label, "up": sha256, "down": sha256 or None}
+    data_migrations: dict[str, str]  # spec name -> sha256
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image_digest": self.image_digest, "schema_version": self.schema_version,
+                "migrations": self.migrations, "data_migrations": self.data_migrations}
+
+    def describe(self) -> str:
+        return (f"image {self.image_digest or '(digest unknown)'}, schema version {self.schema_version} "
+                f"({len(self.migrations)} migration file(s)), {len(self.data_migrations)} data migration spec(s)")
+
+
+def fingerprint(catalog: Catalog, service: str, image_digest: str | None, schema_version: int | None) -> Fingerprint:
+    """Return the fingerprint of releasing ``image_digest`` of ``service`` with its schema at ``schema_version``
+    (None: the newest migration file), from the migration files and data specs as they are now.
+
+    Raises InvalidMigrationInput when a file cannot be read (the migration plan names the same problem)."""
+    from omnisphere_release.datamigrate import discover_specs
+    from omnisphere_release.migrations.files import discover
+
+    migrations = discover(catalog.migrations_dir(service))
+    target = schema_version if schema_version is not None else max((m.version for m in migrations), default=0)
+    return Fingerprint(
+        image_digest=image_digest,
+        schema_version=target,
+        migrations={str(m.version): {"name": m.label, "up": m.up.checksum, "down": m.down.checksum if m.down else None}
+                    for m in migrations if m.version <= target},
+        data_migrations={spec.name: spec.checksum for spec in discover_specs(catalog.sql_dir / service / "data")},
+    )
+
+
+@dataclass(frozen=True)
+class PromotionVerdict:
+    """The promotion rule's answer: the evidence that satisfies it, or what is missing (``problems``)."""
+
+    environment: str
+    promote_from: str
+    evidence: dict[str, Any] | None  # the evidence record (hooks/evidence.py) that satisfies the rule
+    problems: list[str]
+    examined: int  # releases of this digest found in promote_from
+
+    @property
+    def satisfied(self) -> bool:
+        return self.evidence is not None
+
+    def describe(self) -> str:
+        if self.evidence is None:
+            return "no evidence: " + "; ".join(self.problems)
+        e = self.evidence
+        return (f"evidence: the {self.promote_from} release run {e['run_id']} of {e['service']} released image "
+                f"{e['image_digest']} (tag {e.get('image_tag')}) at {e['finished_at']} "
+                f"({hours_since(e['finished_at'], None):.1f} h before this check), with the same "
+                f"{len(e['migrations'])} migration and {len(e['data_migrations'])} data-migration checksum(s)"
+                + (f"; its report: {e['stored_at']}" if e.get("stored_at") else ""))
+
+
+def hours_since(moment: str, now: datetime | None) -> float:
+    then = datetime.fromisoformat(str(moment).replace("Z", "+00:00"))
+    return ((now or datetime.now(timezone.utc)) - then).total_seconds() / 3600
+
+
+def fingerprint_differences(evidence: dict[str, Any], wanted: Fingerprint, source: str) -> list[str]:
+    """Return how ``wanted`` differs from what the evidence release ran (in ``source``), one line per file."""
+    differences = []
+    proven, now = evidence.get("migrations") or {}, wanted.migrations
+    if int(evidence.get("schema_version") or 0) != wanted.schema_version:
+        differences.append(f"{source} released schema version {evidence.get('schema_version')}, this release "
+                           f"targets {wanted.schema_version}")
+    for version in sorted(set(proven) | set(now), key=int):
+        mine, theirs = now.get(version), proven.get(version)
+        if theirs is None:
+            differences.append(f"migration {mine['name']} is not part of what {source} released")  # type: ignore[index]
+        elif mine is None:
+            differences.append(f"migration {theirs['name']} was part of the {source} release, and is not here")
+        else:
+            for side in ("up", "down"):
+                if mine[side] != theirs[side]:
+                    differences.append(
+                        f"migration {mine['name']}'s checksum differs ({side} file): {_short_sha(mine[side])} now, "
+                        f"{_short_sha(theirs[side])} in {source} (the file changed after {source} released it)")
+    proven_data, now_data = evidence.get("data_migrations") or {}, wanted.data_migrations
+    for name in sorted(set(proven_data) | set(now_data)):
+        if name not in proven_data:
+            differences.append(f"data migration {name} is not part of what {source} released")
+        elif name not in now_data:
+            differences.append(f"data migration {name} was part of the {source} release, and is not here")
+        elif proven_data[name] != now_data[name]:
+            differences.append(f"data migration {name}'s checksum differs: {_short_sha(now_data[name])} now, "
+                               f"{_short_sha(proven_data[name])} in {source}")
+    return differences
+
+
+def _short_sha(value: str | None) -> str:
+    return value[:12] if value else "(none)"
+
+
+def promotion_verdict(environment: Environment, wanted: Fingerprint, records: list[dict[str, Any]],
+                      now: datetime, image_tag: str = "") -> PromotionVerdict:
+    """Apply the promotion rule of ``environment``: a release there needs a successful release in its
+    ``promote_from`` environment of the same image digest, with the same migration and data-migration checksums,
+    no older than ``evidence_max_age_hours``. ``records`` are the evidence records of that service, environment
+    and digest (hooks/evidence.py), in any order. Return the newest record that satisfies the rule, or say exactly
+    what is missing, about the newest release that came closest."""
+    source = environment.promote_from or ""
+    limit = environment.evidence_max_age_hours
+    what = f"image {wanted.image_digest}" + (f" (tag {image_tag})" if image_tag else "")
+
+    def verdict(evidence: dict[str, Any] | None, problems: list[str]) -> PromotionVerdict:
+        return PromotionVerdict(environment.name, source, evidence, problems, len(records))
+
+    if not wanted.image_digest:
+        return verdict(None, [f"the digest of the image is unknown (its registry was not checked), and {source} "
+                              f"evidence is matched by digest: push the image to its ECR repository"])
+    if not records:
+        return verdict(None, [f"no release of {what} in {source}: release it to {source} first (the same tag), "
+                              f"then promote it"])
+    records = sorted(records, key=lambda r: str(r.get("finished_at")), reverse=True)
+    released = [r for r in records if r.get("outcome") == "released"]
+    if not released:
+        newest = records[0]
+        return verdict(None, [f"the {source} release(s) of {what} did not succeed: run {newest['run_id']} ended "
+                              f"{newest.get('outcome')} at {newest.get('finished_at')}"
+                              + (f" ({len(records)} attempt(s) in all)" if len(records) > 1 else "")
+                              + f": fix it and release it to {source} again"])
+    closest: list[str] | None = None
+    for record in released:
+        problems = [f"the {source} release run {record['run_id']} of {what} (released {record['finished_at']}) "
+                    f"is not evidence for this one: {difference}"
+                    for difference in fingerprint_differences(record, wanted, source)]
+        age = hours_since(record["finished_at"], now)
+        if age > limit:
+            problems.append(f"the newest successful {source} release of {what}, run {record['run_id']}, is "
+                            f"{age:.0f} hours old; the limit is {limit:g} hours (environments.{environment.name}."
+                            f"evidence_max_age_hours): release it to {source} again")
+        if not problems:
+            return verdict(record, [])
+        closest = closest if closest is not None else problems  # the newest release says what is missing
+    return verdict(None, closest or [])
+
+
+def promotion_evidence(catalog: Catalog, service: Service, environment: Environment, wanted: Fingerprint,
+                       image_tag: str = "", now: datetime | None = None) -> PromotionVerdict:
+    """Look for the evidence that a release of ``service`` into ``environment`` needs (its ``promote_from``
+    environment's releases of the same digest, in the evidence store) and apply :func:`promotion_verdict`."""
+    source = str(environment.promote_from)
+    bucket = evidence_bucket(catalog)
+    if not bucket:
+        return PromotionVerdict(environment.name, source, None, [
+            f"the Airflow Variable {catalog.evidence_bucket_variable} (the evidence bucket) is not set, so no {source} "
+            f"evidence can be found: set it (docs/runbook.md, Promotion)"], 0)
+    try:
+        records = EvidenceStoreHook(aws_conn_id=service.aws_conn_id).releases(
+            bucket, service.name, source, wanted.image_digest) if wanted.image_digest else []
+    except Exception as exc:  # noqa: BLE001 - an unreadable store means the evidence cannot be shown: say so
+        return PromotionVerdict(environment.name, source, None, [
+            f"could not read the evidence store s3://{bucket}: {exc}; try again once it answers"], 0)
+    return promotion_verdict(environment, wanted, records, now or datetime.now(timezone.utc), image_tag)
 
 
 # --- Manifests (release_all, queue_release) ---------------------------------------------------------------------
@@ -295,13 +451,15 @@ def validate_manifest(manifest: Any, known: list[str]) -> dict[str, str]:
     return manifest
 
 
-def manifest_images(catalog: Catalog, manifest: dict[str, str]) -> tuple[list[TargetImage], list[str]]:
+def manifest_images(catalog: Catalog, manifest: dict[str, str],
+                    environment: str | None = None) -> tuple[list[TargetImage], list[str]]:
     """Check every image of a manifest before the first release starts (otherwise the services before a missing
-    image are released and the window is spent); return the images found and the problems."""
+    image are released and the window is spent), as each service runs in ``environment`` (None: the default one);
+    return the images found and the problems."""
     images, problems = [], []
     for name, tag in manifest.items():
         try:
-            image = target_image(catalog.get(name), tag)
+            image = target_image(catalog.get(name, environment), tag)
         except EcsDeploymentError as exc:
             problems.append(f"{name}: {exc}")
             continue

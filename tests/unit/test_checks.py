@@ -1,4 +1,4 @@
-"""The release rules of omnisphere_release.checks: maintenance windows, duration estimates, the staging rule,
+"""The release rules of omnisphere_release.checks: maintenance windows, duration estimates, the promotion rule,
 manifests, and the target image (with stand-ins for the ECS and ECR hooks; nothing reaches AWS).
 
 queued_window_start is covered by test_release_queue.py.
@@ -20,7 +20,6 @@ from omnisphere_release.checks import (
     decide_window,
     estimate_duration,
     manifest_images,
-    staging_rule_problem,
     target_image,
     validate_manifest,
     window_room_problem,
@@ -251,23 +250,114 @@ def test_enough_room_left_in_the_window_is_no_problem(now):
     assert window_room_problem(decision, NEEDED, at(now)) is None  # 45 min left (exactly enough), and 120
 
 
-# --- staging_rule_problem ------------------------------------------------------------------------------------------
+# --- promotion_verdict ---------------------------------------------------------------------------------------------
+
+PRODUCTION = CATALOG.environment("production")
+PROMOTED_DIGEST = "sha256:" + "a" * 64
+CHECKED_AT = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+WANTED = checks.Fingerprint(
+    image_digest=PROMOTED_DIGEST, schema_version=4,
+    migrations={str(v): {"name": f"00{v}_m", "up": f"up{v}" * 8, "down": f"down{v}" * 8} for v in range(1, 5)},
+    data_migrations={"backfill": "d" * 64})
 
 
-def test_production_without_a_staging_rehearsal_is_a_problem_that_says_what_to_do():
-    problem = staging_rule_problem("production", staging_rehearsed=False)
+def evidence(run_id: str = "run-1", outcome: str = "released", hours_ago: float = 2, **changes: Any) -> dict:
+    """An evidence record of a staging release of WANTED (hooks/evidence.py), changed by ``changes``."""
+    record = {"service": "auth-service", "environment": "staging", "image_digest": PROMOTED_DIGEST, "image_tag": "1.2.0",
+              "run_id": run_id, "outcome": outcome, "finished_at": (CHECKED_AT - timedelta(hours=hours_ago)).isoformat(),
+              "schema_version": 4, "migrations": {k: dict(v) for k, v in WANTED.migrations.items()},
+              "data_migrations": dict(WANTED.data_migrations)}
+    record.update(changes)
+    return record
 
-    assert problem == ("the checklist requires a staging rehearsal in production: release the same image on staging "
-                       "first, then set param staging_rehearsed")
+
+def test_promotion_names_the_newest_successful_release_of_the_same_digest_and_checksums():
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [evidence("old", hours_ago=20), evidence("new"),
+                                                            evidence("failed", outcome="rolled_back", hours_ago=1)],
+                                       CHECKED_AT, "1.2.0")
+
+    assert verdict.satisfied and verdict.evidence["run_id"] == "new" and verdict.problems == []
+    assert verdict.examined == 3
 
 
-@pytest.mark.parametrize(("environment", "rehearsed", "forced"), [
-    ("staging", False, False),
-    ("production", True, False),
-    ("production", False, True),  # window=now with a reason, kept in the report
-])
-def test_staging_a_rehearsed_release_or_a_forced_one_pass_the_staging_rule(environment, rehearsed, forced):
-    assert staging_rule_problem(environment, rehearsed, forced=forced) is None
+def test_promotion_without_any_release_of_the_digest_says_so_and_what_to_do():
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [], CHECKED_AT, "1.2.0")
+
+    assert not verdict.satisfied
+    assert verdict.problems == [f"no release of image {PROMOTED_DIGEST} (tag 1.2.0) in staging: release it to staging first "
+                                f"(the same tag), then promote it"]
+
+
+def test_promotion_of_a_digest_whose_staging_releases_failed_names_the_last_attempt():
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [evidence("r1", outcome="rolled_back", hours_ago=3),
+                                                            evidence("r2", outcome="rollback_incomplete")], CHECKED_AT)
+
+    assert not verdict.satisfied
+    assert verdict.problems[0].startswith(f"the staging release(s) of image {PROMOTED_DIGEST} did not succeed: run r2 ended "
+                                          f"rollback_incomplete at ")
+    assert "(2 attempt(s) in all)" in verdict.problems[0]
+
+
+def test_promotion_refuses_evidence_older_than_the_environments_limit_and_says_how_old():
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [evidence(hours_ago=PRODUCTION.evidence_max_age_hours + 5)],
+                                       CHECKED_AT)
+
+    assert not verdict.satisfied
+    assert verdict.problems == [f"the newest successful staging release of image {PROMOTED_DIGEST}, run run-1, is 173 hours "
+                                f"old; the limit is 168 hours (environments.production.evidence_max_age_hours): "
+                                f"release it to staging again"]
+
+
+def test_promotion_names_each_migration_and_data_migration_whose_checksum_differs():
+    changed = evidence()
+    changed["migrations"]["4"]["up"] = "f" * 64
+    changed["data_migrations"]["backfill"] = "e" * 64
+
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [changed], CHECKED_AT)
+
+    assert not verdict.satisfied
+    assert [p.split(": ", 1)[1] for p in verdict.problems] == [
+        f"migration 004_m's checksum differs (up file): {'up4' * 4} now, ffffffffffff in staging (the file changed "
+        f"after staging released it)",
+        "data migration backfill's checksum differs: dddddddddddd now, eeeeeeeeeeee in staging"]
+
+
+def test_promotion_names_a_migration_that_staging_did_not_release():
+    behind = evidence(schema_version=3)
+    del behind["migrations"]["4"]
+
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [behind], CHECKED_AT)
+
+    assert [p.split(": ", 1)[1] for p in verdict.problems] == [
+        "staging released schema version 3, this release targets 4",
+        "migration 004_m is not part of what staging released"]
+
+
+def test_promotion_takes_an_older_release_that_matches_when_the_newest_does_not():
+    changed = evidence("new")
+    changed["migrations"]["2"]["down"] = "0" * 64
+
+    verdict = checks.promotion_verdict(PRODUCTION, WANTED, [changed, evidence("older", hours_ago=30)], CHECKED_AT)
+
+    assert verdict.satisfied and verdict.evidence["run_id"] == "older"
+
+
+def test_promotion_of_an_image_without_a_digest_cannot_be_matched():
+    unknown = checks.Fingerprint(None, 4, WANTED.migrations, WANTED.data_migrations)
+
+    verdict = checks.promotion_verdict(PRODUCTION, unknown, [evidence()], CHECKED_AT)
+
+    assert not verdict.satisfied and "the digest of the image is unknown" in verdict.problems[0]
+
+
+def test_the_fingerprint_holds_every_migration_up_to_the_target_and_every_data_spec():
+    fingerprint = checks.fingerprint(CATALOG, "billing-service", PROMOTED_DIGEST, 3)
+
+    assert fingerprint.schema_version == 3 and sorted(fingerprint.migrations) == ["1", "2", "3"]
+    assert fingerprint.migrations["3"]["name"] == "003_create_payments"
+    assert len(str(fingerprint.migrations["3"]["up"])) == 64
+    assert list(fingerprint.data_migrations) == ["backfill_invoice_due_dates"]
+    assert checks.fingerprint(CATALOG, "billing-service", PROMOTED_DIGEST, None).schema_version == 4
 
 
 # --- validate_manifest ---------------------------------------------------------------------------------------------

@@ -272,20 +272,24 @@ def check_manifest(monkeypatch):
 
     import omnisphere_release.operators.release_all as release_all
 
-    FakeVariable.values = {"omni_environment": "staging"}
+    FakeVariable.values = {}
+    accepted: list[tuple] = []  # (environment, force_reason) each manifest was checked for
     monkeypatch.setattr(release_all, "Variable", FakeVariable)
-    monkeypatch.setattr(release_all, "accept_manifest", lambda catalog, manifest, log, refusal: manifest)
+    monkeypatch.setattr(release_all, "accept_manifest",
+                        lambda catalog, manifest, log, refusal, environment=None, force_reason="":
+                        accepted.append((environment, force_reason)) or manifest)
     task = DagBag(dag_folder="dags").dags["release_all"].get_task("check_manifest")
 
     def run(params: dict, run_type: str = "manual") -> dict:
-        full = {"manifest": {}, "reason": None, "staging_rehearsed": False, "force_reason": None, **params}
+        full = {"manifest": {}, "reason": None, "environment": "staging", "force_reason": None, **params}
         start = datetime(2026, 11, 29, 1, 0, tzinfo=timezone.utc)
         FakeVariable.values["omni_release_queue"] = {"2026-11-29T01:00+00:00": {
-            "manifest": full["manifest"], "reason": "queued", "staging_rehearsed": True}}
+            "manifest": full["manifest"], "reason": "queued", "environment": "production"}}
         context = {"params": full, "dag_run": SimpleNamespace(run_type=run_type, conf=params),
                    "data_interval_start": start, "run_id": "rid"}
         return task.execute(context)
 
+    run.accepted = accepted  # type: ignore[attr-defined]
     return run
 
 
@@ -294,20 +298,24 @@ def test_a_hand_triggered_release_all_releases_each_service_in_its_own_window(ch
     assert out["order"] == ["auth-service", "billing-service"]
     assert out["release_confs"]["billing-service"] == {
         "image_tag": "2.0.0", "reason": "release_all rid: train 12", "window": "next", "force_reason": "",
-        "staging_rehearsed": False}
+        "environment": "staging"}
 
 
 def test_a_hand_triggered_release_all_forced_with_a_reason_releases_now(check_manifest):
     out = check_manifest({"manifest": {"auth-service": "1.4.0"}, "force_reason": "  incident 42\n"})
     conf = out["release_confs"]["auth-service"]
     assert (conf["window"], conf["force_reason"]) == ("now", "release_all forced: incident 42")
+    # A person's reason may override missing promotion evidence (each release's preflight records it).
+    assert check_manifest.accepted == [("staging", "incident 42")]
 
 
-def test_a_scheduled_release_all_releases_in_its_own_window_and_passes_the_staging_evidence(check_manifest):
+def test_a_scheduled_release_all_releases_in_its_window_in_the_queued_environment_with_its_evidence(check_manifest):
     out = check_manifest({"manifest": {"auth-service": "1.4.0"}}, run_type="scheduled")
     conf = out["release_confs"]["auth-service"]
     assert conf["window"] == "now" and conf["force_reason"].startswith("in the release_all window 2026-11-29T01:00")
-    assert conf["staging_rehearsed"] is True and conf["reason"] == "release_all rid: queued"
+    assert conf["environment"] == "production" and conf["reason"] == "release_all rid: queued"
+    # The window's own reason never overrides the promotion rule: the queued images need their evidence.
+    assert check_manifest.accepted == [("production", "")]
 
 
 def test_release_all_refuses_an_unknown_param(check_manifest):

@@ -8,6 +8,7 @@ from airflow.sdk import DAG, Param
 
 from omnisphere_release.catalog import Catalog
 from omnisphere_release.checks import window_schedule
+from omnisphere_release.dags.release import environment_param
 from omnisphere_release.operators.release_all import QueueReleaseOperator
 from omnisphere_release.params import optional_text
 
@@ -25,7 +26,9 @@ def build_queue_release_dag(catalog: Catalog) -> DAG | None:
 
 Queues a manifest (`{{"service": "image tag"}}`) for a **release_all** window ({schedule.summary()}): `next`, or the
 ISO 8601 start of a later window. At that window, release_all releases it in depends_on order; a window with nothing
-queued releases nothing. Queuing again for the same window replaces the earlier manifest.
+queued releases nothing. Queuing again for the same window replaces the earlier manifest. In an environment with
+`promote_from` (production), every image must have its evidence there (a successful release of the same digest and
+checksums): checked when queued, and again when the window opens.
 """,
         schedule=None,
         catchup=False,
@@ -36,7 +39,7 @@ queued releases nothing. Queuing again for the same window replaces the earlier 
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "window": Param("next", type="string", description="next, or the ISO 8601 start of a window."),
             "reason": optional_text("Why; kept with the queued manifest and passed to every release."),
-            "staging_rehearsed": Param(False, type="boolean"),
+            "environment": environment_param(catalog),
         },
     ) as dag:
         QueueReleaseOperator(task_id="queue")

@@ -16,6 +16,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Param, TriggerRule
 
 from omnisphere_release.catalog import Catalog
+from omnisphere_release.dags.release import environment_param
 from omnisphere_release.operators.release_all import (
     CHECK_MANIFEST,
     ReleaseAllSummaryOperator,
@@ -51,9 +52,11 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
         params={
             "manifest": Param({}, type="object", description='Service -> image tag, e.g. {"auth-service": "1.4.0"}.'),
             "reason": optional_text("Why; passed to every release."),
-            "staging_rehearsed": Param(False, type="boolean", description="The manifest went through staging."),
+            "environment": environment_param(catalog),
             "force_reason": optional_text("Release every service now, outside its window, for this reason (a "
-                                          "hand-triggered run otherwise releases each in its own window).",
+                                          "hand-triggered run otherwise releases each in its own window); also "
+                                          "overrides a missing promotion evidence, on record (and an approver "
+                                          "must accept it where the environment requires one).",
                                           title="Force reason"),
             "max_parallel": Param(catalog.release_train.max_parallel, type="integer", minimum=lowest, maximum=highest,
                                   title="Max parallel",

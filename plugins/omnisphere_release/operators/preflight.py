@@ -1,4 +1,11 @@
-"""preflight: validate everything that can be validated before anything changes, and record the "before" state."""
+"""preflight: validate everything that can be validated before anything changes, and record the "before" state.
+
+In an environment with ``promote_from`` (production), preflight also applies the promotion rule
+(checks.promotion_verdict): it names the evidence it found in the evidence store (hooks/evidence.py) or says exactly
+what is missing. A ``force_reason`` overrides a missing evidence: preflight then logs the override loudly and records it
+in the plan, the report and the evidence record, and the run still waits for an approver where the environment
+requires one (approve_release, after preflight): an override is a decision two people take and that stays on record.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release import checks
-from omnisphere_release.catalog import Service, load_catalog
+from omnisphere_release.catalog import Catalog, Environment, Service, load_catalog
 from omnisphere_release.contracts import ReleasePlan, ReleaseRun, WindowDecision
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.ecs import EcsDeploymentError
@@ -29,6 +36,8 @@ from omnisphere_release.operators.common import (
 TOUCHED_TABLE = re.compile(
     r"\b(?:ALTER\s+TABLE(?:\s+IF\s+EXISTS)?(?:\s+ONLY)?|INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?)"
     r"\s+((?:\"[^\"]+\"|\w+)(?:\.(?:\"[^\"]+\"|\w+))?)", re.IGNORECASE)
+# The run's force_reason param, as the release DAG gives it (the same reason that forces the maintenance window).
+FORCE_REASON_TEMPLATE = "{{ params.get('force_reason') or '' }}"
 
 
 def touched_tables(sql_texts: list[str]) -> list[str]:
@@ -48,14 +57,17 @@ class ReleasePreflightOperator(BaseOperator):
     Changes nothing. Returns the "before" state (:class:`ReleasePlan`) that every later stage and rollback step reads.
     """
 
-    template_fields: Sequence[str] = ("service", "environment", "image_tag", "strategy", "migrate", "target_version", "plan_only",
-                                      "backup_bucket", "reason", "staging_rehearsed", "environment")
+    template_fields: Sequence[str] = ("service", "environment", "image_tag", "strategy", "migrate", "target_version",
+                                      "plan_only", "backup_bucket", "reason", "force_reason")
 
     def __init__(self, *, service: str, image_tag: str, strategy: str, migrate: Any = True,
                  target_version: Any = None, dry_run: Any = False, backup_bucket: str = "", reason: str = "",
-                 staging_rehearsed: Any = False, environment: str = "", **kwargs: Any) -> None:
+                 force_reason: str = FORCE_REASON_TEMPLATE, environment: str = "", **kwargs: Any) -> None:
+        # TRANSITIONAL: dags/release.py still passes the retired staging_rehearsed checkbox until its diff is merged;
+        # it means nothing any more (the promotion rule reads evidence). Remove this line with that diff.
+        kwargs.pop("staging_rehearsed", None)
         super().__init__(**kwargs)
-        self.staging_rehearsed, self.environment = staging_rehearsed, environment
+        self.environment, self.force_reason = environment, force_reason
         self.service, self.image_tag, self.strategy = service, image_tag, strategy
         # Not self.dry_run: that is BaseOperator's own method.
         self.migrate, self.target_version, self.plan_only = migrate, target_version, dry_run
@@ -119,6 +131,17 @@ class ReleasePreflightOperator(BaseOperator):
         except BackupError as exc:
             problems.append(str(exc))
 
+        fingerprint = None
+        try:
+            fingerprint = checks.fingerprint(catalog, service.name, target.registry.digest if target else None,
+                                             plan.target_version if plan else status.current_version)
+        except InvalidMigrationInput as exc:
+            problems.append(f"cannot fingerprint the release for its evidence: {exc}")
+        promotion = None
+        if fingerprint is not None and target is not None and environment.promote_from:
+            promotion, refusal = self._promotion(catalog, service, environment, fingerprint)
+            problems += refusal
+
         problems += self._checklist(service, window)
 
         if problems or target is None:
@@ -148,7 +171,8 @@ class ReleasePreflightOperator(BaseOperator):
             "row_counts": row_counts,
             "backup_bucket": self.backup_bucket,
             "window": window,
-            "staging_rehearsed": as_bool(self.staging_rehearsed),
+            "fingerprint": fingerprint.as_dict() if fingerprint else None,
+            "promotion": promotion,
         }
         self.log.info(
             "Preflight passed for %s: %s -> %s, schema %s -> %s (%d pending), row counts of %d touched table(s) "
@@ -156,13 +180,39 @@ class ReleasePreflightOperator(BaseOperator):
             version_label(before["target_version"]), len(pending), len(row_counts), "nothing (dry run)" if dry_run else "backup")
         return before
 
+    def _promotion(self, catalog: Catalog, service: Service, environment: Environment,
+                   fingerprint: checks.Fingerprint) -> tuple[dict[str, Any], list[str]]:
+        """Apply the promotion rule; return what the plan records of it, and the problems that refuse the release
+        (none when the evidence is there, or when a force_reason overrides it)."""
+        source = str(environment.promote_from)
+        verdict = checks.promotion_evidence(catalog, service, environment, fingerprint, self.image_tag)
+        record: dict[str, Any] = {"rule": f"a successful {source} release of the same image digest and checksums, "
+                                          f"at most {environment.evidence_max_age_hours:g} h old",
+                                  "promote_from": source, "evidence": verdict.evidence, "problems": verdict.problems,
+                                  "overridden": False, "force_reason": ""}
+        if verdict.satisfied:
+            self.log.info("Promotion to %s: %s.", environment.name, verdict.describe())
+            return record, []
+        reason = checks.plain_text(self.force_reason)
+        if not reason:
+            self.log.warning("Promotion to %s refused: %s", environment.name, verdict.describe())
+            return record, [f"promotion to {environment.name} needs evidence from {source}: {p}"
+                            for p in verdict.problems] + [
+                f"to release without it, give param force_reason{' (an approver must then accept it)' if environment.approval else ''}"]
+        self.log.warning("!" * 100)
+        self.log.warning("PROMOTION RULE OVERRIDDEN for %s in %s, because: %s", service.name, environment.name, reason)
+        for problem in verdict.problems:
+            self.log.warning("  missing evidence: %s", problem)
+        self.log.warning("The override is recorded in the plan, the report and the evidence record%s.",
+                         "; approve_release asks an approver to accept it" if environment.approval else "")
+        self.log.warning("!" * 100)
+        return {**record, "overridden": True, "force_reason": reason}, []
+
     def _checklist(self, service: Service, window: WindowDecision) -> list[str]:
         """The team's pre-migration checklist, checked by the run itself; return what is not satisfied."""
-        rehearsed = as_bool(self.staging_rehearsed)
         self.log.info("Checklist: backup before any change: the backup stage; rollback plan: the migration plan above, "
-                      "reversed; staging rehearsal: %s.", "done" if rehearsed else "NOT declared")
-        problems = [p for p in [checks.staging_rule_problem(self.environment, rehearsed,
-                                                            forced=window.get("mode") == "forced")] if p]
+                      "reversed; tested in staging first: the promotion rule above, where the environment has one.")
+        problems: list[str] = []
         if window.get("window_end"):
             needed = self._estimate(service)
             now = datetime.now(timezone.utc)

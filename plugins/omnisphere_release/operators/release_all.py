@@ -13,9 +13,10 @@ from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from omnisphere_release import checks, release_train
-from omnisphere_release.catalog import Catalog, ReleaseTrain, load_catalog
+from omnisphere_release.catalog import Catalog, CatalogError, ReleaseTrain, load_catalog
 from omnisphere_release.contracts import VERIFY_ROLLBACK, ReleaseRun
 from omnisphere_release.logs import Log
+from omnisphere_release.migrations import InvalidMigrationInput
 from omnisphere_release.release_queue import QUEUE_VARIABLE, queue_manifest, take_manifest, window_key
 from omnisphere_release.triggers.release_train import ReleaseTrainSlotTrigger
 
@@ -53,17 +54,40 @@ class CheckedManifest(TypedDict):
     release_confs: dict[str, dict[str, Any]]
 
 
-def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str) -> dict[str, str]:
-    """Validate a manifest and check every image in its registry; raise AirflowFailException starting with
-    ``refusal`` and listing every problem. The one manifest check of release_all and queue_release."""
+def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str, environment: str | None = None,
+                    force_reason: str = "") -> dict[str, str]:
+    """Validate a manifest, check every image in its registry and, where ``environment`` has ``promote_from``, the
+    evidence of each image there (unless ``force_reason`` overrides it: each release's preflight then records the
+    override); raise AirflowFailException starting with ``refusal`` and listing every problem. The one manifest check
+    of release_all and queue_release."""
     try:
         manifest = checks.validate_manifest(manifest, catalog.names)
-    except checks.Refused as exc:
+        target = catalog.environment(environment)
+    except (checks.Refused, CatalogError) as exc:
         raise AirflowFailException(str(exc)) from None
-    images, problems = checks.manifest_images(catalog, manifest)
+    images, problems = checks.manifest_images(catalog, manifest, target.name)
     for image in images:
         log.info("%s: %s", image.service, f"image {image.image} is in ECR ({image.registry.digest})"
                  if image.registry.checked else f"image {image.image} is not in ECR: not checked")
+    if target.promote_from:
+        missing = []
+        for image in images:
+            try:
+                wanted = checks.fingerprint(catalog, image.service, image.registry.digest, None)
+            except InvalidMigrationInput as exc:
+                problems.append(f"{image.service}: {exc}")
+                continue
+            verdict = checks.promotion_evidence(catalog, catalog.get(image.service, target.name), target, wanted,
+                                                manifest[image.service])
+            log.info("%s: %s", image.service, verdict.describe())
+            missing += [f"{image.service}: {p}" for p in verdict.problems]
+        if missing and force_reason:
+            log.warning("PROMOTION RULE OVERRIDDEN for %d service(s) of the manifest, because: %s; each release's "
+                        "preflight records it%s:\n%s", len(missing), force_reason,
+                        " and waits for an approver" if target.approval else "",
+                        "\n".join(f"  - {p}" for p in missing))
+        elif missing:
+            problems += missing + [f"release each image to {target.promote_from} first, or give param force_reason"]
     if problems:
         raise AirflowFailException(f"{refusal}:\n" + "\n".join(f"  - {p}" for p in problems))
     return manifest
@@ -71,8 +95,8 @@ def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str) -> 
 
 class ReleaseManifestCheckOperator(BaseOperator):
     """check_manifest: take the manifest (queued for this window when scheduled, else the params) and refuse an
-    unknown service, a bad tag, an image that is not in its registry or a skipped staging rehearsal, before any
-    release starts."""
+    unknown service, a bad tag, an image that is not in its registry or, in an environment with promote_from, an
+    image without evidence there, before any release starts."""
 
     def execute(self, context: Context) -> CheckedManifest:
         catalog = load_catalog()
@@ -85,7 +109,7 @@ class ReleaseManifestCheckOperator(BaseOperator):
         if problem:
             raise AirflowFailException(problem)
         entry = {"manifest": params["manifest"], "reason": params.get("reason") or "",
-                 "staging_rehearsed": params.get("staging_rehearsed", False)}
+                 "environment": params.get("environment") or catalog.default_environment}
         scheduled = str(getattr(dag_run, "run_type", "")).lower().endswith("scheduled")
         # A run triggered without a logical date (the API's and the UI's default) has no data interval in its context.
         start = context.get("data_interval_start")
@@ -98,12 +122,11 @@ class ReleaseManifestCheckOperator(BaseOperator):
                                            f"release.")
             entry = queued
             self.log.info("Took the manifest queued for the window starting %s: %s", window_key(start), entry)
+        # Only a person's force_reason overrides missing evidence: the scheduled run's own reason is the window's.
+        environment = entry.get("environment") or catalog.default_environment
         manifest = accept_manifest(catalog, entry["manifest"], self.log,
-                                   "Refused the manifest before any release started; nothing was changed")
-        staging = checks.staging_rule_problem(Variable.get(checks.ENVIRONMENT_VARIABLE, default=checks.PRODUCTION),
-                                              bool(entry.get("staging_rehearsed")))
-        if staging:
-            raise AirflowFailException(staging)
+                                   "Refused the manifest before any release started; nothing was changed",
+                                   environment, "" if scheduled else checks.plain_text(params.get("force_reason")))
         order = [s.name for s in catalog.release_order(list(manifest))]
         if scheduled and start is not None:
             window, force_reason = "now", (f"in the release_all window {window_key(start)} "
@@ -121,8 +144,8 @@ class ReleaseManifestCheckOperator(BaseOperator):
                       else "each release in its own service's next maintenance window")
         reason = checks.plain_text(entry.get("reason"))
         confs = {name: {"image_tag": manifest[name], "reason": f"release_all {context['run_id']}: {reason}",
-                        "window": window, "force_reason": force_reason,
-                        "staging_rehearsed": bool(entry.get("staging_rehearsed"))} for name in order}
+                        "window": window, "force_reason": force_reason, "environment": environment}
+                 for name in order}
         return {"order": order, "manifest": manifest, "reason": reason, "max_parallel": max_parallel,
                 "release_confs": confs}
 
@@ -228,11 +251,13 @@ class QueueReleaseOperator(BaseOperator):
             start = checks.queued_window_start(schedule, params["window"], datetime.now(timezone.utc))
         except checks.Refused as exc:
             raise AirflowFailException(str(exc)) from None
-        # Found now, in daylight, rather than when the window opens; release_all checks again then.
+        # Found now, in daylight, rather than when the window opens; release_all checks again then (the evidence may
+        # have aged by then). A queued manifest has no force_reason: what it releases must have its evidence.
+        environment = params.get("environment") or catalog.default_environment
         manifest = accept_manifest(catalog, params["manifest"], self.log,
-                                   "Not queued; fix these, then queue the manifest again")
-        entry = {"manifest": manifest, "reason": checks.plain_text(params["reason"]),
-                 "staging_rehearsed": params["staging_rehearsed"], "queued_by": context["run_id"]}
+                                   "Not queued; fix these, then queue the manifest again", environment)
+        entry = {"manifest": manifest, "reason": checks.plain_text(params["reason"]), "environment": environment,
+                 "queued_by": context["run_id"]}
         current = Variable.get(QUEUE_VARIABLE, default={}, deserialize_json=True)
         Variable.set(QUEUE_VARIABLE, queue_manifest(current, start, entry), serialize_json=True)
         self.log.info("Queued for the release_all window starting %s: %s", window_key(start), manifest)
