@@ -69,9 +69,11 @@ class AirflowApi:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
-        if response.status_code == 401:
-            raise ClientError(f"Airflow refused the credentials for {method} {path} (HTTP 401): the token expired or "
-                              "is wrong; check OMNI_AIRFLOW_TOKEN or OMNI_AIRFLOW_USERNAME/PASSWORD", EXIT_UNREACHABLE)
+        # Airflow answers a token it cannot read with 403 "Invalid JWT token": a credentials problem, as a 401.
+        if response.status_code == 401 or (response.status_code == 403 and "invalid jwt" in response.text.lower()):
+            raise ClientError(f"Airflow refused the credentials for {method} {path} (HTTP {response.status_code}): "
+                              "the token expired or is wrong; check OMNI_AIRFLOW_TOKEN or "
+                              "OMNI_AIRFLOW_USERNAME/PASSWORD", EXIT_UNREACHABLE)
         if response.status_code == 403:
             raise ClientError(forbidden_message(method, path, response), EXIT_BAD_INPUT)
         if response.status_code in (400, 404, 409, 422):
