@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def spec_file(folder: Path, **overrides) -> Path:
     data = {
         "description": "copy events into events_v2 with a kind code",
         "table": "events", "key": "id", "batch_size": 100,
+        "batch_seconds": 0,  # every batch 100 keys: the tests below count batches and aim at the keys of one
         "statement": "INSERT INTO events_v2 SELECT id, account, kind, ascii(kind) FROM events "
                      "WHERE id > :last_key AND id <= :upper_key",
         "verify": "SELECT (SELECT count(*) FROM events) = (SELECT count(*) FROM events_v2)",
@@ -73,8 +75,11 @@ def test_run_copies_every_row_once_and_verifies(scratch_database, tmp_path, capl
     result = engine(scratch_database, spec_file(tmp_path), progress_seconds=0).run()
     assert (result.state, result.rows, result.batches) == ("done", ROWS, ROWS // 100)
     assert checksum(scratch_database) == expected_checksum(scratch_database)
-    progress = [r.message for r in caplog.records if "rows/s, ETA" in r.message]
-    assert progress and "/ ~6000 rows" in progress[0]
+    progress = [r.message for r in caplog.records if "rows/s, batches of 100 now, ETA" in r.message]
+    # The total is extrapolated from the share of the key range walked: close after one batch, exact at the end.
+    first_total = int(re.search(r"/ ~(\d+) rows", progress[0]).group(1))
+    assert abs(first_total - ROWS) <= ROWS // 50, progress[0]
+    assert "6000 / ~6000 rows (100% of the keys)" in progress[-1]
     again = engine(scratch_database, spec_file(tmp_path)).run()
     assert again.state == "already_done" and checksum(scratch_database)[0] == ROWS
 
@@ -296,4 +301,33 @@ def test_a_database_gone_for_longer_than_the_budget_fails_and_a_later_run_resume
     result = engine(scratch_database, path).run()
 
     assert result.state == "done" and result.resumed_from is not None
+    assert checksum(scratch_database) == expected_checksum(scratch_database)
+
+
+def progress_sizes(caplog) -> list[int]:
+    return [int(re.search(r"batches of (\d+) now", r.message).group(1)) for r in caplog.records
+            if "batches of" in r.message and " now, ETA" in r.message]
+
+
+def test_fast_batches_grow_to_the_spec_maximum_and_no_further(scratch_database, tmp_path, caplog):
+    prepare(scratch_database)
+    caplog.set_level(logging.INFO)
+    # A target far above what a batch of these rows takes: every batch asks for twice the last, up to the maximum.
+    path = spec_file(tmp_path, batch_seconds=5, min_batch_size=50, max_batch_size=400)
+    result = engine(scratch_database, path, progress_seconds=0).run()
+    assert (result.state, result.smallest_batch, result.largest_batch) == ("done", 100, 400)
+    assert result.batches == 2 + (ROWS - 300 + 399) // 400  # 100, 200, then 400 each
+    assert max(progress_sizes(caplog)) == 400
+    assert checksum(scratch_database) == expected_checksum(scratch_database)
+
+
+def test_slow_batches_shrink_to_the_spec_minimum_and_no_further(scratch_database, tmp_path):
+    prepare(scratch_database, rows=1000)
+    # Each batch sleeps 50 ms in the server, five times the target: every batch asks for half the last, down to 50.
+    path = spec_file(tmp_path, batch_size=400, batch_seconds=0.01, min_batch_size=50, max_batch_size=400,
+                     statement="INSERT INTO events_v2 SELECT id, account, kind, ascii(kind) FROM events WHERE "
+                               "id > :last_key AND id <= :upper_key AND (SELECT 1 FROM pg_sleep(0.05)) = 1")
+    result = engine(scratch_database, path).run()
+    assert (result.state, result.smallest_batch, result.largest_batch) == ("done", 50, 400)
+    assert result.batches == 3 + (1000 - 700) // 50  # 400, 200, 100, then 50 each
     assert checksum(scratch_database) == expected_checksum(scratch_database)

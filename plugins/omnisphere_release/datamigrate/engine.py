@@ -1,9 +1,14 @@
 """Run a data migration in keyset batches, one transaction each, with a checkpoint that makes it resumable.
 
-Each batch: find the next upper key with an index-only scan (``SELECT key ... WHERE key > last ORDER BY key LIMIT n``),
-run the spec's statement for ``last < key <= upper``, and advance the checkpoint row in the same transaction. After any
-crash the next run continues from the last committed batch: no row is processed twice or skipped. Rows never travel
-through Python: the statement runs in the server, so memory does not grow with the table.
+Each batch is one transaction of three statements: find the next upper key with an index-only scan (``SELECT key ...
+WHERE key > last ORDER BY key LIMIT n``, which also reads whether a pause was asked), run the spec's statement (or its
+Python function) for ``last < key <= upper``, and advance the checkpoint row. After any crash the next run continues
+from the last committed batch: no row is processed twice or skipped. With a SQL statement rows never travel through
+Python, so memory does not grow with the table; a Python function holds one batch at most.
+
+Nothing else runs per batch: the estimate of the rows to go comes from the planner once at the start (a count(*) is a
+full scan, minutes on a large table), a pause request is read by the batch's own statements, and progress is logged
+every few seconds, not per batch. Batch sizes adapt to the spec's target duration (:class:`BatchSizer`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
+from omnisphere_release.datamigrate.code import BatchFunction, load_function
 from omnisphere_release.datamigrate.spec import DataMigrationSpec
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
@@ -79,6 +85,8 @@ class DataRunResult:
     batches: int
     seconds: float
     resumed_from: int | None
+    smallest_batch: int = 0  # the batch sizes (keys per batch) this run asked for, within the spec's bounds
+    largest_batch: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -94,10 +102,65 @@ class _Progress:
     batches: int = 0
     sessions: int = 0
     resumed_from: int | None = None
+    smallest_batch: int = 0
+    largest_batch: int = 0
+    sizer: BatchSizer | None = None  # kept across a reconnect: the sizes learnt so far still hold
+    first_key: int | None = None  # the checkpoint this run started from
+
+    def count(self, rows: int, size: int) -> None:
+        """Count one committed batch of ``rows`` changed rows, asked for with a size of ``size`` keys."""
+        self.rows += rows
+        self.batches += 1
+        self.smallest_batch = min(self.smallest_batch or size, size)
+        self.largest_batch = max(self.largest_batch, size)
 
     def result(self, name: str, direction: str, state: str) -> DataRunResult:
         return DataRunResult(name, direction, state, self.rows, self.batches, time.monotonic() - self.started,
-                             self.resumed_from)
+                             self.resumed_from, self.smallest_batch, self.largest_batch)
+
+
+class BatchSizer:
+    """Size each batch so that it takes about ``target_seconds``, never outside [smallest, largest].
+
+    After each batch the next size is this one scaled by target / measured, at most doubled or halved: one batch slowed
+    by a checkpoint or a cold cache does not swing the size, and a run that starts far from the target gets there in a
+    few batches. A target of 0 keeps every batch at its first size.
+    """
+
+    def __init__(self, first: int, smallest: int, largest: int, target_seconds: float) -> None:
+        self.smallest, self.largest, self.target_seconds = smallest, largest, target_seconds
+        self.size = self._bounded(first)
+
+    def _bounded(self, size: float) -> int:
+        return int(max(self.smallest, min(self.largest, size)))
+
+    def observe(self, seconds: float) -> None:
+        """Size the next batch from how long the last one (of ``self.size`` keys) took."""
+        if self.target_seconds and seconds > 0:
+            self.size = self._bounded(min(2.0, max(0.5, self.target_seconds / seconds)) * self.size)
+
+    def shrink(self) -> None:
+        """Halve the next batch (a batch that timed out on a lock: fewer rows, fewer locks to wait for)."""
+        if self.target_seconds:
+            self.size = self._bounded(self.size / 2)
+
+    def describe(self) -> str:
+        if not self.target_seconds:
+            return f"batches of {self.size}"
+        return (f"batches sized to ~{self.target_seconds:g}s each, from {self.size} within "
+                f"[{self.smallest}, {self.largest}]")
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ran: bool  # False: a pause was asked before it, or no key is left
+    last_key: int | None  # the checkpoint after it
+    rows: int  # rows the statement or function changed
+    pause: bool  # a pause was asked (before or while it ran)
+
+
+class _FunctionFailed(Exception):
+    """A spec's Python function raised, or broke the batch's transaction; the batch was rolled back."""
 
 
 class DataMigrationEngine:
@@ -125,17 +188,22 @@ class DataMigrationEngine:
         if direction == "revert" and not self.spec.reversible:
             raise InvalidMigrationInput(f"{self.spec.path}: data migration {self.spec.name} is not reversible "
                                         f"(reversible: false); restore the backup taken before it instead")
-        statement = self.spec.bind(self.spec.statement if direction == "forward" else self.spec.revert or "")
-        progress = _Progress(started=time.monotonic())
+        # A spec whose function cannot be imported or called is refused here, before any connection is opened.
+        kind, target = self.spec.batch_work(direction)
+        work: str | BatchFunction = (load_function(self.spec, "python" if direction == "forward" else "revert_python")
+                                     if kind == "python" else self.spec.bind(target))
+        progress = _Progress(started=time.monotonic(), sizer=BatchSizer(
+            self.spec.batch_size, self.spec.min_batch_size or self.spec.batch_size,
+            self.spec.max_batch_size or self.spec.batch_size, self.spec.batch_seconds))
         try:
-            return retry_lost_connection(lambda: self._run_session(direction, statement, max_batches, progress),
+            return retry_lost_connection(lambda: self._run_session(direction, work, max_batches, progress),
                                          f"data migration {self.spec.name} ({direction})", self.log,
                                          self.reconnect_budget_seconds, progress=lambda: progress.batches)
         except DatabaseUnreachable as exc:
             raise MigrationFailed(f"{exc}. Committed batches stay ({progress.rows} rows in {progress.batches} "
                                   f"batches this run); run it again to resume.") from None
 
-    def _run_session(self, direction: str, statement: str, max_batches: int | None,
+    def _run_session(self, direction: str, work: str | BatchFunction, max_batches: int | None,
                      progress: _Progress) -> DataRunResult:
         """Run the migration on one connection, from its checkpoint, counting into ``progress``."""
         conn = self._connect()
@@ -154,32 +222,41 @@ class DataMigrationEngine:
                 return DataRunResult(self.spec.name, direction, "already_done", 0, 0, 0.0, checkpoint.last_key)
             if not reconnected:
                 progress.resumed_from = checkpoint.last_key if checkpoint.batches else None
+                progress.first_key = checkpoint.last_key
             self._set_state(conn, direction, "running")
             total = self._estimate_remaining(conn, checkpoint)
-            self.log.info("%s %s: %s from key %s to %s, about %d rows to go, batches of %d%s.", self.spec.name,
-                          direction, "resuming" if reconnected or progress.resumed_from is not None else "starting",
-                          checkpoint.last_key, checkpoint.end_key, total, self.spec.batch_size,
+            sizer = progress.sizer
+            assert sizer is not None  # made by run()
+            self.log.info("%s %s: %s from key %s to %s, about %d rows to go (planner estimate), %s%s%s.",
+                          self.spec.name, direction,
+                          "resuming" if reconnected or progress.resumed_from is not None else "starting",
+                          checkpoint.last_key, checkpoint.end_key, total, sizer.describe(),
+                          f", by {self.spec.python if direction == 'forward' else self.spec.revert_python}"
+                          if callable(work) else "",
                           f", throttled to {self.spec.rows_per_second:.0f} rows/s" if self.spec.rows_per_second else "")
-            total += progress.rows
             last_report = time.monotonic()
             last_key = checkpoint.last_key
             while True:
                 if max_batches is not None and progress.batches >= max_batches:
                     return progress.result(self.spec.name, direction, "paused")
-                if self._pause_requested(conn, direction):
-                    self._set_state(conn, direction, "paused")
-                    self.log.info("%s: paused at key %s after %d rows; run it again to resume.", self.spec.name,
-                                  last_key, progress.rows)
-                    return progress.result(self.spec.name, direction, "paused")
+                size = sizer.size
                 batch_started = time.monotonic()
-                done, last_key, count = self._batch(conn, statement, direction, last_key, checkpoint.end_key)
-                if done:
-                    break
-                progress.rows += count
-                progress.batches += 1
-                self._throttle(count, time.monotonic() - batch_started)
+                batch = self._batch(conn, work, direction, last_key, checkpoint.end_key, sizer)
+                batch_seconds = time.monotonic() - batch_started
+                if batch.ran:
+                    progress.count(batch.rows, size)
+                    last_key = batch.last_key
+                if batch.pause:
+                    self._set_state(conn, direction, "paused")
+                    self.log.info("%s: paused on request at key %s after %d rows; run it again to resume.",
+                                  self.spec.name, last_key, progress.rows)
+                    return progress.result(self.spec.name, direction, "paused")
+                if not batch.ran:
+                    break  # no key left in the range
+                sizer.observe(batch_seconds)
+                self._throttle(batch.rows, batch_seconds)
                 if time.monotonic() - last_report >= self.progress_seconds:
-                    self._progress(progress.rows, total, progress.started)
+                    self._progress(progress, last_key, checkpoint.end_key, sizer.size)
                     last_report = time.monotonic()
             self._verify(conn, direction)
             if direction == "revert":
@@ -190,13 +267,14 @@ class DataMigrationEngine:
             else:
                 self._set_state(conn, direction, "done")
             result = progress.result(self.spec.name, direction, "done")
-            self.log.info("%s %s done: %d rows in %d batches, %.1fs (%.0f rows/s); verification passed.",
-                          self.spec.name, direction, result.rows, result.batches, result.seconds,
-                          result.rows_per_second)
+            self.log.info("%s %s done: %d rows in %d batches of %d to %d keys, %.1fs (%.0f rows/s); %s.",
+                          self.spec.name, direction, result.rows, result.batches, result.smallest_batch,
+                          result.largest_batch, result.seconds, result.rows_per_second,
+                          "verification passed" if direction == "forward" else "checkpoint forgotten")
             return result
         except (InvalidMigrationInput, MigrationFailed):
             raise
-        except psycopg2.Error as exc:
+        except (psycopg2.Error, _FunctionFailed) as exc:
             if connection_lost(exc):
                 raise  # nothing can be recorded on a dead connection; run() reconnects and resumes
             conn.rollback()
@@ -231,36 +309,66 @@ class DataMigrationEngine:
             conn.close()
 
     # ---- batches -----------------------------------------------------------------------------------------------------
-    def _batch(self, conn: Any, statement: str, direction: str, last_key: int | None,
-               end_key: int | None) -> tuple[bool, int | None, int]:
-        """Run one batch; return (finished, new last key, rows affected)."""
+    def _batch(self, conn: Any, work: str | BatchFunction, direction: str, last_key: int | None,
+               end_key: int | None, sizer: BatchSizer) -> _Batch:
+        """Run one batch of ``sizer.size`` keys after ``last_key``, unless a pause was asked or no key is left."""
         table = sql.Identifier(*self.spec.table.split("."))
         key = sql.Identifier(self.spec.key)
+        checkpoint = sql.Identifier(CHECKPOINT_TABLE)
         attempt = 0
         while True:
+            size = sizer.size
             try:
                 with conn, conn.cursor() as cur:
-                    cur.execute(sql.SQL("SELECT max(k) FROM (SELECT {key} AS k FROM {table} WHERE {key} > %s "
-                                        "AND {key} <= %s ORDER BY {key} LIMIT %s) batch").format(key=key, table=table),
-                                [last_key, end_key, self.spec.batch_size])
-                    upper = cur.fetchone()[0]
+                    # One round trip for the upper key and for a pause asked since the last batch.
+                    cur.execute(sql.SQL("SELECT (SELECT max(k) FROM (SELECT {key} AS k FROM {table} WHERE {key} > %s "
+                                        "AND {key} <= %s ORDER BY {key} LIMIT %s) batch), (SELECT state FROM "
+                                        "{checkpoint} WHERE name = %s AND direction = %s)").format(
+                                            key=key, table=table, checkpoint=checkpoint),
+                                [last_key, end_key, size, self.spec.name, direction])
+                    upper, state = cur.fetchone()
+                    if state == "pause_requested":
+                        return _Batch(ran=False, last_key=last_key, rows=0, pause=True)
                     if upper is None:
-                        return True, last_key, 0
-                    cur.execute(statement, {"last_key": last_key, "upper_key": upper,
-                                            "batch_size": self.spec.batch_size})
-                    count = max(cur.rowcount, 0)
+                        return _Batch(ran=False, last_key=last_key, rows=0, pause=False)
+                    if callable(work):
+                        count = self._call(work, direction, conn, last_key, upper)
+                    else:
+                        cur.execute(work, {"last_key": last_key, "upper_key": upper, "batch_size": size})
+                        count = max(cur.rowcount, 0)
                     cur.execute(sql.SQL("UPDATE {} SET last_key = %s, rows_done = rows_done + %s, "
-                                        "batches = batches + 1, updated_at = now() WHERE name = %s AND direction = %s")
-                                .format(sql.Identifier(CHECKPOINT_TABLE)), [upper, count, self.spec.name, direction])
-                return False, upper, count
+                                        "batches = batches + 1, updated_at = now() WHERE name = %s AND direction = %s "
+                                        "RETURNING state").format(checkpoint),
+                                [upper, count, self.spec.name, direction])
+                    pause = cur.fetchone()[0] == "pause_requested"  # asked while this batch ran
+                return _Batch(ran=True, last_key=upper, rows=count, pause=pause)
             except psycopg2.errors.LockNotAvailable:
                 attempt += 1
                 if attempt > self.lock_retries:
                     raise
                 delay = min(10.0, 0.5 * 2 ** attempt)
-                self.log.warning("%s: batch after key %s waited %d ms for a lock; retry %d of %d in %.1fs",
-                                 self.spec.name, last_key, self.spec.lock_timeout_ms, attempt, self.lock_retries, delay)
+                sizer.shrink()
+                self.log.warning("%s: batch of %d keys after key %s waited %d ms for a lock; retry %d of %d in %.1fs "
+                                 "with %d keys", self.spec.name, size, last_key, self.spec.lock_timeout_ms, attempt,
+                                 self.lock_retries, delay, sizer.size)
                 time.sleep(delay)
+
+    def _call(self, function: BatchFunction, direction: str, conn: Any, last_key: int | None, upper: int) -> int:
+        """Run the spec's Python function for one key range in the batch's transaction; return the rows it changed."""
+        target = self.spec.python if direction == "forward" else self.spec.revert_python
+        where = f"{target} for keys {last_key} < {self.spec.key} <= {upper}"
+        try:
+            changed = function(conn, last_key, upper)
+        except psycopg2.Error:
+            raise  # a lost connection, a lock timeout or an SQL error: handled as for a SQL statement
+        except Exception as exc:  # the function's own failure, reported with its range
+            raise _FunctionFailed(f"{where} raised {type(exc).__name__}: {exc}") from exc
+        if conn.autocommit or conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_INTRANS:
+            raise _FunctionFailed(f"{where} committed, rolled back or left the batch's transaction; it must not: the "
+                                  f"engine commits its rows together with the checkpoint (what it committed stays)")
+        if not isinstance(changed, int) or isinstance(changed, bool) or changed < 0:
+            raise _FunctionFailed(f"{where} returned {changed!r}; it must return how many rows it changed (an int)")
+        return changed
 
     def _throttle(self, rows: int, batch_seconds: float) -> None:
         wait = self.spec.pause_ms / 1000
@@ -269,13 +377,21 @@ class DataMigrationEngine:
         if wait > 0:
             time.sleep(wait)
 
-    def _progress(self, rows: int, total: int, started: float) -> None:
-        elapsed = time.monotonic() - started
-        rate = rows / elapsed if elapsed else 0
-        remaining = max(total - rows, 0)
-        eta = remaining / rate if rate else float("inf")
-        self.log.info("%s: %d / ~%d rows (%.0f%%), %.0f rows/s, ETA %s", self.spec.name, rows, total,
-                      100 * rows / total if total else 100, rate,
+    def _progress(self, progress: _Progress, last_key: int | None, end_key: int | None, batch_size: int) -> None:
+        """Log rows done, the rows to go and the ETA, extrapolated from the share of the key range walked so far.
+
+        The key range is exact where the planner's estimate is not (a table never analysed), and the rows counted are
+        the rows the statement changed, so the total is of the same kind.
+        """
+        elapsed = time.monotonic() - progress.started
+        rows = progress.rows
+        walked = (last_key or 0) - (progress.first_key or 0)
+        left = max((end_key or 0) - (last_key or 0), 0)
+        share = walked / (walked + left) if walked + left > 0 else 1.0
+        total = round(rows / share) if share > 0 else rows
+        eta = elapsed * left / walked if walked > 0 else float("inf")
+        self.log.info("%s: %d / ~%d rows (%.0f%% of the keys), %.0f rows/s, batches of %d now, ETA %s",
+                      self.spec.name, rows, total, 100 * share, rows / elapsed if elapsed else 0, batch_size,
                       f"{eta:.0f}s" if eta != float("inf") else "unknown")
 
     def _verify(self, conn: Any, direction: str) -> None:
@@ -355,16 +471,13 @@ class DataMigrationEngine:
         return Checkpoint(*row) if row else None
 
     def _estimate_remaining(self, conn: Any, checkpoint: Checkpoint) -> int:
+        """Return the planner's estimate of the rows left to walk: free, where a count(*) would scan the table."""
         with conn, conn.cursor() as cur:
-            cur.execute(sql.SQL("SELECT count(*) FROM {table} WHERE {key} > %s AND {key} <= %s").format(
+            cur.execute(sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {table} WHERE {key} > %s AND {key} <= %s").format(
                 table=sql.Identifier(*self.spec.table.split(".")), key=sql.Identifier(self.spec.key)),
                 [checkpoint.last_key, checkpoint.end_key])
-            return cur.fetchone()[0]
-
-    def _pause_requested(self, conn: Any, direction: str) -> bool:
-        with conn, conn.cursor() as cur:
-            return (self._read(cur, direction) or Checkpoint("", "", 0, 0, 0, 0, "running", None)).state \
-                == "pause_requested"
+            plan = cur.fetchone()[0]
+            return int(plan[0]["Plan"]["Plan Rows"])
 
     def _set_state(self, conn: Any, direction: str, state: str) -> None:
         with conn, conn.cursor() as cur:
