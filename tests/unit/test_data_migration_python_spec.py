@@ -126,13 +126,15 @@ def test_a_good_function_with_extra_defaults_is_accepted(include, tmp_path):
     assert load_function(load_spec(path), "python").__name__ == "copy"
 
 
-def test_revert_python_is_checked_when_reverting(include, tmp_path):
+@pytest.mark.parametrize("direction", ["forward", "revert"])
+def test_a_bad_revert_function_refuses_the_forward_run_too(include, tmp_path, direction):
+    """Found before the forward run changes data, not during the rollback that needs it."""
     path = write(tmp_path, {**GOOD, "python": f"{include}.batches:copy", "revert": None,
                             "revert_python": f"{include}.batches:one_argument"})
     connections = []
     engine = DataMigrationEngine(load_spec(path), lambda: connections.append(1), run_by="test")
     with pytest.raises(DataSpecError, match=r"field revert_python: .*one_argument\(conn\) cannot be called"):
-        engine.run("revert")
+        engine.run(direction)
     assert connections == []
 
 

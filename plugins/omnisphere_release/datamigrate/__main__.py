@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = engine.run("forward" if args.action == "run" else "revert", max_batches=args.max_batches)
             print(f"{result.name} {result.direction}: {result.state}, {result.rows} rows in {result.batches} "
-                  f"batches, {result.seconds:.1f}s")
+                  f"batches" + (f" of {result.smallest_batch} to {result.largest_batch} keys" if result.batches else "")
+                  + f", {result.seconds:.1f}s")
     except (CatalogError, InvalidMigrationInput) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,15 @@ def code_root() -> Path:
     return sql_dir().parent
 
 
+def load_functions(spec: DataMigrationSpec) -> dict[str, BatchFunction]:
+    """Import every function ``spec`` names (``python``, ``revert_python``), keyed by field; refuse any bad one.
+
+    Both at once, before the first batch of either direction: a revert function that cannot run is found before the
+    forward run changes data, not during the rollback that needs it.
+    """
+    return {field: load_function(spec, field) for field in ("python", "revert_python") if getattr(spec, field)}
+
+
 def load_function(spec: DataMigrationSpec, field: str) -> BatchFunction:
     """Import the function that ``spec``'s ``field`` (python or revert_python) names; refuse it naming file and field.
 

@@ -23,7 +23,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
-from omnisphere_release.datamigrate.code import BatchFunction, load_function
+from omnisphere_release.datamigrate.code import BatchFunction, load_functions
 from omnisphere_release.datamigrate.spec import DataMigrationSpec
 from omnisphere_release.logs import Log
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
@@ -188,9 +188,11 @@ class DataMigrationEngine:
         if direction == "revert" and not self.spec.reversible:
             raise InvalidMigrationInput(f"{self.spec.path}: data migration {self.spec.name} is not reversible "
                                         f"(reversible: false); restore the backup taken before it instead")
-        # A spec whose function cannot be imported or called is refused here, before any connection is opened.
+        # A spec whose functions (either direction's) cannot be imported or called is refused here, before any
+        # connection is opened.
+        functions = load_functions(self.spec)
         kind, target = self.spec.batch_work(direction)
-        work: str | BatchFunction = (load_function(self.spec, "python" if direction == "forward" else "revert_python")
+        work: str | BatchFunction = (functions["python" if direction == "forward" else "revert_python"]
                                      if kind == "python" else self.spec.bind(target))
         progress = _Progress(started=time.monotonic(), sizer=BatchSizer(
             self.spec.batch_size, self.spec.min_batch_size or self.spec.batch_size,
