@@ -80,6 +80,9 @@ REDIS_MISSING = ("redis-server is not installed: the Celery topology uses it as 
 LOCAL_OVERRIDES = {
     # Locally a DAG is usable as soon as it is parsed; production keeps new DAGs paused until someone unpauses them.
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+    # Locally the simple auth manager (one admin who may do everything), as `airflow standalone`; with
+    # `make up AUTH=fab` production's FAB auth manager stays, with the roles from the catalog and a user per role.
+    "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
 }
 STOP_GRACE_SECONDS = 10.0  # as `docker stop`: SIGTERM, then SIGKILL what is left after this long
 MAX_BACKOFF_SECONDS = 30.0
@@ -152,14 +155,18 @@ def _write_private(path: Path, document: dict[str, Any]) -> None:
 
 
 def _deployment_secrets(home: Path) -> dict[str, str]:
-    """The Fernet key and the JWT secret every part shares, generated once per home (0600), as compose's variables."""
+    """The Fernet key, the JWT secret and the API's session key every part shares, generated once per home (0600),
+    as compose's variables; a home made before one of them existed gets it added."""
     from cryptography.fernet import Fernet
 
     path = home / SECRETS_FILE
-    if not path.exists():
-        _write_private(path, {"AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-                              "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32)})
-    return json.loads(path.read_text())
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    generators = {"AIRFLOW__CORE__FERNET_KEY": lambda: Fernet.generate_key().decode(),
+                  "AIRFLOW__API_AUTH__JWT_SECRET": lambda: secrets.token_hex(32),
+                  "AIRFLOW__API__SECRET_KEY": lambda: secrets.token_hex(32)}
+    if not path.exists() or generators.keys() - saved.keys():
+        _write_private(path, {**{key: make() for key, make in generators.items()}, **saved})
+    return dict(json.loads(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -181,14 +188,16 @@ class Ports:
 
 
 def topology_env(devstack_env: dict[str, str], home: Path, ports: Ports, metadata_dsn: str,
-                 extra_env: dict[str, str] | None = None) -> dict[str, str]:
+                 extra_env: dict[str, str] | None = None, auth: str | None = None) -> dict[str, str]:
     """Return the environment every Airflow part shares: airflow.env, then this deployment's own settings."""
-    from devstack.airflow_server import airflow_env
+    from devstack.airflow_server import AUTH_MANAGERS, airflow_env, auth_choice
 
     celery_backend = "db+" + metadata_dsn.replace("postgresql+psycopg2://", "postgresql://", 1)
-    env = airflow_env(devstack_env, home, ports.api)
+    env = airflow_env(devstack_env, home, ports.api, auth=auth)
     env.update(shared_settings())
     env.update(LOCAL_OVERRIDES)
+    if auth_choice(auth) == "fab":
+        env["AIRFLOW__CORE__AUTH_MANAGER"] = AUTH_MANAGERS["fab"]
     env.update(_deployment_secrets(home))
     env.update({
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_dsn,
@@ -503,15 +512,17 @@ def is_running(home: Path) -> bool:
 
 
 def start(devstack_env: dict[str, str], home: Path, port: int = 8080, extra_env: dict[str, str] | None = None,
-          database: str = "airflow", timeout: float = 300) -> Topology:
-    """Start the topology in the background unless it runs already; return when it is ready. See the docstring."""
-    from devstack.airflow_server import ADMIN_USER, MIGRATIONS_POOL, admin_password
+          database: str = "airflow", timeout: float = 300, auth: str | None = None) -> Topology:
+    """Start the topology in the background unless it runs already; return when it is ready. See the docstring.
+    ``auth="fab"`` (or OMNI_AIRFLOW_AUTH=fab): production's FAB auth manager, see devstack.airflow_server."""
+    from devstack.airflow_server import ADMIN_USER, MIGRATIONS_POOL, admin_password, auth_choice, fab_users
 
     require_redis()
+    auth = auth_choice(auth)
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     admin_dsn = devstack_env["OMNI_PG_ADMIN_DSN"]
-    password = admin_password(home)
+    password = admin_password(home) if auth == "simple" else fab_users(home).get(ADMIN_USER, {}).get("password", "")
     if is_running(home):
         state = json.loads((home / STATE_FILE).read_text())
         topology = Topology(home, f"http://127.0.0.1:{state['ports']['api-server']}", ADMIN_USER, password,
@@ -520,7 +531,7 @@ def start(devstack_env: dict[str, str], home: Path, port: int = 8080, extra_env:
         return topology
     stop(home)  # what a killed supervisor may have left
     ports = Ports.choose(port)
-    env = topology_env(devstack_env, home, ports, metadata_database(admin_dsn, home, database), extra_env)
+    env = topology_env(devstack_env, home, ports, metadata_database(admin_dsn, home, database), extra_env, auth)
     airflow = [sys.executable, "-m", "airflow"]
     started = time.monotonic()
     for command in (["db", "migrate"], ["pools", "set", *MIGRATIONS_POOL]):
@@ -530,6 +541,11 @@ def start(devstack_env: dict[str, str], home: Path, port: int = 8080, extra_env:
             raise RuntimeError(f"`airflow {' '.join(command)}` failed on the metadata database {database}:\n"
                                + (result.stdout + result.stderr)[-3000:])
     log.info("metadata database %s migrated in %.1fs", database, time.monotonic() - started)
+    if auth == "fab":
+        from devstack.airflow_server import prepare_fab
+
+        prepare_fab(env, home)
+        password = fab_users(home)[ADMIN_USER]["password"]
     _write_private(home / SPEC_FILE, {"ports": {"redis": ports.redis, "api-server": ports.api,
                                                 "listening": ports.listening()},
                                       "parts": part_commands(home, ports)})

@@ -35,6 +35,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -392,6 +393,38 @@ async def _request_user(scope: dict[str, Any]) -> Any:
         return None
 
 
+# ---- the first administrator ----------------------------------------------------------------------------------------
+ADMIN_USERNAME_VARIABLE, ADMIN_PASSWORD_VARIABLE = "AIRFLOW_ADMIN_USERNAME", "AIRFLOW_ADMIN_PASSWORD"
+
+
+def ensure_admin(environ: Mapping[str, str], reset_password: bool = False, out: Any = None) -> str:
+    """Create the Admin user named by AIRFLOW_ADMIN_USERNAME (default ``admin``) with the password in
+    AIRFLOW_ADMIN_PASSWORD, unless it exists; return what was done. The password comes from the environment, never
+    the command line (``airflow users create --password`` would show it in ``ps``); an existing user keeps its
+    password unless ``reset_password``."""
+    from airflow.providers.fab.auth_manager.cli_commands.utils import get_application_builder
+
+    username = environ.get(ADMIN_USERNAME_VARIABLE) or "admin"
+    password = environ.get(ADMIN_PASSWORD_VARIABLE) or ""
+    with get_application_builder() as appbuilder:
+        sm = appbuilder.sm
+        user = sm.find_user(username=username)
+        if (user is None or reset_password) and len(password) < 12:
+            raise AccessError(f"set {ADMIN_PASSWORD_VARIABLE} (at least 12 characters) to "
+                              f"{'create' if user is None else 'reset the password of'} the Admin user "
+                              f"{username!r}; nothing was changed")
+        if user is None:
+            sm.add_user(username, username, "(admin)", f"{username}@localhost", sm.find_role("Admin"), password)
+            done = f"created the Admin user {username!r} (password from {ADMIN_PASSWORD_VARIABLE})"
+        elif reset_password:
+            sm.reset_password(user.id, password)
+            done = f"reset the password of {username!r} from {ADMIN_PASSWORD_VARIABLE}"
+        else:
+            done = f"the user {username!r} exists: left as it is (--reset-password sets {ADMIN_PASSWORD_VARIABLE})"
+    print(done, file=out or sys.stdout)
+    return done
+
+
 # ---- the command line -----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None, out: Any = None) -> int:
     out = out or sys.stdout
@@ -404,7 +437,17 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
     commands.add_parser("roles", help="print each role and its permissions, as computed from the catalog")
     may_force = commands.add_parser("may-force", help="tell whether a user may force a maintenance window")
     may_force.add_argument("username")
+    admin = commands.add_parser("admin", help=f"create the first Admin user from ${ADMIN_USERNAME_VARIABLE} and "
+                                              f"${ADMIN_PASSWORD_VARIABLE}, unless it exists")
+    admin.add_argument("--reset-password", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        try:
+            ensure_admin(os.environ, args.reset_password, out)
+        except AccessError as exc:
+            print(f"access: {exc}", file=sys.stderr)
+            return 2
+        return 0
 
     from omnisphere_release.catalog import load_catalog
 

@@ -228,7 +228,8 @@ def test_local_connections_reach_the_local_profile_services():
 
 
 @pytest.mark.parametrize("variable", ["AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "AIRFLOW_DB_PASSWORD",
-                                      "OMNI_BACKUP_BUCKET"])
+                                      "OMNI_BACKUP_BUCKET", "REDIS_PASSWORD", "AIRFLOW_API_SECRET_KEY",
+                                      "AIRFLOW_ADMIN_PASSWORD"])
 def test_a_missing_secret_stops_compose_with_a_message_that_says_what_to_set(variable):
     messages = [message for text in strings_in(compose())
                 for message in re.findall(rf"\$\{{{variable}:\?([^}}]*)\}}", text)]
@@ -245,13 +246,14 @@ def test_the_local_celery_topology_runs_on_the_same_settings(tmp_path):
     env = topology.topology_env({}, tmp_path, ports, "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow")
     shared = env_file(SHARED_SETTINGS)
     assert topology.shared_settings() == shared
-    assert set(topology.LOCAL_OVERRIDES) == {"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"}
+    assert set(topology.LOCAL_OVERRIDES) == {"AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__CORE__AUTH_MANAGER"}
     assert {key: env[key] for key in shared} == {**shared, **topology.LOCAL_OVERRIDES}
     per_deployment = {key for key in compose()["x-airflow-common"]["environment"]
                       if key.startswith("AIRFLOW__") and not key.startswith("AIRFLOW__SECRETS__")}
     assert per_deployment == {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND",
                               "AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__CORE__FERNET_KEY",
-                              "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"}
+                              "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY",
+                              "AIRFLOW__CORE__EXECUTION_API_SERVER_URL"}
     assert sorted(per_deployment - env.keys()) == []
     assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:16379/0"
     assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+postgresql://airflow:pw@127.0.0.1:5432/airflow"
@@ -260,3 +262,100 @@ def test_the_local_celery_topology_runs_on_the_same_settings(tmp_path):
     assert (tmp_path / topology.SECRETS_FILE).stat().st_mode & 0o777 == 0o600
     again = topology.topology_env({}, tmp_path, ports, "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow")
     assert again["AIRFLOW__API_AUTH__JWT_SECRET"] == env["AIRFLOW__API_AUTH__JWT_SECRET"]
+    assert again["AIRFLOW__API__SECRET_KEY"] == env["AIRFLOW__API__SECRET_KEY"]
+    # Locally the simple auth manager, unless `make up AUTH=fab` asks for production's.
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("SimpleAuthManager")
+    fab = topology.topology_env({}, tmp_path, ports, "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow",
+                                auth="fab")
+    assert fab["AIRFLOW__CORE__AUTH_MANAGER"] == shared["AIRFLOW__CORE__AUTH_MANAGER"]
+
+
+# ---- no open doors (#16): the broker, the metadata database and the API take credentials compose cannot start without
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+
+
+def required_variable(text: str) -> str | None:
+    """The variable a value requires (``${NAME:?message}`` and nothing else), or None."""
+    match = REQUIRED_REFERENCE.match(text)
+    return re.match(r"^\$\{(\w+)", text).group(1) if match else None  # type: ignore[union-attr]
+
+
+def open_doors(document: dict) -> list[str]:
+    """Where a client could reach the broker, the metadata database or the API without a secret of this deployment."""
+    found = []
+    services = document["services"]
+    common = container_env(services["airflow-apiserver"])
+    broker = urlsplit_password(common["AIRFLOW__CELERY__BROKER_URL"])
+    broker_variable = required_variable(broker or "")
+    if broker_variable is None:
+        found.append(f"the broker URL takes no required password: {common['AIRFLOW__CELERY__BROKER_URL']}")
+    redis = services["redis"]
+    server_conf = " ".join(strings_in(redis.get("command", "")))
+    if "requirepass $$REDIS_PASSWORD" not in server_conf or required_variable(
+            str(redis.get("environment", {}).get("REDIS_PASSWORD", ""))) != broker_variable:
+        found.append("redis-server does not require the broker URL's password (requirepass)")
+    if redis.get("ports"):
+        found.append("redis is published beyond the compose network")
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
+        if required_variable(urlsplit_password(common[key]) or "") is None:
+            found.append(f"{key} takes no required password")
+    postgres = services["postgres"]["environment"]
+    if required_variable(str(postgres.get("POSTGRES_PASSWORD", ""))) is None or "POSTGRES_HOST_AUTH_METHOD" in postgres:
+        found.append("the metadata PostgreSQL does not require its password")
+    if services["postgres"].get("ports"):
+        found.append("the metadata PostgreSQL is published beyond the compose network")
+    for name in (*AIRFLOW_PARTS, *ONE_SHOT):
+        environment = container_env(services[name])
+        if environment.get("AIRFLOW__CORE__AUTH_MANAGER") != FAB_AUTH_MANAGER:
+            found.append(f"{name} does not run the FAB auth manager: {environment.get('AIRFLOW__CORE__AUTH_MANAGER')}")
+        if any(key.startswith("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER") for key in environment):
+            found.append(f"{name} configures the simple auth manager's users")
+        if required_variable(environment.get("AIRFLOW__API__SECRET_KEY", "")) is None:
+            found.append(f"{name}: the API's session key is not a required variable")
+    init = " ".join(services["airflow-init"]["command"])
+    if "omnisphere_release.access sync" not in init or "omnisphere_release.access admin" not in init:
+        found.append("airflow-init does not sync the roles from the catalog and create the first Admin")
+    if required_variable(str(services["airflow-init"]["environment"].get("AIRFLOW_ADMIN_PASSWORD", ""))) is None:
+        found.append("the first Admin's password is not a required variable")
+    return found
+
+
+def urlsplit_password(url: str) -> str | None:
+    """The password of ``scheme://user:password@host`` as written (a ``${...}`` reference is kept whole)."""
+    match = re.match(r"^[\w+]+://[^:/@]*:(.*)@[^@]+$", url)
+    return match.group(1) if match else None
+
+
+def test_the_broker_the_metadata_database_and_the_api_require_credentials():
+    assert open_doors(compose()) == []
+
+
+def test_the_open_door_check_finds_each_planted_door():
+    doors = unshared(compose())
+    common = doors["x-airflow-common"]["environment"]
+    for name in (*AIRFLOW_PARTS, *ONE_SHOT):
+        service = doors["services"][name]
+        service["environment"] = {**common, **service.get("environment", {})}
+    doors["services"]["airflow-worker"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] = "redis://:@redis:6379/0"
+    doors["services"]["airflow-apiserver"]["environment"]["AIRFLOW__CELERY__BROKER_URL"] = "redis://:@redis:6379/0"
+    doors["services"]["redis"]["command"] = ["redis-server"]
+    doors["services"]["airflow-scheduler"]["environment"]["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "true"
+    doors["services"]["postgres"]["environment"]["POSTGRES_HOST_AUTH_METHOD"] = "trust"
+    doors["services"]["airflow-init"]["command"] = ["-c", "airflow db migrate"]
+    found = open_doors(doors)
+    assert found[:3] == ["the broker URL takes no required password: redis://:@redis:6379/0",
+                         "redis-server does not require the broker URL's password (requirepass)",
+                         "the metadata PostgreSQL does not require its password"], found
+    assert "airflow-scheduler configures the simple auth manager's users" in found
+    assert "airflow-init does not sync the roles from the catalog and create the first Admin" in found
+
+
+def test_production_runs_the_fab_auth_manager_from_the_runtime_set():
+    """The auth manager airflow.env names is installed by the image (requirements.txt) and resolves to the class."""
+    import importlib
+
+    from airflow.providers.fab.auth_manager.fab_auth_manager import FabAuthManager
+
+    module, _, name = env_file(SHARED_SETTINGS)["AIRFLOW__CORE__AUTH_MANAGER"].rpartition(".")
+    assert getattr(importlib.import_module(module), name) is FabAuthManager
+    assert re.search(r"^apache-airflow-providers-fab$", (REPO / "requirements.txt").read_text(), re.MULTILINE)
