@@ -1,5 +1,6 @@
 """The release rules, each in one place: the target image and its registry, maintenance windows, promotion on
-evidence between environments, and manifests. preflight, wait_for_window, rollback_<service>, release_all and queue_release call them.
+evidence between environments, and manifests. preflight, wait_for_window, rollback_<service>, release_all and
+queue_release call them.
 
 Pure rules take values and return a decision or the problems found; the few that must look at a system do it through
 the hooks. None of them raises an Airflow exception: the calling stage decides what a refusal means for its run.
@@ -415,6 +416,25 @@ def promotion_verdict(environment: Environment, wanted: Fingerprint, records: li
             return verdict(record, [])
         closest = closest if closest is not None else problems  # the newest release says what is missing
     return verdict(None, closest or [])
+
+
+def promotion_summary(promotion: dict[str, Any] | None) -> str | None:
+    """Say, for an approver or a reader of the report, what the plan records of the promotion rule (preflight's
+    ``promotion``): the evidence used, or the override and what was missing; None where no rule applied."""
+    if not promotion:
+        return None
+    evidence = promotion.get("evidence")
+    if evidence:
+        return (f"Evidence: the {promotion['promote_from']} release run {evidence['run_id']} released image "
+                f"{evidence['image_digest']} (tag {evidence.get('image_tag')}) at {evidence['finished_at']}, with the "
+                f"same {len(evidence.get('migrations') or {})} migration and "
+                f"{len(evidence.get('data_migrations') or {})} data-migration checksum(s)"
+                + (f"; its record: {evidence['stored_at']}" if evidence.get("stored_at") else "") + ".")
+    missing = "\n".join(f"- {problem}" for problem in promotion.get("problems") or [])
+    if promotion.get("overridden"):
+        return (f"NO EVIDENCE from {promotion['promote_from']}: the promotion rule ({promotion['rule']}) was "
+                f"OVERRIDDEN because: {promotion['force_reason']}. Missing:\n{missing}")
+    return f"No evidence from {promotion['promote_from']}:\n{missing}"
 
 
 def promotion_evidence(catalog: Catalog, service: Service, environment: Environment, wanted: Fingerprint,

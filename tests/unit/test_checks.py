@@ -350,6 +350,18 @@ def test_promotion_of_an_image_without_a_digest_cannot_be_matched():
     assert not verdict.satisfied and "the digest of the image is unknown" in verdict.problems[0]
 
 
+def test_the_promotion_summary_names_the_evidence_or_the_override_and_what_was_missing():
+    found = {"promote_from": "staging", "evidence": evidence("run-9"), "problems": [], "overridden": False}
+    assert checks.promotion_summary(found).startswith(
+        f"Evidence: the staging release run run-9 released image {PROMOTED_DIGEST} (tag 1.2.0) at ")
+    overridden = {"promote_from": "staging", "evidence": None, "rule": "r", "overridden": True,
+                  "force_reason": "incident 4711", "problems": ["no release of image x in staging"]}
+    assert checks.promotion_summary(overridden) == (
+        "NO EVIDENCE from staging: the promotion rule (r) was OVERRIDDEN because: incident 4711. Missing:\n"
+        "- no release of image x in staging")
+    assert checks.promotion_summary(None) is None
+
+
 def test_the_fingerprint_holds_every_migration_up_to_the_target_and_every_data_spec():
     fingerprint = checks.fingerprint(CATALOG, "billing-service", PROMOTED_DIGEST, 3)
 

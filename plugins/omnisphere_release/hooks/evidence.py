@@ -1,7 +1,7 @@
 """The evidence store: every release's report kept in S3, keyed by service, environment and image digest.
 
-``s3://<bucket>/<service>/<environment>/<sha256 digest>/<run id, URL-quoted>.json`` holds one release (whatever its outcome):
-what it released (the image digest and the sha256 of each migration file and data migration spec, as preflight
+``s3://<bucket>/<service>/<environment>/<sha256 digest>/<run id, URL-quoted>.json`` holds one release (whatever its
+outcome): what it released (the image digest and the sha256 of each migration file and data migration spec, as preflight
 fingerprinted them), how it ended, when, and its whole report. The bucket is the Airflow Variable the catalog names
 (``evidence_bucket_variable``, ``omni_evidence_bucket``). A release into an environment with ``promote_from`` looks
 here for a successful release of the same digest in that environment (checks.promotion_verdict).

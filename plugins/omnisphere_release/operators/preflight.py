@@ -198,7 +198,8 @@ class ReleasePreflightOperator(BaseOperator):
             self.log.warning("Promotion to %s refused: %s", environment.name, verdict.describe())
             return record, [f"promotion to {environment.name} needs evidence from {source}: {p}"
                             for p in verdict.problems] + [
-                f"to release without it, give param force_reason{' (an approver must then accept it)' if environment.approval else ''}"]
+                "to release without it, give param force_reason"
+                + (" (an approver must then accept it)" if environment.approval else "")]
         self.log.warning("!" * 100)
         self.log.warning("PROMOTION RULE OVERRIDDEN for %s in %s, because: %s", service.name, environment.name, reason)
         for problem in verdict.problems:
