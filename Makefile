@@ -7,6 +7,9 @@ REQUIREMENTS := requirements.txt requirements-dev.txt constraints.txt pyproject.
 STAMP := $(VENV)/.installed-$(shell cat $(REQUIREMENTS) | cksum | cut -d' ' -f1)
 # `make up` runs `airflow standalone`; `make up EXECUTOR=celery` runs the production topology (devstack/topology.py).
 EXECUTOR ?= standalone
+# `make up AUTH=fab` runs production's FAB auth manager (roles from the catalog, one user per role, passwords printed
+# and kept in .airflow/fab-users.json, mode 0600) instead of the simple one (one admin who may do everything).
+AUTH ?= simple
 
 .PHONY: all venv lint test test-chaos test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
 
@@ -57,7 +60,8 @@ devstack-stop: venv
 	$(PY) -m devstack stop
 
 up: venv
-	$(PY) scripts/airflow_local.py up --executor $(EXECUTOR)
+	OMNI_AIRFLOW_AUTH=$(AUTH) $(PY) scripts/airflow_local.py up --executor $(EXECUTOR)
+	@if [ "$(AUTH)" = fab ]; then $(PY) -m devstack.airflow_server users .airflow; fi
 
 down: venv
 	$(PY) scripts/airflow_local.py down
