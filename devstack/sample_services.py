@@ -4,11 +4,19 @@ Each answers /health, /ready and /version as the image that the simulated ECS se
 canary, some requests reach the new image and some the old), and publishes the load balancer's metrics
 (RequestCount, HTTPCode_Target_5XX_Count, TargetResponseTime) to the local CloudWatch every few seconds.
 Faults come from the image tag: ``-unhealthy`` fails /health and /ready, ``-errors`` answers 5xx to a share of
-its application traffic (not its health endpoints) well above any catalog threshold.
+its application traffic (not its health endpoints) well above any catalog threshold, ``-logerrors`` answers 200
+everywhere but logs ERROR lines (and a traceback) every few seconds, and ``-stale`` leaves one task of the previous
+image registered behind the load balancer: it keeps answering a share of the requests, /version included.
+
+Each also writes its application log to CloudWatch Logs as ECS's awslogs driver would: in the catalog's
+``monitoring.logs.log_group``, one stream per task, named ``<stream prefix>/<container>/<task id>`` where the stream
+prefix names the image the task runs (see omnisphere_release.hooks.cloudwatch.log_stream_prefix, the rule the
+monitoring gate finds the new task set's streams by). A sample service stands for ``TASKS_PER_IMAGE`` tasks per image.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -23,6 +31,9 @@ from devstack.ecs_simulator import image_tag
 log = logging.getLogger("devstack.sample_services")
 
 ERROR_SHARE = 0.25  # of requests answered 5xx by an ``-errors`` image
+STALE_SHARE = 0.5  # of requests that the previous image's leftover task answers behind a ``-stale`` image
+ERROR_LINES_PER_INTERVAL = 2  # ERROR lines a ``-logerrors`` image logs per task and publishing interval
+TASKS_PER_IMAGE = 2  # the tasks (log streams) one sample service stands for, per image it serves
 HEALTH_PATHS = ("/health", "/ready", "/version")
 BACKGROUND_REQUESTS = 120  # synthetic requests per publishing interval, so that metrics exist without real traffic
 
@@ -67,6 +78,28 @@ def respond(path: str, image: str | None) -> tuple[int, dict[str, Any], float]:
     return 404, {"error": f"no route {path}"}, latency
 
 
+class ServingHistory:
+    """Wrap the simulator's choice of image per request, remembering the image served before the current one, so
+    that a ``-stale`` release can leave a task of it answering (ECS deregisters old tasks; a stuck one does not)."""
+
+    def __init__(self, serving_image: Callable[[], str | None]) -> None:
+        self.serving_image = serving_image
+        self.lock = threading.Lock()
+        self.current: str | None = None
+        self.previous: str | None = None
+
+    def __call__(self) -> str | None:
+        """Return the image that answers one request."""
+        image = self.serving_image()
+        with self.lock:
+            if image != self.current:
+                self.previous, self.current = self.current, image
+            previous = self.previous
+        if image and previous and image_tag(image).endswith("-stale") and random.random() < STALE_SHARE:
+            return previous
+        return image
+
+
 def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffic) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # http.server's naming
@@ -90,9 +123,9 @@ class SampleService:
     def __init__(self, name: str, serving_image: Callable[[], str | None], host: str = "127.0.0.1",
                  port: int = 0) -> None:
         self.name = name
-        self.serving_image = serving_image
+        self.serving_image: Callable[[], str | None] = ServingHistory(serving_image)
         self.traffic = ServiceTraffic()
-        self.server = ThreadingHTTPServer((host, port), make_handler(serving_image, self.traffic))
+        self.server = ThreadingHTTPServer((host, port), make_handler(self.serving_image, self.traffic))
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name=f"sample-{name}", daemon=True)
@@ -106,12 +139,22 @@ class SampleService:
 
 
 class MetricsPublisher:
-    """Publish each sample service's load balancer metrics to CloudWatch every ``interval`` seconds."""
+    """Publish each sample service's load balancer metrics to CloudWatch, and its application log lines to CloudWatch
+    Logs, every ``interval`` seconds.
 
-    def __init__(self, cloudwatch: Any, services: list[tuple[SampleService, str]], interval: float = 2.0) -> None:
+    ``logs`` is a CloudWatch Logs client; None makes one beside ``cloudwatch`` (same endpoint, region and
+    credentials). ``log_destinations`` maps a target group to (log group, container name); None takes them from the
+    catalog (``monitoring.logs.log_group`` and ``ecs.container`` of the service with that target group).
+    """
+
+    def __init__(self, cloudwatch: Any, services: list[tuple[SampleService, str]], interval: float = 2.0,
+                 logs: Any | None = None, log_destinations: dict[str, tuple[str, str]] | None = None) -> None:
         self.cloudwatch = cloudwatch
         self.services = services  # (sample service, target group dimension value)
         self.interval = interval
+        self.logs = logs if logs is not None else client_beside(cloudwatch, "logs")
+        self.log_destinations = log_destinations if log_destinations is not None else destinations_from_catalog()
+        self.log_writer = LogWriter(self.logs)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="metrics-publisher", daemon=True)
 
@@ -132,11 +175,23 @@ class MetricsPublisher:
 
     def publish(self, service: SampleService, target_group: str) -> None:
         requests, errors, latencies = service.traffic.drain()
+        served: dict[str, list[int]] = {}  # image -> [requests, 5xx] of the synthetic traffic
         for _ in range(BACKGROUND_REQUESTS):  # synthetic traffic: what the service's real clients would send
-            status, _body, latency = respond("/api", service.serving_image())
+            image = service.serving_image()
+            status, _body, latency = respond("/api", image)
             requests += 1
             errors += status >= 500
             latencies.append(latency)
+            if image:
+                tally = served.setdefault(image, [0, 0])
+                tally[0] += 1
+                tally[1] += status >= 500
+        destination = self.log_destinations.get(target_group)
+        if destination is not None:
+            try:
+                self.log_writer.write(service.name, *destination, served)
+            except Exception:  # the metrics still go out; the devstack log says why the log lines did not
+                log.exception("Could not write the log lines of %s to %s", service.name, destination[0])
         dimensions = [{"Name": "TargetGroup", "Value": target_group}]
         self.cloudwatch.put_metric_data(
             Namespace="AWS/ApplicationELB",
@@ -148,3 +203,77 @@ class MetricsPublisher:
                  "Values": [round(v, 4) for v in latencies[:150]]},
             ],
         )
+
+
+def client_beside(client: Any, service_name: str) -> Any:
+    """Return a boto3 client of ``service_name`` on the endpoint, region, config and credentials of ``client``."""
+    import boto3
+
+    # The devstack's random credentials are only in the client it was given; botocore exposes them no other way.
+    credentials = client._request_signer._credentials.get_frozen_credentials()
+    return boto3.client(service_name, endpoint_url=client.meta.endpoint_url, region_name=client.meta.region_name,
+                        aws_access_key_id=credentials.access_key, aws_secret_access_key=credentials.secret_key,
+                        config=client.meta.config)
+
+
+def destinations_from_catalog() -> dict[str, tuple[str, str]]:
+    """Map each catalog service's target group to its log group and container (services without a log check:
+    none)."""
+    from omnisphere_release.catalog import load_catalog
+
+    return {s.monitoring.target_group: (s.monitoring.logs.log_group, s.ecs.container)
+            for s in load_catalog().services if s.monitoring.logs is not None}
+
+
+def task_id(sample: str, image: str, index: int) -> str:
+    """Return the id of a sample service's ``index``-th task of ``image``: 32 hex digits, as an ECS task id."""
+    return hashlib.sha256(f"{sample}|{image}|{index}".encode()).hexdigest()[:32]
+
+
+def log_lines(image: str, requests: int, errors: int, task: int) -> list[str]:
+    """Return what one task of ``image`` logs for one publishing interval, in which it served ``requests``."""
+    tag = image_tag(image)
+    lines = [f"INFO served {requests} requests ({errors} 5xx) as {tag}"]
+    if tag.endswith("-logerrors"):
+        for n in range(ERROR_LINES_PER_INTERVAL):
+            lines.append(f"ERROR payments client: call {task}-{n} to the ledger failed, answering from cache: "
+                         f"TimeoutError: read timed out after 5.0s")
+        lines.append('Traceback (most recent call last):\n  File "/app/ledger.py", line 88, in post\n'
+                     "TimeoutError: read timed out after 5.0s")
+    return lines
+
+
+class LogWriter:
+    """Write sample services' log lines to CloudWatch Logs, creating log groups and streams as they are first used."""
+
+    def __init__(self, logs: Any) -> None:
+        self.logs = logs
+        self.created: set[str] = set()  # log groups, and "group|stream"
+
+    def write(self, sample: str, log_group: str, container: str, served: dict[str, list[int]]) -> None:
+        """Log what each task of each image in ``served`` (image -> [requests, 5xx]) did in the last interval."""
+        from omnisphere_release.hooks.cloudwatch import log_stream_prefix
+
+        self._ensure(log_group, None)
+        now = int(time.time() * 1000)
+        for image, (requests, errors) in served.items():
+            for index in range(TASKS_PER_IMAGE):
+                stream = log_stream_prefix(image, container) + task_id(sample, image, index)
+                self._ensure(log_group, stream)
+                share = requests // TASKS_PER_IMAGE + (index < requests % TASKS_PER_IMAGE)
+                events = [{"timestamp": now, "message": line}
+                          for line in log_lines(image, share, errors // TASKS_PER_IMAGE, index)]
+                self.logs.put_log_events(logGroupName=log_group, logStreamName=stream, logEvents=events)
+
+    def _ensure(self, log_group: str, stream: str | None) -> None:
+        key = log_group if stream is None else f"{log_group}|{stream}"
+        if key in self.created:
+            return
+        try:
+            if stream is None:
+                self.logs.create_log_group(logGroupName=log_group)
+            else:
+                self.logs.create_log_stream(logGroupName=log_group, logStreamName=stream)
+        except self.logs.exceptions.ResourceAlreadyExistsException:
+            pass  # another environment's sample service of the same catalog service created it
+        self.created.add(key)

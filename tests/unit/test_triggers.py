@@ -390,7 +390,9 @@ def test_bake_trigger_serializes_every_argument():
              "max_error_rate": 0.02, "max_p99_ms": 750.0, "missing_data_seconds": 90.0,
              "alarms": ["auth-5xx", "auth-latency"], "aws_conn_id": "aws_release", "region_name": "eu-west-1",
              "poll_seconds": 15.0, "window_seconds": 180.0, "allow_missing_data": True,
-             "window_closes_at": T0 + 1800}
+             "window_closes_at": T0 + 1800, "log_group": "/ecs/auth-service",
+             "log_stream_prefix": "sha256-0123456789abcdef/auth/", "log_patterns": ['"ERROR"', '"Traceback"'],
+             "max_error_lines": 3}
     assert_serialize_round_trips(MonitoringBakeTrigger(**given), given)
 
 

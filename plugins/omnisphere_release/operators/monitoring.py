@@ -1,18 +1,69 @@
-"""monitoring_gate: watch errors, latency and alarms for the bake period; fail at the first breach."""
+"""monitoring_gate: watch errors, latency, alarms and the new tasks' error log lines for the bake period; fail at the
+first breach; record the bake minute by minute, whatever its outcome."""
 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from omnisphere_release.catalog import load_catalog
+from omnisphere_release.catalog import MonitoringThresholds, load_catalog
 from omnisphere_release.contracts import ReleaseRun
+from omnisphere_release.hooks.cloudwatch import log_stream_prefix, minute_of
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.monitoring import MonitoringBakeTrigger
+
+BAKE_XCOM_KEY = "bake"  # the bake record, for the report and the Releases page's chart
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
+def bake_record(event: dict[str, Any], thresholds: MonitoringThresholds, started_at: float | None = None) -> dict[str, Any]:
+    """Return the bake as the report and the Releases page read it, from the trigger's event.
+
+    Every minute from the bake's start to its end has a reading; a minute CloudWatch had nothing for has nulls (the
+    chart shows a gap there). ``log_errors`` is None when the catalog has no log check for the service.
+    """
+    started = float(event.get("started_at") or started_at or time.time())
+    ended = float(event.get("ended_at") or time.time())
+    passed = event.get("status") == "success"
+    observed = {r["minute"]: r for r in event.get("readings") or []}
+    first = datetime.fromisoformat(minute_of(datetime.fromtimestamp(started, timezone.utc)))
+    last = datetime.fromisoformat(minute_of(datetime.fromtimestamp(ended, timezone.utc)))
+    minutes = set(observed)
+    while first <= last:
+        minutes.add(first.isoformat())
+        first += timedelta(minutes=1)
+    readings = []
+    for minute in sorted(minutes):
+        raw = observed.get(minute)
+        requests = None if raw is None else int(raw["requests"])
+        readings.append({
+            "minute": minute,
+            "error_rate": raw["errors_5xx"] / raw["requests"] if raw and raw["requests"] else None,
+            "p99_ms": raw["p99_seconds"] * 1000 if raw and raw.get("p99_seconds") is not None else None,
+            "requests": requests,
+        })
+    log_errors = event.get("log_errors")
+    return {
+        "started_at": _iso(started), "ended_at": _iso(ended),
+        "thresholds": {"max_error_rate": float(thresholds.max_error_rate),
+                       "max_p99_latency_ms": int(thresholds.max_p99_latency_ms),
+                       "missing_data_minutes": float(thresholds.missing_data_minutes)},
+        "readings": readings,
+        "failed_at": None if passed else _iso(ended),
+        "verdict": "passed" if passed else "failed",
+        "reason": None if passed else str(event.get("reason") or event.get("message") or event.get("status")),
+        "steps": [],
+        "log_errors": None if log_errors is None else {"count": int(log_errors["count"]),
+                                                       "samples": list(log_errors["samples"])},
+    }
 
 
 class CloudWatchMonitoringGateOperator(ServiceStageOperator):
@@ -21,6 +72,10 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
     No data for longer than the catalog's ``monitoring.missing_data_minutes`` is a failure by default: a service
     nobody can observe has not proven anything. Likewise CloudWatch itself: an outage shorter than that is waited out
     (the next reading covers it); a longer one fails the gate, saying for how long CloudWatch could not be read.
+
+    With ``monitoring.logs`` in the catalog, the new task set's log streams (found from the image ECS runs now, see
+    hooks.cloudwatch.log_stream_prefix) are searched for the error patterns too. The bake record (XCom ``bake``) is
+    pushed before the task ends, also when it fails.
     """
 
     template_fields = ("service", "environment", "bake_minutes")
@@ -37,27 +92,59 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
         now = time.time()
         window_end = ReleaseRun(context).window.get("window_end")
         closes_at = datetime.fromisoformat(window_end).timestamp() if window_end else None
-        self.log.info("Baking %s for %.0fs: failing on 5xx rate > %.2f%%, p99 > %d ms, alarms %s, or no data for "
+        prefix = None
+        if m.logs is not None:
+            try:
+                image = EcsDeploymentHook(service.aws_conn_id).live_revision(
+                    service.ecs.cluster, service.ecs.service, service.ecs.container).image
+            except EcsDeploymentError as exc:
+                reason = f"cannot tell which image the new task set runs, so not which log streams are its: {exc}"
+                self._record(context, {"status": "unreadable", "reason": reason, "started_at": now}, m)
+                raise AirflowException(f"Monitoring gate of {service.name}: {reason}. Next: the release rolls "
+                                       f"back.") from None
+            prefix = log_stream_prefix(image, service.ecs.container)
+        self.log.info("Baking %s for %.0fs: failing on 5xx rate > %.2f%%, p99 > %d ms, alarms %s, %s, or no data for "
                       "%.0fs (target group %s).", service.name, bake, m.max_error_rate * 100, m.max_p99_latency_ms,
-                      list(m.alarms) or "none", m.missing_data_minutes * 60, m.target_group)
+                      list(m.alarms) or "none",
+                      f"more than {m.logs.max_error_lines} line(s) matching {', '.join(m.logs.error_patterns)} in "
+                      f"{m.logs.log_group} streams {prefix}*" if m.logs else "no log check (no monitoring.logs)",
+                      m.missing_data_minutes * 60, m.target_group)
         self.defer(
             trigger=MonitoringBakeTrigger(
                 target_group=m.target_group, started_at=now, bake_until=now + bake, max_error_rate=m.max_error_rate,
                 max_p99_ms=m.max_p99_latency_ms, missing_data_seconds=m.missing_data_minutes * 60,
                 alarms=list(m.alarms), aws_conn_id=service.aws_conn_id,
                 poll_seconds=min(self.poll_seconds, max(1.0, bake / 3)),
-                window_seconds=max(60.0, min(300.0, bake)), window_closes_at=closes_at),
+                window_seconds=max(60.0, min(300.0, bake)), window_closes_at=closes_at,
+                log_group=m.logs.log_group if m.logs else None, log_stream_prefix=prefix,
+                log_patterns=list(m.logs.error_patterns) if m.logs else None,
+                max_error_lines=m.logs.max_error_lines if m.logs else 0),
             method_name="execute_complete",
             # The trigger ends by itself at the latest missing_data_minutes after the bake (CloudWatch unreadable).
             timeout=timedelta(seconds=bake + m.missing_data_minutes * 60 + 600),
         )
 
+    def _record(self, context: Context, event: dict[str, Any], thresholds: MonitoringThresholds) -> dict[str, Any]:
+        record = bake_record(event, thresholds)
+        context["ti"].xcom_push(key=BAKE_XCOM_KEY, value=record)
+        return record
+
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        service = load_catalog().get(self.service, self.environment)
+        record = self._record(context, event, service.monitoring)
         observations = event.get("observations", [])
+        log_errors = record["log_errors"]
         if event.get("status") == "success":
-            self.log.info("Bake passed: %d reading(s), last: %s. Next: finalize.", len(observations), event.get("last"))
+            self.log.info("Bake passed: %d reading(s), %d minute(s) recorded, %s, last: %s. Next: finalize.",
+                          len(observations), len(record["readings"]),
+                          f"{log_errors['count']} error log line(s)" if log_errors else "no log check",
+                          event.get("last"))
             return {"observations": observations}
         for line in observations:
             self.log.info("observed %s", line)
-        raise AirflowFailException(f"Monitoring gate failed: {event.get('reason') or event.get('message')}. "
-                                   f"Next: the release rolls back.")
+        if log_errors and log_errors["samples"]:
+            self.log.error("First %d of %d error log line(s) of the new task set:", len(log_errors["samples"]),
+                           log_errors["count"])
+            for sample in log_errors["samples"]:
+                self.log.error("  %s", sample)
+        raise AirflowFailException(f"Monitoring gate failed: {record['reason']}. Next: the release rolls back.")

@@ -1,4 +1,5 @@
-"""Watch a service's metrics for the bake period; fire as soon as a threshold is breached."""
+"""Watch a service's metrics, alarms and new tasks' error log lines for the bake period; fire as soon as a threshold
+is breached, with what the bake recorded."""
 
 from __future__ import annotations
 
@@ -11,9 +12,29 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 
-from omnisphere_release.hooks.cloudwatch import ServiceMetricsHook
+from omnisphere_release.hooks.cloudwatch import LogScan, MinuteReading, ServiceLogsHook, ServiceMetricsHook
 
 WARN_EVERY_SECONDS = 30.0
+SAMPLE_LINES = 5  # error lines quoted in the gate's log and kept in the bake record
+
+
+def log_breach(scan: LogScan, max_error_lines: int, log_group: str, prefix: str, patterns: list[str]) -> str | None:
+    """Return why the new task set's error lines fail the bake, or None when there are no more than allowed."""
+    if scan.count <= max_error_lines:
+        return None
+    quoted = " | ".join(scan.samples)
+    return (f"{scan.describe()} of the new task set ({log_group}, streams {prefix}*) match the error patterns "
+            f"{', '.join(patterns)}: more than the {max_error_lines} allowed (monitoring.logs.max_error_lines); "
+            f"first lines: {quoted}")
+
+
+def merge_minutes(readings: dict[str, dict[str, Any]], minutes: tuple[MinuteReading, ...]) -> None:
+    """Keep, for each minute, the fullest reading of it: a later read of a minute holds at least as many requests
+    (CloudWatch fills a minute as it goes) unless its window started inside that minute, and then it holds fewer."""
+    for reading in minutes:
+        known = readings.get(reading.minute)
+        if known is None or reading.requests >= known["requests"]:
+            readings[reading.minute] = reading.to_dict()
 
 
 class MonitoringBakeTrigger(BaseTrigger):
@@ -27,13 +48,20 @@ class MonitoringBakeTrigger(BaseTrigger):
     ``missing_data_seconds`` is survived, and the next reading looks back over it. One that lasts longer, or that
     lasts past ``bake_until + missing_data_seconds`` (absolute, so a triggerer restart does not extend it), ends the
     bake as a failure (``unreadable``) saying for how long CloudWatch could not be read.
+
+    With a ``log_group``, ``log_stream_prefix`` (the new task set's streams) and ``log_patterns`` (CloudWatch Logs
+    filter patterns), each poll also counts the error lines those streams logged since the bake began: more than
+    ``max_error_lines`` fails the bake, quoting the first few. No such stream for ``missing_data_seconds`` is no data.
+    Every event carries the per-minute ``readings`` and the ``log_errors`` seen so far, whatever the outcome.
     """
 
     def __init__(self, target_group: str, started_at: float, bake_until: float, max_error_rate: float,
                  max_p99_ms: float, missing_data_seconds: float, alarms: list[str] | None = None,
                  aws_conn_id: str | None = "aws_default", region_name: str | None = None,
                  poll_seconds: float = 10.0, window_seconds: float = 120.0, allow_missing_data: bool = False,
-                 window_closes_at: float | None = None) -> None:
+                 window_closes_at: float | None = None, log_group: str | None = None,
+                 log_stream_prefix: str | None = None, log_patterns: list[str] | None = None,
+                 max_error_lines: int = 0) -> None:
         super().__init__()
         self.target_group = target_group
         self.started_at = started_at
@@ -48,6 +76,10 @@ class MonitoringBakeTrigger(BaseTrigger):
         self.window_seconds = window_seconds
         self.allow_missing_data = allow_missing_data
         self.window_closes_at = window_closes_at
+        self.log_group = log_group
+        self.log_stream_prefix = log_stream_prefix
+        self.log_patterns = list(log_patterns or [])
+        self.max_error_lines = max_error_lines
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
@@ -56,17 +88,38 @@ class MonitoringBakeTrigger(BaseTrigger):
             "missing_data_seconds": self.missing_data_seconds, "alarms": self.alarms,
             "aws_conn_id": self.aws_conn_id, "region_name": self.region_name, "poll_seconds": self.poll_seconds,
             "window_seconds": self.window_seconds, "allow_missing_data": self.allow_missing_data,
-            "window_closes_at": self.window_closes_at,
+            "window_closes_at": self.window_closes_at, "log_group": self.log_group,
+            "log_stream_prefix": self.log_stream_prefix, "log_patterns": self.log_patterns,
+            "max_error_lines": self.max_error_lines,
         })
+
+    @property
+    def checks_logs(self) -> bool:
+        return bool(self.log_group and self.log_stream_prefix and self.log_patterns)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = await sync_to_async(ServiceMetricsHook.from_connection)(self.aws_conn_id, self.region_name)
+        logs = (await sync_to_async(ServiceLogsHook.from_connection)(self.aws_conn_id, self.region_name)
+                if self.checks_logs else None)
         last_data = self.started_at  # the clock for "no data" starts with the bake
+        last_log_stream = self.started_at  # likewise for "no log stream of the new task set"
         failing_since: float | None = None  # when CloudWatch stopped answering, if it has
         warned_at = 0.0
         # Absolute, from serialized times: a triggerer restart during an outage cannot stretch it.
         give_up_at = self.bake_until + self.missing_data_seconds
         observations: list[str] = []
+        readings: dict[str, dict[str, Any]] = {}  # minute -> the fullest reading of it
+        scan: LogScan | None = None
+
+        def event(status: str, **fields: Any) -> TriggerEvent:
+            """Every event carries what the bake recorded, whatever its outcome (the Releases page charts it)."""
+            return TriggerEvent({"status": status, "observations": observations, "started_at": self.started_at,
+                                 "ended_at": time.time(),
+                                 "readings": [readings[m] for m in sorted(readings)],
+                                 "log_errors": None if scan is None else {
+                                     "count": scan.count, "samples": scan.samples, "streams": scan.streams},
+                                 **fields})
+
         while True:
             now = time.time()
             # After an outage, look back over it too: a breach while CloudWatch could not be read still counts.
@@ -75,15 +128,19 @@ class MonitoringBakeTrigger(BaseTrigger):
             end = datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=60)
             try:
                 window = await asyncio.to_thread(hook.read, self.target_group, start, end, self.alarms)
+                if logs is not None and self.log_group and self.log_stream_prefix:
+                    # The whole bake each time: late-ingested lines count, and the count is the bake's, not a poll's.
+                    scan = await asyncio.to_thread(
+                        logs.error_lines, self.log_group, self.log_stream_prefix, self.log_patterns,
+                        datetime.fromtimestamp(self.started_at, timezone.utc), end, SAMPLE_LINES)
             except Exception as exc:  # noqa: BLE001 - an unreadable CloudWatch is tried again, within the budget
                 failing_since = now if failing_since is None else failing_since
                 unread = now - failing_since
                 if unread >= self.missing_data_seconds or now >= give_up_at:
-                    yield TriggerEvent({"status": "unreadable", "observations": observations,
-                                        "reason": f"CloudWatch could not be read for {unread:.0f}s (limit "
-                                                  f"{self.missing_data_seconds:.0f}s, the catalog's "
-                                                  f"monitoring.missing_data_minutes): {exc}; a bake nobody could "
-                                                  f"watch proves nothing, treated as a failure"})
+                    yield event("unreadable", reason=f"CloudWatch could not be read for {unread:.0f}s (limit "
+                                                     f"{self.missing_data_seconds:.0f}s, the catalog's "
+                                                     f"monitoring.missing_data_minutes): {exc}; a bake nobody could "
+                                                     f"watch proves nothing, treated as a failure")
                     return
                 if now - warned_at >= WARN_EVERY_SECONDS:  # one line per outage and half minute, not per poll
                     self.log.warning("Bake %.0f/%.0fs: cannot read CloudWatch for %.0fs: %s; trying again every "
@@ -92,8 +149,7 @@ class MonitoringBakeTrigger(BaseTrigger):
                                      self.missing_data_seconds)
                     warned_at = now
                 if self.window_closes_at is not None and now >= self.window_closes_at:
-                    yield TriggerEvent({"status": "window_closed", "observations": observations,
-                                        "reason": "the maintenance window closed during the bake"})
+                    yield event("window_closed", reason="the maintenance window closed during the bake")
                     return
                 await asyncio.sleep(max(0.1, min(self.poll_seconds, give_up_at - now)))
                 continue
@@ -101,29 +157,41 @@ class MonitoringBakeTrigger(BaseTrigger):
                 self.log.info("CloudWatch readable again after %.0fs; this reading covers the outage.",
                               now - failing_since)
                 failing_since = None
-            line = window.describe()
+            merge_minutes(readings, window.minutes)
+            line = window.describe() + (f"; {scan.describe()}" if scan is not None else "")
             observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} {line}")
             self.log.info("Bake %.0f/%.0fs: %s", now - self.started_at, self.bake_until - self.started_at, line)
-            breach = self._breach(window)
+            breach = self._breach(window) or (self._log_breach(scan) if scan is not None else None)
             if breach:
-                yield TriggerEvent({"status": "breach", "reason": breach, "observations": observations})
+                yield event("breach", reason=breach)
                 return
             if window.has_data:
                 last_data = now
             elif not self.allow_missing_data and now - last_data > self.missing_data_seconds:
-                yield TriggerEvent({"status": "no_data", "observations": observations,
-                                    "reason": f"no requests seen for {now - last_data:.0f}s (limit "
+                yield event("no_data", reason=f"no requests seen for {now - last_data:.0f}s (limit "
                                               f"{self.missing_data_seconds:.0f}s): the service may be down or "
-                                              f"unobserved; treated as a failure"})
+                                              f"unobserved; treated as a failure")
+                return
+            if scan is not None and scan.streams:
+                last_log_stream = now
+            elif scan is not None and not self.allow_missing_data and now - last_log_stream > self.missing_data_seconds:
+                yield event("no_data", reason=f"no log stream {self.log_stream_prefix}* in log group {self.log_group} "
+                                              f"for {now - last_log_stream:.0f}s (limit "
+                                              f"{self.missing_data_seconds:.0f}s): the new tasks' logs are not "
+                                              f"reaching CloudWatch Logs, so nobody can tell whether they log "
+                                              f"errors; treated as a failure")
                 return
             if self.window_closes_at is not None and now >= self.window_closes_at:
-                yield TriggerEvent({"status": "window_closed", "observations": observations,
-                                    "reason": "the maintenance window closed during the bake"})
+                yield event("window_closed", reason="the maintenance window closed during the bake")
                 return
             if now >= self.bake_until:
-                yield TriggerEvent({"status": "success", "observations": observations, "last": line})
+                yield event("success", last=line)
                 return
             await asyncio.sleep(min(self.poll_seconds, max(0.1, self.bake_until - now)))
+
+    def _log_breach(self, scan: LogScan) -> str | None:
+        return log_breach(scan, self.max_error_lines, self.log_group or "", self.log_stream_prefix or "",
+                          self.log_patterns)
 
     def _breach(self, window: Any) -> str | None:
         if window.alarms_firing:
