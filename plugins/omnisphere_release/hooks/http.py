@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ class ProbeResult:
     status: int | None
     latency_ms: float
     problem: str = ""
+    final: bool = False  # a failure that no later round can undo (an old image answered): stop probing
 
     def describe(self) -> str:
         state = "ok" if self.ok else f"FAILED: {self.problem}"
@@ -62,8 +64,42 @@ class SmokeTestHook(HttpHook):
             problems.append(f"latency {latency_ms:.0f} ms over the {check.latency_budget_ms} ms budget")
         return ProbeResult(check.path, not problems, response.status_code, latency_ms, "; ".join(problems))
 
-    def probe_until_deadline(self, checks: Sequence[SmokeTest], deadline_seconds: float, what: str) -> list[ProbeResult]:
-        """Probe every endpoint until one round passes entirely or the deadline passes; return the last round.
+    def sample(self, path: str, count: int, judge: Callable[[Any], str | None]) -> ProbeResult:
+        """GET ``path`` ``count`` times (a load balancer spreads them over the tasks); ok when ``judge`` finds no
+        problem in any JSON answer. The problem counts each distinct wrong answer: ``judge`` names what answered.
+
+        A JSON object ``judge`` rejects makes the result final: a task answered it after the switch, and another round
+        would only miss it by chance. Transport errors, error statuses and bodies that are no JSON object may heal in
+        a later round."""
+        started = time.monotonic()
+        problems: Counter[str] = Counter()
+        judged_wrong = False
+        status: int | None = None
+        for _ in range(count):
+            try:
+                response = self.run(path, extra_options={"check_response": False, "timeout": PROBE_TIMEOUT_SECONDS})
+            except requests.RequestException as exc:
+                problems[f"{type(exc).__name__}: {exc}"] += 1
+                continue
+            status = response.status_code
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = None
+            if response.status_code >= 400:
+                problems[f"status {response.status_code}"] += 1
+            elif problem := judge(body):
+                problems[problem] += 1
+                judged_wrong = judged_wrong or isinstance(body, dict)  # the task's own word, not a proxy's page
+        latency_ms = (time.monotonic() - started) * 1000
+        wrong = sum(problems.values())
+        summary = "; ".join(f"{problem} ({n} of {count})" for problem, n in problems.most_common())
+        return ProbeResult(f"{path} x{count}", not wrong, status, latency_ms, summary, final=judged_wrong)
+
+    def probe_until_deadline(self, checks: Sequence[SmokeTest], deadline_seconds: float, what: str,
+                             also: Callable[[], list[ProbeResult]] | None = None) -> list[ProbeResult]:
+        """Probe every endpoint (and whatever ``also`` probes) until one round passes entirely or the deadline
+        passes; return the last round.
 
         A new revision may take a few seconds to answer everywhere: rounds back off from 0.5 s to 8 s.
         """
@@ -72,13 +108,15 @@ class SmokeTestHook(HttpHook):
         while True:
             attempt += 1
             results = [self.probe(check) for check in checks]
+            if also is not None and all(r.ok for r in results):
+                results += also()
             failed = [r for r in results if not r.ok]
             if not failed:
                 self.log.info("Smoke round %d of %s passed: %s", attempt, what, "; ".join(r.describe() for r in results))
                 return results
             self.log.warning("Smoke round %d of %s: %d of %d endpoint(s) failed: %s", attempt, what, len(failed),
                              len(results), "; ".join(r.describe() for r in failed))
-            if time.monotonic() + delay > deadline:
+            if time.monotonic() + delay > deadline or any(r.final for r in failed):
                 return results
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
