@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 SERVICES = ("auth-service", "billing-service", "notification-service")
 DAG_IDS = ("schema_migrations", "data_migrations", "release_all", "queue_release",
-           *(f"release_{s}" for s in SERVICES), *(f"rollback_{s}" for s in SERVICES))
+           *(f"release_{s}" for s in SERVICES), *(f"rollback_{s}" for s in SERVICES),
+           *(f"rehearse_{s}" for s in SERVICES))
 
 
 def parse_dags():
@@ -53,6 +54,9 @@ TASK_POLICY = {
         ("report", 1, "all_done"),
     ],
     "rollback_": [("plan", 0, "all_success"), ("rollback_(ecs|schema|restore)", 1, "none_failed")],
+    # Every stage acts on the scratch copy only, so it may run again; the report fails the run, which is final.
+    "rehearse_": [("restore_copy|apply_migrations|apply_data_migrations|integrity_check", 1, "all_success"),
+                  ("drop_copy", 2, "all_done"), ("rehearsal_report", 0, "all_done")],
     "schema_migrations": [("check_params", 0, "all_success"), ("services_of_wave_\\d+", 0, "none_failed"),
                           ("migrate_wave_\\d+", 2, "none_failed"),
                           ("record_baseline", 0, "all_success")],  # a refused baseline will not heal
@@ -70,7 +74,8 @@ LONG_WAITS = {("release_all", "release_.+"): "a release started by hand waits fo
 
 
 def policy_for(dag_id: str, task_id: str) -> tuple[int, str]:
-    family = dag_id if dag_id in TASK_POLICY else next(f for f in ("release_", "rollback_") if dag_id.startswith(f))
+    family = dag_id if dag_id in TASK_POLICY else next(f for f in ("release_", "rollback_", "rehearse_")
+                                                       if dag_id.startswith(f))
     for pattern, retries, trigger_rule in TASK_POLICY[family]:
         if re.fullmatch(pattern, task_id):
             return retries, trigger_rule

@@ -20,6 +20,7 @@ def build_dags(catalog: Catalog, only: str | None = None) -> list[DAG]:
     """
     from omnisphere_release.dags.data_migrations import build_data_migrations_dag
     from omnisphere_release.dags.queue_release import build_queue_release_dag
+    from omnisphere_release.dags.rehearse import build_rehearse_dag
     from omnisphere_release.dags.release import build_release_dag
     from omnisphere_release.dags.release_all import build_release_all_dag
     from omnisphere_release.dags.rollback import build_rollback_dag
@@ -31,6 +32,7 @@ def build_dags(catalog: Catalog, only: str | None = None) -> list[DAG]:
         **{f"release_{s.name}": partial(build_release_dag, s, catalog, catalog.has_data_migrations(s.name))
            for s in catalog.services},
         **{f"rollback_{s.name}": partial(build_rollback_dag, s, catalog) for s in catalog.services},
+        **{f"rehearse_{s.name}": partial(build_rehearse_dag, s, catalog) for s in catalog.services},
         "release_all": partial(build_release_all_dag, catalog),
         "data_migrations": partial(build_data_migrations_dag, catalog),
         "queue_release": partial(build_queue_release_dag, catalog),
