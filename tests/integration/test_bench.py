@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
     ("migrations", ["--migrations", "5", "--rounds", "1"], "5 migrations: engine"),
     ("release", ["--rows", "2000", "--rounds", "1"], "whole release with trivial work"),
     ("data_migration", ["--sizes", "2000", "--offset-budget", "5"], "2,000 rows: engine"),
+    ("releases_page", ["--services", "2", "--releases", "5", "--minutes", "3", "--rounds", "1"],
+     "wrote nothing to the metadata database: yes"),
 ])
 def test_each_benchmark_runs_at_a_tiny_size(bench, arguments, says):
     result = subprocess.run([sys.executable, "-c", f"from bench import {bench}; {bench}.main({arguments!r})"],

@@ -168,3 +168,32 @@ def test_the_schema_page_links_a_migration_to_the_run_that_applied_it():
     assert ('<a href="../dags/release_auth-service/runs/manual__2026-11-26T10%3A00%3A00%2B00%3A00" target="_top">'
             "dag=release_auth-service run=manual__2026-11-26T10:00:00+00:00</a>") in html
     assert "<td>cli</td>" in html and "No dirty version, no drift." in html
+
+
+def test_the_overview_says_what_runs_how_the_last_releases_went_and_what_waits_for_the_next_window(catalog):
+    released = report("released", [("backup", 1.0)])
+    released["after"] = {"image": "repo/auth@sha256:" + "ab" * 32, "schema_version": 4}
+    broken = report("rollback_incomplete", [("backup", 1.0)])
+    broken["after"] = {"image": None, "schema_version": None}  # verify_rollback could not tell
+    records = [record("success", released, run_id="r1", start=NOW - timedelta(days=3)),
+               record("failed", report("rolled_back", []), run_id="r2", start=NOW - timedelta(days=2)),
+               record("failed", broken, run_id="r3", start=NOW - timedelta(days=1)),
+               record("running", None, run_id="r4", start=None)]
+    history = {"auth-service": service_history(records, "", "/omnisphere")}
+    cal = build_calendar(catalog, now=NOW, weeks=1, services={"auth-service"}, show_release_all=False, queue={},
+                         waiting=[waiting("auth-service", SUNDAY)])
+    overview = service_overview(cal, history)
+    assert overview["release_all"] is None
+    (auth,) = overview["services"]
+    assert auth["recent_outcomes"] == ["released", "rolled_back", "rollback_incomplete"]  # oldest first
+    assert auth["last_release"]["run_id"] == "r3" and auth["needs_attention"] is True
+    # The newest finished release that says what it left running: r2 rolled back to v1.
+    assert (auth["running"]["image"], auth["running"]["by_run"]) == ("repo/auth:v1", "r2")
+    assert auth["next_window"]["start"] == SUNDAY and [w["run_id"] for w in auth["waiting"]] == [
+        "manual__auth-service"]
+    assert auth["in_progress"] == ["r4"]
+    html = render_page(cal, history, service_overview(cal, history))
+    assert "rollback incomplete: act first" in html and "class=attention" in html
+    released_line = service_history([records[0]], "", "/omnisphere")
+    page = render_page(cal, {"auth-service": released_line}, service_overview(cal, {"auth-service": released_line}))
+    assert f">auth@{'ab' * 6}…</code>" in page  # a digest reference, shortened; whole on hover

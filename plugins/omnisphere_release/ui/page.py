@@ -14,7 +14,9 @@ from typing import Any
 from omnisphere_release.ui.history import run_path
 
 OUTCOME_CLASS = {"released": "ok", "rolled_back": "bad", "rollback_incomplete": "worst", "failed": "bad",
-                 "refused": "muted", "dry_run": "muted", "in_progress": "muted"}
+                 "refused": "muted", "dry_run": "muted", "in_progress": "muted",
+                 # ended at approval: nothing was changed
+                 "rejected": "muted", "approval_timed_out": "muted", "no_approver": "muted"}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1f2937; }
@@ -170,7 +172,11 @@ def _image(image: str | None) -> str:
     """Show ``name:tag`` (the registry host and path are the same on every line); the whole reference on hover."""
     if not image:
         return "<span class=muted>unknown</span>"
-    return f'<code title="{_e(image)}">{_e(image.rsplit("/", 1)[-1])}</code>'
+    short = image.rsplit("/", 1)[-1]
+    name, at, digest = short.partition("@")
+    if at:  # deployed by digest: its first 12 hex digits tell two images apart
+        short = f"{name}@{digest.removeprefix('sha256:')[:12]}…"
+    return f'<code title="{_e(image)}">{_e(short)}</code>'
 
 
 def _duration(seconds: float | None, slowest: dict[str, Any]) -> str:
@@ -285,7 +291,8 @@ def _overview(overview: dict[str, Any]) -> str:
     if not rows:
         return train_text
     return (train_text + "<table><thead><tr><th>service</th><th>running now</th><th>last release</th>"
-            "<th>last releases (oldest → newest)</th><th>next window</th><th>waiting for it</th></tr></thead><tbody>"
+            "<th title='the last releases, oldest first'>recent</th><th>next window</th><th>waiting for it</th>"
+            "</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 
 
