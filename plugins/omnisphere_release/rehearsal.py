@@ -16,6 +16,8 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
+from omnisphere_release.migrations.files import split_statements
+
 REHEARSAL_CONN_ID = "omni_pg_rehearsal"
 # Scratch databases are named so that a person (and drop_stale) can tell them apart from anything else.
 SCRATCH_PREFIX = "rehearse_"
@@ -194,3 +196,42 @@ class LockWatch:
     @property
     def error(self) -> str | None:
         return self._error
+
+
+def apply_measured(engine: Any, scratch: ScratchDatabase, plan: Any, application_name: str, lock_timeout_ms: int,
+                   log: Any) -> dict[str, Any]:
+    """Apply ``plan``'s migrations to the copy one at a time, as a release would (the engine, with the service's lock
+    settings), each one timed and its table locks probed first; return the steps, the locks (strongest first) and the
+    seconds. Raises what the engine raises."""
+    steps: list[dict[str, Any]] = []
+    locks: list[dict[str, Any]] = []
+    with LockWatch(scratch.admin_kwargs, application_name) as watch:
+        for migration in plan.steps:
+            probed = _probe(scratch, migration, lock_timeout_ms)
+            result = engine.migrate("up", migration.version, reason="rehearsal on a copy")
+            seconds = sum(step.seconds for step in result.steps)
+            log.info("Migration %s (%s): %.2fs on the copy; table locks: %s.", migration.version, migration.name,
+                     seconds, "; ".join(lock.describe() for lock in probed) or "none")
+            steps.append({"version": migration.version, "name": migration.name, "seconds": round(seconds, 3),
+                          "locks": [{"relation": lock.relation, "mode": lock.mode} for lock in probed]})
+            locks += [{"relation": lock.relation, "mode": lock.mode, "version": migration.version} for lock in probed]
+    if watch.error:
+        log.warning("The lock watch stopped early (%s): locks of no-transaction statements may be missing.",
+                    watch.error)
+    for lock in watch.heaviest():  # what the probe cannot see: statements that run outside a transaction
+        if not any(known["relation"] == lock.relation for known in locks):
+            locks.append({"relation": lock.relation, "mode": lock.mode, "version": None})
+    locks.sort(key=lambda lock: -LOCK_MODES.index(lock["mode"]))
+    return {"steps": steps, "locks": locks, "seconds": round(sum(step["seconds"] for step in steps), 2)}
+
+
+def _probe(scratch: ScratchDatabase, migration: Any, lock_timeout_ms: int) -> list[LockRecord]:
+    # A no-transaction file runs statement by statement, as the engine runs it.
+    statements = split_statements(migration.up.sql) if migration.up.no_transaction else [migration.up.sql]
+    conn = scratch.connect()
+    try:
+        return probe_locks(conn, statements, lock_timeout_ms)
+    except psycopg2.Error:
+        return []  # the engine's own apply reports the error, with its migration
+    finally:
+        conn.close()

@@ -21,18 +21,9 @@ from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine
 from omnisphere_release.migrations.engine import version_label
-from omnisphere_release.migrations.files import split_statements
 from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, backup_bucket_of, safe_key
 from omnisphere_release.operators.integrity import check_files
-from omnisphere_release.rehearsal import (
-    LOCK_MODES,
-    REHEARSAL_CONN_ID,
-    LockRecord,
-    LockWatch,
-    ScratchDatabase,
-    probe_locks,
-    scratch_name,
-)
+from omnisphere_release.rehearsal import REHEARSAL_CONN_ID, ScratchDatabase, apply_measured, scratch_name
 
 RESTORE_COPY, APPLY_MIGRATIONS, APPLY_DATA_MIGRATIONS, CHECK_COPY, DROP_COPY, REHEARSAL_REPORT = (
     "restore_copy", "apply_migrations", "apply_data_migrations", "integrity_check", "drop_copy", "rehearsal_report")
@@ -145,52 +136,16 @@ class ApplyMigrationsToCopyOperator(RehearsalStageOperator):
             plan = engine.plan("up", as_optional_int(self.target_version))
         except InvalidMigrationInput as exc:
             raise AirflowFailException(f"The migrations of {service.name} were refused on the copy: {exc}") from None
-        steps: list[dict[str, Any]] = []
-        locks: list[dict[str, Any]] = []
-        with LockWatch(scratch.admin_kwargs, application) as watch:
-            # One migration at a time: its locks are probed in a transaction rolled back, then the engine applies it
-            # as a release would (same lock settings), timed.
-            for migration in plan.steps:
-                probed = self._probe(scratch, migration, service.migrations.lock_timeout_ms)
-                try:
-                    result = engine.migrate("up", migration.version, reason="rehearsal on a copy")
-                except (InvalidMigrationInput, psycopg2.Error) as exc:
-                    raise AirflowFailException(
-                        f"Migration {migration.version} ({migration.name}) of {service.name} failed on the copy: "
-                        f"{str(exc).strip()}. The release would fail the same way; the environment was not "
-                        f"touched.") from None
-                seconds = sum(step.seconds for step in result.steps)
-                self.log.info("Migration %s (%s): %.2fs on the copy; table locks: %s.", migration.version,
-                              migration.name, seconds, "; ".join(lock.describe() for lock in probed) or "none")
-                steps.append({"version": migration.version, "name": migration.name, "seconds": round(seconds, 3),
-                              "locks": [{"relation": lock.relation, "mode": lock.mode} for lock in probed]})
-                locks += [{"relation": lock.relation, "mode": lock.mode, "version": migration.version}
-                          for lock in probed]
-        if watch.error:
-            self.log.warning("The lock watch stopped early (%s): locks of no-transaction migrations may be missing.",
-                             watch.error)
-        for lock in watch.heaviest():  # what the probe cannot see: migrations that run outside a transaction
-            if not any(known["relation"] == lock.relation for known in locks):
-                locks.append({"relation": lock.relation, "mode": lock.mode, "version": None})
-        locks.sort(key=lambda lock: -LOCK_MODES.index(lock["mode"]))
-        seconds = sum(step["seconds"] for step in steps)
-        self.log.info("Schema of the copy: %s -> %s in %.1fs. Heaviest lock: %s.", version_label(plan.current_version),
-                      version_label(plan.target_version), seconds,
-                      f"{locks[0]['mode']} on {locks[0]['relation']}" if locks else "none")
-        return {"from_version": plan.current_version, "to_version": plan.target_version, "seconds": round(seconds, 2),
-                "steps": steps, "locks": locks}
-
-    @staticmethod
-    def _probe(scratch: ScratchDatabase, migration: Any, lock_timeout_ms: int) -> list[LockRecord]:
-        # A no-transaction file runs statement by statement, as the engine runs it.
-        statements = split_statements(migration.up.sql) if migration.up.no_transaction else [migration.up.sql]
-        conn = scratch.connect()
         try:
-            return probe_locks(conn, statements, lock_timeout_ms)
-        except psycopg2.Error:
-            return []  # the engine's own apply reports the error, with its migration
-        finally:
-            conn.close()
+            measured = apply_measured(engine, scratch, plan, application, service.migrations.lock_timeout_ms, self.log)
+        except (InvalidMigrationInput, psycopg2.Error) as exc:
+            raise AirflowFailException(f"A migration of {service.name} failed on the copy: {str(exc).strip()}. The "
+                                       f"release would fail the same way; the environment was not touched.") from None
+        locks = measured["locks"]
+        self.log.info("Schema of the copy: %s -> %s in %.1fs. Heaviest lock: %s.", version_label(plan.current_version),
+                      version_label(plan.target_version), measured["seconds"],
+                      f"{locks[0]['mode']} on {locks[0]['relation']}" if locks else "none")
+        return {"from_version": plan.current_version, "to_version": plan.target_version, **measured}
 
 
 class ApplyDataMigrationsToCopyOperator(RehearsalStageOperator):
