@@ -138,13 +138,12 @@ def start(devstack_env: dict[str, str], home: Path, port: int = 8080, timeout: f
 
 # ---- the FAB auth manager: roles from the catalog, one local user per role ------------------------------------------
 def prepare_fab(env: dict[str, str], home: Path) -> None:
-    """Sync the roles from the catalog, then give each role (and Admin) a local user; in subprocesses with ``env``."""
-    for command in ([sys.executable, "-m", "omnisphere_release.access", "sync"],
-                    [sys.executable, "-m", "devstack.airflow_server", "fab-users", str(home)]):
-        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-                                check=False)
-        if result.returncode:
-            raise RuntimeError(f"`{' '.join(command[1:])}` failed:\n" + (result.stdout + result.stderr)[-3000:])
+    """Sync the roles from the catalog, then give each role (and Admin) a local user, in one subprocess with
+    ``env`` (each Airflow process pays seconds of imports and FAB's start)."""
+    command = [sys.executable, "-m", "devstack.airflow_server", "fab-users", str(home)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode:
+        raise RuntimeError(f"`{' '.join(command[1:])}` failed:\n" + (result.stdout + result.stderr)[-3000:])
 
 
 def fab_users(home: Path) -> dict[str, dict[str, str]]:
@@ -154,14 +153,17 @@ def fab_users(home: Path) -> dict[str, dict[str, str]]:
 
 
 def create_fab_users(home: Path) -> dict[str, dict[str, str]]:
-    """Give Admin and each role of the catalog one user named after it (``admin`` for Admin), with a generated
-    password kept in ``<home>/fab-users.json`` (0600); reuse the passwords found there. Run with the Airflow env."""
+    """Sync the roles from the catalog (``omnisphere_release.access sync``), then give Admin and each role one user
+    named after it (``admin`` for Admin), with a generated password kept in ``<home>/fab-users.json`` (0600); reuse
+    the passwords found there. Run with the Airflow env."""
     from airflow.providers.fab.auth_manager.cli_commands.utils import get_application_builder
 
-    from omnisphere_release.access import roles_from_catalog
+    from omnisphere_release.access import roles_from_catalog, sync
     from omnisphere_release.catalog import load_catalog
 
-    wanted = {ADMIN_USER: "Admin", **{role: role for role in sorted(roles_from_catalog(load_catalog()))}}
+    catalog = load_catalog()
+    sync(catalog)
+    wanted = {ADMIN_USER: "Admin", **{role: role for role in sorted(roles_from_catalog(catalog))}}
     users = fab_users(home)
     with get_application_builder() as appbuilder:
         sm = appbuilder.sm
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m devstack.airflow_server")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("fab-users", "create or update the local FAB users (one per role)"),
+    for name, text in (("fab-users", "sync the roles, then create or update the local FAB users (one per role)"),
                        ("users", "print the local FAB users and their passwords")):
         commands.add_parser(name, help=text).add_argument("home", type=Path)
     parts = commands.add_parser("parts", help="run Airflow parts as children (FAB: standalone cannot)")
