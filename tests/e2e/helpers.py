@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,31 @@ def push_image(service: str, tag: str) -> str:
     return push(boto3.client("ecr", endpoint_url=os.environ["AWS_ENDPOINT_URL"]), service, tag)
 
 
-def auth_service_at_version_3(tmp_path: Path, monkeypatch: Any) -> Any:
-    """Use a catalog with short smoke and no-data deadlines, put auth-service's schema at version 3 (one migration
-    pending), and return omni-migrate's ``main`` for the test's own changes."""
+def catalog_copy(folder: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """Write a copy of include/services.yaml into ``folder`` and return its path: short smoke and no-data deadlines,
+    and production without approve_release (the four-eyes gate has tests of its own; these tests run without a
+    second person), changed further by ``edit``."""
     import yaml
-
-    from omnisphere_release.migrations.__main__ import main as migrate
 
     catalog = yaml.safe_load((REPO / "include" / "services.yaml").read_text())
     for service in catalog["services"]:
         service["smoke_deadline_seconds"] = 4
         service["monitoring"]["missing_data_minutes"] = 1
-    path = tmp_path / "services.yaml"
+    for environment in (catalog.get("environments") or {}).values():
+        environment["approval"] = False
+    if edit:
+        edit(catalog)
+    path = folder / "services.yaml"
     path.write_text(yaml.safe_dump(catalog, sort_keys=False))
-    monkeypatch.setenv("OMNISPHERE_CATALOG", str(path))
+    return path
+
+
+def auth_service_at_version_3(tmp_path: Path, monkeypatch: Any) -> Any:
+    """Use the test catalog (:func:`catalog_copy`), put auth-service's schema at version 3 (one migration pending),
+    and return omni-migrate's ``main`` for the test's own changes."""
+    from omnisphere_release.migrations.__main__ import main as migrate
+
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(catalog_copy(tmp_path)))
     assert migrate(["auth-service", "down", "--to", "0", "--reason", "test reset"]) == 0
     assert migrate(["auth-service", "up", "--to", "3", "--reason", "test reset"]) == 0
     return migrate

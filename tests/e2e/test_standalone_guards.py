@@ -2,7 +2,8 @@
 a reason, inside the service's maintenance window (or forced with a reason), and after a verified backup of it taken
 before the first change; elsewhere the guards are off. A conf key neither DAG knows is refused at its first task.
 
-Each test gets a backup bucket of its own, so "no backup was taken" is an empty bucket.
+Each test runs in one environment of the devstack (param environment): its fixture points this module's DSNs at
+that environment's databases. Each test gets a backup bucket of its own, so "no backup was taken" is an empty bucket.
 """
 
 from __future__ import annotations
@@ -80,25 +81,35 @@ def clean_databases(devstack, airflow_db):
 
 @pytest.fixture()
 def bucket(devstack, monkeypatch) -> str:
-    """A backup bucket of the test's own (encrypted by default, as the runbook asks), named by the Variable."""
+    """A backup bucket of the test's own (encrypted by default, as the runbook asks), named by both environments'
+    Variables."""
     name = f"omni-guards-{uuid.uuid4().hex[:8]}"
     client = s3()
     client.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     client.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={
         "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
     monkeypatch.setenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET", name)
+    monkeypatch.setenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET_PRODUCTION", name)
     return name
+
+
+# The conf of a run in each environment of the catalog (param environment; staging is the default).
+PRODUCTION = {"environment": "production"}
+STAGING = {"environment": "staging"}
 
 
 @pytest.fixture()
 def production(monkeypatch, bucket) -> str:
-    monkeypatch.setenv("AIRFLOW_VAR_OMNI_ENVIRONMENT", "production")
+    """Production's databases: this module's DSNs (and omni-migrate's) point at them. List it before
+    clean_databases, so that the reset acts on them too."""
+    for service in SERVICES:
+        variable = f"OMNI_PG_DSN_{service.upper().replace('-', '_')}"
+        monkeypatch.setenv(variable, os.environ[f"{variable}_PRODUCTION"])
     return bucket
 
 
 @pytest.fixture()
 def staging(monkeypatch, bucket) -> str:
-    monkeypatch.setenv("AIRFLOW_VAR_OMNI_ENVIRONMENT", "staging")
     return bucket
 
 
@@ -141,17 +152,19 @@ FORCED = {"window": "now", "force_reason": "e2e: no window in a test"}
 
 # ---- unknown conf keys -----------------------------------------------------------------------------------------------
 
-def test_schema_migrations_refuses_an_unknown_conf_key_naming_the_closest(clean_databases, production, capfd):
-    outcome = run_dag("schema_migrations", {"service": "auth-service", "dryRun": False, "reason": "e2e: typo"})
+def test_schema_migrations_refuses_an_unknown_conf_key_naming_the_closest(production, clean_databases, capfd):
+    outcome = run_dag("schema_migrations", {**PRODUCTION, "service": "auth-service", "dryRun": False,
+                                            "reason": "e2e: typo"})
     assert outcome.state == "failed" and outcome.task("check_params") == "failed", outcome.tasks
     assert outcome.task("services_of_wave_1") == "upstream_failed"
     assert "unknown param(s) in the run's conf: 'dryRun' (did you mean 'dry_run'?)" in capfd.readouterr().out
     assert versions() == [0, 0, 0] and backups(production) == []
 
 
-def test_data_migrations_refuses_an_unknown_conf_key_naming_the_closest(clean_databases, production, capfd):
+def test_data_migrations_refuses_an_unknown_conf_key_naming_the_closest(production, clean_databases, capfd):
     invoices = prepare_invoices()
-    outcome = run_dag("data_migrations", {"migration": DATA_MIGRATION, "action": "run", "reasn": "e2e: typo"})
+    outcome = run_dag("data_migrations", {**PRODUCTION, "migration": DATA_MIGRATION, "action": "run",
+                                          "reasn": "e2e: typo"})
     assert outcome.state == "failed" and outcome.task("data_migrate") == "failed", outcome.tasks
     assert "'reasn' (did you mean 'reason'?)" in capfd.readouterr().out
     assert undated(invoices) == INVOICES and backups(production) == [] and checkpoint() is None
@@ -161,22 +174,23 @@ def test_data_migrations_refuses_an_unknown_conf_key_naming_the_closest(clean_da
 
 @pytest.mark.parametrize(("conf", "message"), [
     ({"window": "now"}, "param window=now needs param force_reason"),
-    ({**FORCED, "no_bucket": True}, "the Airflow Variable omni_backup_bucket is not set"),
+    ({**FORCED, "no_bucket": True}, "the Airflow Variable omni_backup_bucket_production (the backup bucket of "
+                                     "production) is not set"),
     ({"reason": ""}, "param 'reason' is required when dry_run is false"),
 ], ids=["window-now-without-force-reason", "no-backup-bucket", "no-reason"])
-def test_production_refuses_a_change_without_its_guards_and_changes_nothing(clean_databases, production, monkeypatch,
+def test_production_refuses_a_change_without_its_guards_and_changes_nothing(production, clean_databases, monkeypatch,
                                                                             capfd, conf, message):
     if conf.pop("no_bucket", False):
-        monkeypatch.delenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET")
-    outcome = run_dag("schema_migrations", {"service": "all", **APPLY, **conf})
+        monkeypatch.delenv("AIRFLOW_VAR_OMNI_BACKUP_BUCKET_PRODUCTION")
+    outcome = run_dag("schema_migrations", {**PRODUCTION, "service": "all", **APPLY, **conf})
     assert outcome.state == "failed" and outcome.task("check_params") == "failed", outcome.tasks
     assert outcome.task("services_of_wave_1") == "upstream_failed"
     assert message in capfd.readouterr().out
     assert versions() == [0, 0, 0] and backups(production) == []
 
 
-def test_production_backs_up_before_the_first_migration(clean_databases, production, tmp_path):
-    outcome = run_dag("schema_migrations", {"service": "auth-service", **APPLY, **FORCED})
+def test_production_backs_up_before_the_first_migration(production, clean_databases, tmp_path):
+    outcome = run_dag("schema_migrations", {**PRODUCTION, "service": "auth-service", **APPLY, **FORCED})
     assert outcome.state == "success", outcome.tasks
     assert versions() == [4, 0, 0]
     backup = backup_of(production, outcome, "auth-service")
@@ -187,13 +201,13 @@ def test_production_backs_up_before_the_first_migration(clean_databases, product
     assert holder_of("auth-service") == outcome.run_id  # held for the run, backup included
 
 
-def test_production_all_waits_for_each_window_then_backs_up_and_migrates_wave_by_wave(clean_databases, production,
+def test_production_all_waits_for_each_window_then_backs_up_and_migrates_wave_by_wave(production, clean_databases,
                                                                                      tmp_path):
     # A start outside the services' windows, so with a force_reason: the first wave waits for it, deferred; the
     # later waves go on from it when the wave before them is done.
     opens = iso(20)
     started = time.monotonic()
-    outcome = run_dag("schema_migrations", {"service": "all", **APPLY, "window": opens,
+    outcome = run_dag("schema_migrations", {**PRODUCTION, "service": "all", **APPLY, "window": opens,
                                             "force_reason": "e2e: a joint downtime"})
     assert outcome.state == "success", outcome.tasks
     assert time.monotonic() - started >= 20  # waited, deferred, for the window
@@ -209,21 +223,22 @@ def test_production_all_waits_for_each_window_then_backs_up_and_migrates_wave_by
     assert " TABLE public invoices " not in dump_listing(taken[BILLING]["body"], tmp_path)
 
 
-def test_production_dry_run_needs_no_reason_window_or_backup(clean_databases, production):
-    outcome = run_dag("schema_migrations", {"service": "all"})  # window=next: a change would wait for Sunday
+def test_production_dry_run_needs_no_reason_window_or_backup(production, clean_databases):
+    # window=next: a change would wait for Sunday
+    outcome = run_dag("schema_migrations", {**PRODUCTION, "service": "all"})
     assert outcome.state == "success", outcome.tasks
     assert versions() == [0, 0, 0] and backups(production) == []
 
 
-def test_production_with_nothing_to_change_waits_for_no_window(clean_databases, production):
+def test_production_with_nothing_to_change_waits_for_no_window(production, clean_databases):
     migrate_cli("auth-service", "up")
-    outcome = run_dag("schema_migrations", {"service": "auth-service", **APPLY})  # window=next
+    outcome = run_dag("schema_migrations", {**PRODUCTION, "service": "auth-service", **APPLY})  # window=next
     assert outcome.state == "success", outcome.tasks
     assert versions() == [4, 0, 0] and backups(production) == []
 
 
-def test_staging_changes_at_once_without_window_or_backup(clean_databases, staging):
-    outcome = run_dag("schema_migrations", {"service": "all", **APPLY})  # window=next is for production
+def test_staging_changes_at_once_without_window_or_backup(staging, clean_databases):
+    outcome = run_dag("schema_migrations", {**STAGING, "service": "all", **APPLY})  # window=next is for production
     assert outcome.state == "success", outcome.tasks
     assert versions() == [LATEST[s] for s in SERVICES] and backups(staging) == []
 
@@ -260,18 +275,19 @@ def checkpoint() -> tuple | None:
     ({"window": "now", "force_reason": "e2e"}, "param 'reason' is required in production to change billing-service"),
     ({"reason": "e2e: guards", "window": "now"}, "param window=now needs param force_reason"),
 ], ids=["no-reason", "window-now-without-force-reason"])
-def test_production_refuses_a_data_migration_without_its_guards_and_changes_nothing(clean_databases, production,
+def test_production_refuses_a_data_migration_without_its_guards_and_changes_nothing(production, clean_databases,
                                                                                     capfd, conf, message):
     invoices = prepare_invoices()
-    outcome = run_dag("data_migrations", {"migration": DATA_MIGRATION, "action": "run", **conf})
+    outcome = run_dag("data_migrations", {**PRODUCTION, "migration": DATA_MIGRATION, "action": "run", **conf})
     assert outcome.state == "failed" and outcome.task("data_migrate") == "failed", outcome.tasks
     assert message in capfd.readouterr().out
     assert undated(invoices) == INVOICES and checkpoint() is None and backups(production) == []
 
 
-def test_production_data_migration_backs_up_before_the_first_batch(clean_databases, production):
+def test_production_data_migration_backs_up_before_the_first_batch(production, clean_databases):
     invoices = prepare_invoices()
-    outcome = run_dag("data_migrations", {"migration": DATA_MIGRATION, "action": "run", "reason": "OPS-7: backfill",
+    outcome = run_dag("data_migrations", {**PRODUCTION, "migration": DATA_MIGRATION, "action": "run",
+                                          "reason": "OPS-7: backfill",
                                           **FORCED})
     assert outcome.state == "success", outcome.tasks
     assert undated(invoices) == 0
@@ -283,15 +299,15 @@ def test_production_data_migration_backs_up_before_the_first_batch(clean_databas
     assert holder_of(BILLING) == outcome.run_id
 
 
-def test_production_pause_is_a_request_that_needs_no_guard(clean_databases, production):
+def test_production_pause_is_a_request_that_needs_no_guard(production, clean_databases):
     prepare_invoices()
-    outcome = run_dag("data_migrations", {"migration": DATA_MIGRATION, "action": "pause"})
+    outcome = run_dag("data_migrations", {**PRODUCTION, "migration": DATA_MIGRATION, "action": "pause"})
     assert outcome.state == "success", outcome.tasks
     assert backups(production) == []
 
 
-def test_staging_data_migration_needs_no_reason_window_or_backup(clean_databases, staging):
+def test_staging_data_migration_needs_no_reason_window_or_backup(staging, clean_databases):
     invoices = prepare_invoices()
-    outcome = run_dag("data_migrations", {"migration": DATA_MIGRATION, "action": "run"})
+    outcome = run_dag("data_migrations", {**STAGING, "migration": DATA_MIGRATION, "action": "run"})
     assert outcome.state == "success", outcome.tasks
     assert undated(invoices) == 0 and backups(staging) == []
