@@ -87,6 +87,7 @@ class DataRunResult:
     resumed_from: int | None
     smallest_batch: int = 0  # the batch sizes (keys per batch) this run asked for, within the spec's bounds
     largest_batch: int = 0
+    verify_seconds: float = 0.0  # of ``seconds``, the verification query's
 
     @property
     def rows_per_second(self) -> float:
@@ -106,6 +107,7 @@ class _Progress:
     largest_batch: int = 0
     sizer: BatchSizer | None = None  # kept across a reconnect: the sizes learnt so far still hold
     first_key: int | None = None  # the checkpoint this run started from
+    verify_seconds: float = 0.0
 
     def count(self, rows: int, size: int) -> None:
         """Count one committed batch of ``rows`` changed rows, asked for with a size of ``size`` keys."""
@@ -116,7 +118,7 @@ class _Progress:
 
     def result(self, name: str, direction: str, state: str) -> DataRunResult:
         return DataRunResult(name, direction, state, self.rows, self.batches, time.monotonic() - self.started,
-                             self.resumed_from, self.smallest_batch, self.largest_batch)
+                             self.resumed_from, self.smallest_batch, self.largest_batch, self.verify_seconds)
 
 
 class BatchSizer:
@@ -260,7 +262,9 @@ class DataMigrationEngine:
                 if time.monotonic() - last_report >= self.progress_seconds:
                     self._progress(progress, last_key, checkpoint.end_key, sizer.size)
                     last_report = time.monotonic()
+            verify_started = time.monotonic()
             self._verify(conn, direction)
+            progress.verify_seconds = time.monotonic() - verify_started
             if direction == "revert":
                 # Reverted means "never ran": forget both checkpoints, so a later release runs it again from the start.
                 with conn, conn.cursor() as cur:
@@ -272,7 +276,8 @@ class DataMigrationEngine:
             self.log.info("%s %s done: %d rows in %d batches of %d to %d keys, %.1fs (%.0f rows/s); %s.",
                           self.spec.name, direction, result.rows, result.batches, result.smallest_batch,
                           result.largest_batch, result.seconds, result.rows_per_second,
-                          "verification passed" if direction == "forward" else "checkpoint forgotten")
+                          f"verification passed in {result.verify_seconds:.1f}s" if direction == "forward"
+                          else "checkpoint forgotten")
             return result
         except (InvalidMigrationInput, MigrationFailed):
             raise
