@@ -73,10 +73,11 @@ Permission = tuple[str, str]  # (action, resource)
 DAG_DETAIL_READS: frozenset[Permission] = frozenset(
     (CAN_READ, resource) for resource in (DAG_RUNS, TASK_INSTANCES, "Task Logs", "XComs", "DAG Code",
                                           "DAG Dependencies", "DAG Versions", "DAG Warnings", HITL_DETAIL))
+# (can_read on Plugins: the UI learns of the Releases page from GET /api/v2/plugins; without it, no button.)
 UI: frozenset[Permission] = frozenset({
     (CAN_READ, "Website"), (CAN_READ, "My Profile"), (CAN_EDIT, "My Profile"), (CAN_READ, "My Password"),
     (CAN_EDIT, "My Password"), (MENU, "Browse"), (MENU, DAGS), (MENU, DAG_RUNS), (MENU, TASK_INSTANCES),
-    (MENU, "Docs"), (MENU, "Documentation"),
+    (MENU, "Docs"), (MENU, "Documentation"), (CAN_READ, "Plugins"),
 })
 # Trigger (can_create on DAG Runs) and clear (can_edit on DAG Runs and Task Instances), on the DAGs the role may
 # edit: FAB asks for can_edit on the DAG (DAGs, or DAG:<dag_id>) before any change to its runs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import httpx
 import pytest
 
 from omnisphere_release import client
@@ -39,6 +40,10 @@ def test_a_viewer_reads_every_dag_and_triggers_none(fab_airflow: FabAirflow):  #
         assert viewer.get("/dags/release_auth-service/dagRuns").status_code == 200
         statuses = {dag_id: viewer.post(f"/dags/{dag_id}/dagRuns", json=TRIGGER).status_code for dag_id in dags}
         assert set(statuses.values()) == {403}, statuses
+        # The UI finds the Releases page among the plugins, and the page's API answers.
+        assert "omnisphere_release" in {plugin["name"] for plugin in viewer.get("/plugins").json()["plugins"]}
+        calendar = httpx.get(f"{fab_airflow.url}/omnisphere/api/calendar", headers=viewer.headers, timeout=30)
+        assert calendar.status_code == 200, calendar.text
 
 
 def test_only_a_release_manager_forces_a_production_window(fab_airflow: FabAirflow):  # noqa: F811
