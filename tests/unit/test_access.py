@@ -262,3 +262,22 @@ def test_omni_release_names_the_missing_permission_of_a_403():
     assert "can_edit on DAG:release_billing-service and can_create on DAG Runs" in text and "(Forbidden)" not in text
     guard = httpx.Response(403, json={"detail": "only a release manager may force a maintenance window"})
     assert "(only a release manager may force" in client.forbidden_message("POST", "/dags/x/dagRuns", guard)
+
+
+def test_the_roles_command_prints_the_catalogs_roles_and_a_broken_catalog_changes_nothing(monkeypatch, tmp_path,
+                                                                                          capsys):
+    import io
+
+    out = io.StringIO()
+    assert access.main(["roles"], out=out) == 0
+    text = out.getvalue()
+    assert "identity-release:\n" in text and "  can_edit on DAG:release_auth-service\n" in text
+    data = yaml.safe_load(CATALOG.read_text())
+    data["services"][1]["team"] = "Payments Team"
+    data.pop("teams", None)
+    broken = tmp_path / "services.yaml"
+    broken.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(broken))
+    assert access.main(["sync"], out=io.StringIO()) == 2  # refused before any connection to the database
+    error = capsys.readouterr().err
+    assert f"{broken}: field services[1] (billing-service).team" in error and "nothing was changed" in error, error

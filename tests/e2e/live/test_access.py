@@ -17,6 +17,7 @@ FORCED = {"image_tag": "1.0.0", "environment": "production", "window": "now", "f
 
 
 def test_a_team_triggers_and_clears_its_own_services_only(fab_airflow: FabAirflow):  # noqa: F811
+    assert httpx.get(f"{fab_airflow.url}/api/v2/dags", timeout=30).status_code == 401  # nobody without a token
     with fab_airflow.client("identity-release") as identity:
         refused = identity.post("/dags/release_billing-service/dagRuns", json=TRIGGER)
         assert refused.status_code == 403, refused.text
