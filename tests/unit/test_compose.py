@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -359,3 +362,48 @@ def test_production_runs_the_fab_auth_manager_from_the_runtime_set():
     module, _, name = env_file(SHARED_SETTINGS)["AIRFLOW__CORE__AUTH_MANAGER"].rpartition(".")
     assert getattr(importlib.import_module(module), name) is FabAuthManager
     assert re.search(r"^apache-airflow-providers-fab$", (REPO / "requirements.txt").read_text(), re.MULTILINE)
+
+
+def interpolate(text: str, variables: dict[str, str]) -> str:
+    """What compose makes of a value: ``${NAME:?message}`` and ``${NAME}`` replaced, ``$$`` turned into ``$``."""
+    text = re.sub(r"\$\{(\w+)(:?[?-][^}]*)?\}", lambda match: variables[match.group(1)], text)
+    return text.replace("$$", "$")
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="Debian's redis-server is not installed")
+def test_the_broker_refuses_a_client_without_the_password_and_takes_the_broker_url(tmp_path):
+    """Run the compose file's own Redis command (on a free loopback port instead of 6379): a client without the
+    password is refused, the Celery broker URL compose gives every Airflow part is let in."""
+    import redis
+
+    from devstack.net import free_port
+
+    services = compose()["services"]
+    script = interpolate(services["redis"]["command"][2], {})
+    port = free_port()
+    assert "exec redis-server - <<EOF" in script
+    script = script.replace("redis-server -", f"redis-server - --port {port} --bind 127.0.0.1 --save '' "
+                                              f"--dir {tmp_path}", 1)
+    password = "test-only-broker-password"  # noqa: S105 - a throwaway for this Redis
+    variables = {"REDIS_PASSWORD": password}
+    environment = {key: interpolate(str(value), variables) for key, value in services["redis"]["environment"].items()}
+    server = subprocess.Popen(["sh", "-c", script], env={**environment, "PATH": "/usr/bin:/bin"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        anonymous = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+        for _ in range(50):
+            try:
+                anonymous.ping()
+            except redis.AuthenticationError:
+                break  # up, and it wants a password
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the compose file's Redis never asked for a password")
+        broker = interpolate(container_env(services["airflow-worker"])["AIRFLOW__CELERY__BROKER_URL"],
+                             variables).replace("@redis:6379", f"@127.0.0.1:{port}")
+        assert redis.Redis.from_url(broker).ping() is True
+        assert environment["REDISCLI_AUTH"] == password  # the healthcheck's redis-cli signs in the same way
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
