@@ -7,6 +7,9 @@ service on its previous task definition, the schema as before), and lets a good 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -82,8 +85,48 @@ def test_log_errors_fail_the_bake_and_the_release_rolls_back(release_env, capfd)
     assert "ERROR payments client: call" in log  # the gate's log quotes the lines
 
 
+class OldTaskSetLogging:
+    """Write ERROR lines into a stream of the image the service runs before the release, every half second, while
+    the release runs: the old task set's errors must not count against the new one."""
+
+    def __init__(self) -> None:
+        import os
+
+        import boto3
+
+        from omnisphere_release.catalog import load_catalog
+        from omnisphere_release.hooks.cloudwatch import log_stream_prefix
+
+        service = load_catalog().get(SERVICE)
+        assert service.monitoring.logs is not None
+        self.group = service.monitoring.logs.log_group
+        self.stream = log_stream_prefix(before_image(), service.ecs.container) + "0" * 32
+        self.logs = boto3.client("logs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        self.written = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._write, daemon=True)
+
+    def _write(self) -> None:
+        with contextlib.suppress(self.logs.exceptions.ResourceAlreadyExistsException):
+            self.logs.create_log_stream(logGroupName=self.group, logStreamName=self.stream)
+        while not self.stop.wait(0.5):
+            self.logs.put_log_events(logGroupName=self.group, logStreamName=self.stream, logEvents=[
+                {"timestamp": int(time.time() * 1000), "message": "ERROR from a task of the previous image"}])
+            self.written += 1
+
+    def __enter__(self) -> OldTaskSetLogging:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 def test_a_clean_release_passes_the_log_check_and_the_version_check_and_records_its_bake(release_env, capfd):
-    outcome = release()
+    with OldTaskSetLogging() as old_task_set:
+        outcome = release()
+    assert old_task_set.written > 10  # the old task set logged errors all along
 
     assert outcome.state == "success", outcome.tasks
     for stage in (*PASSED_BEFORE_SMOKE, "smoke_test", "monitoring_gate", "finalize", "report"):

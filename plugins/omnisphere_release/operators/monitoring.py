@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException
 
 from omnisphere_release.catalog import MonitoringThresholds, load_catalog
 from omnisphere_release.contracts import ReleaseRun
 from omnisphere_release.hooks.cloudwatch import log_stream_prefix, minute_of
-from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
+from omnisphere_release.hooks.ecs import pinned_image
 from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.monitoring import MonitoringBakeTrigger
 
@@ -73,9 +73,9 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
     nobody can observe has not proven anything. Likewise CloudWatch itself: an outage shorter than that is waited out
     (the next reading covers it); a longer one fails the gate, saying for how long CloudWatch could not be read.
 
-    With ``monitoring.logs`` in the catalog, the new task set's log streams (found from the image ECS runs now, see
-    hooks.cloudwatch.log_stream_prefix) are searched for the error patterns too. The bake record (XCom ``bake``) is
-    pushed before the task ends, also when it fails.
+    With ``monitoring.logs`` in the catalog, the new task set's log streams (named after the image this release
+    deployed, see hooks.cloudwatch.log_stream_prefix) are searched for the error patterns too. The bake record
+    (XCom ``bake``) is pushed before the task ends, also when it fails.
     """
 
     template_fields = ("service", "environment", "bake_minutes")
@@ -94,15 +94,15 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
         closes_at = datetime.fromisoformat(window_end).timestamp() if window_end else None
         prefix = None
         if m.logs is not None:
-            try:
-                image = EcsDeploymentHook(service.aws_conn_id).live_revision(
-                    service.ecs.cluster, service.ecs.service, service.ecs.container).image
-            except EcsDeploymentError as exc:
-                reason = f"cannot tell which image the new task set runs, so not which log streams are its: {exc}"
-                self._record(context, {"status": "unreadable", "reason": reason, "started_at": now}, m)
-                raise AirflowException(f"Monitoring gate of {service.name}: {reason}. Next: the release rolls "
-                                       f"back.") from None
-            prefix = log_stream_prefix(image, service.ecs.container)
+            plan = ReleaseRun(context).plan
+            if plan is None:
+                raise AirflowFailException(f"Monitoring gate of {service.name}: preflight recorded no release plan, "
+                                           f"so the image of the new task set (whose log streams to read) is unknown. "
+                                           f"Next: the release rolls back.")
+            # The image ecs_deploy put in the new revision (pinned to its digest): what the new tasks run. Known
+            # without asking AWS, so an outage at the start of the bake is waited out like one during it.
+            prefix = log_stream_prefix(pinned_image(plan["target_image"], plan["target_image_digest"]),
+                                       service.ecs.container)
         self.log.info("Baking %s for %.0fs: failing on 5xx rate > %.2f%%, p99 > %d ms, alarms %s, %s, or no data for "
                       "%.0fs (target group %s).", service.name, bake, m.max_error_rate * 100, m.max_p99_latency_ms,
                       list(m.alarms) or "none",
