@@ -39,6 +39,7 @@ class FabAirflow:
     url: str
     home: Path
     users: dict[str, dict[str, str]] = field(repr=False)  # username -> role, password
+    env: dict[str, str] = field(repr=False)  # the Airflow environment of this API server (holds its JWT secret)
     guard_from_shim: bool = False  # True while plugins/omnisphere_plugin.py does not register the guard itself
 
     def token(self, username: str) -> str:
@@ -116,7 +117,7 @@ def fab_airflow(secret_watch) -> Iterator[FabAirflow]:
                                    + (home / "api-server.log").read_text(errors="replace")[-3000:])
             time.sleep(0.5)
         print(f"fab_airflow: API server up on {url} in {time.monotonic() - started:.1f}s", flush=True)
-        yield FabAirflow(url, home, users, guard_from_shim)
+        yield FabAirflow(url, home, users, env, guard_from_shim)
     finally:
         if process is not None:
             stop_process_group(process.pid, timeout=20)

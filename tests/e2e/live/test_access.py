@@ -4,6 +4,8 @@ trigger which DAG, who may force a production window, and what omni-release says
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -80,3 +82,13 @@ def test_omni_release_exits_2_on_a_403_naming_the_permission_and_4_on_a_401(fab_
     monkeypatch.setenv("OMNI_AIRFLOW_TOKEN", "not.a.token")
     assert client.main(["status", "release_auth-service/x"], out=out) == client.EXIT_UNREACHABLE
     assert "refused the credentials" in capsys.readouterr().err
+
+
+def test_the_sync_changes_nothing_the_second_time_and_says_so(fab_airflow: FabAirflow):  # noqa: F811
+    """The fixture synced the roles, then the API server started (and ran FAB's own sync of its roles): a second
+    sync finds nothing to change."""
+    result = subprocess.run([sys.executable, "-m", "omnisphere_release.access", "sync"], env=fab_airflow.env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing to change, the database matches the catalog" in result.stdout, result.stdout
+    assert "role " not in result.stdout  # no role changed
