@@ -167,3 +167,17 @@ def before_image() -> str:
     [container] = ecs.describe_task_definition(taskDefinition=service["taskDefinition"])["taskDefinition"][
         "containerDefinitions"]
     return container["image"]
+
+
+def test_a_bake_failed_by_its_5xx_rate_is_recorded_with_the_minute_that_breached(release_env):
+    outcome = release("-errors")  # a quarter of the application traffic answered 5xx
+
+    assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
+    assert_task_states(outcome, "monitoring_gate")
+    bake = bake_of(outcome)
+    assert bake is not None
+    assert_bake_shape(bake)
+    assert bake["verdict"] == "failed" and bake["reason"].startswith("5xx error rate ")
+    assert bake["failed_at"] == bake["ended_at"]
+    assert max(r["error_rate"] or 0 for r in bake["readings"]) > bake["thresholds"]["max_error_rate"]
+    assert bake["log_errors"] == {"count": 0, "samples": []}  # a -errors image logs no error: the metrics caught it
