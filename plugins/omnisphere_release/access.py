@@ -381,11 +381,13 @@ class ForceWindowGuard:
 async def _request_user(scope: dict[str, Any]) -> Any:
     """The user of a request, from its bearer token or the UI's token cookie, as the API authenticates it."""
     from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
     from starlette.requests import Request
 
     request = Request(scope)
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get("_token")
+    token = (header[7:].strip() if header.lower().startswith("bearer ")
+             else request.cookies.get(COOKIE_NAME_JWT_TOKEN))  # the UI's
     if not token:
         return None
     try:

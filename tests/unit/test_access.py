@@ -281,3 +281,24 @@ def test_the_roles_command_prints_the_catalogs_roles_and_a_broken_catalog_change
     assert access.main(["sync"], out=io.StringIO()) == 2  # refused before any connection to the database
     error = capsys.readouterr().err
     assert f"{broken}: field services[1] (billing-service).team" in error and "nothing was changed" in error, error
+
+
+def test_the_guard_knows_the_user_by_bearer_token_or_by_the_uis_cookie(monkeypatch):
+    from airflow.api_fastapi import app
+
+    class Manager:
+        async def get_user_from_token(self, token):
+            if token != "good":  # noqa: S105 - the fake manager's only valid token
+                raise ValueError("bad token")
+            return SimpleNamespace(get_name=lambda: "lea")
+
+    monkeypatch.setattr(app, "get_auth_manager", Manager)
+
+    def user(headers):
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
+        return asyncio.run(access._request_user(scope))
+
+    assert user([(b"authorization", b"Bearer good")]).get_name() == "lea"
+    assert user([(b"cookie", b"_token=good")]).get_name() == "lea"
+    assert user([(b"authorization", b"Bearer forged")]) is None  # the API refuses it on its own
+    assert user([]) is None
