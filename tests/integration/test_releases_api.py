@@ -61,7 +61,9 @@ def bake(failed: bool) -> dict:
                        "ended_at": (t0 + timedelta(minutes=2)).isoformat(), "verdict": "passed"},
                       {"percent": 100, "started_at": (t0 + timedelta(minutes=2)).isoformat(),
                        "ended_at": (t0 + timedelta(minutes=4, seconds=40)).isoformat(),
-                       "verdict": "failed" if failed else "passed"}]}
+                       "verdict": "failed" if failed else "passed"}],
+            # The gate's log check: what the new task set logged (text from the service: shown escaped).
+            "log_errors": {"count": 2, "samples": ["ERROR <b>pool</b> exhausted", "ERROR retry"]} if failed else None}
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +341,8 @@ def test_the_release_page_shows_the_release_its_chart_and_its_minutes(api):
     page = response.text
     for expected in ("FAILED and ROLLED BACK", 'data-chart="/omnisphere/api/bake.svg?dag_id=release_auth-service&amp;'
                      "run_id=rolled_back_run", "25.00%", "5 readings, one a minute", "no data", "Canary steps",
-                     "log of monitoring_gate"):
+                     "log of monitoring_gate", "Error lines the new tasks logged: 2",
+                     "ERROR &lt;b&gt;pool&lt;/b&gt; exhausted"):
         assert expected in page, expected
     approved = get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="released_run").text
     assert "approved by erin" in approved

@@ -40,6 +40,8 @@ def test_the_summary_gives_the_verdict_the_worst_minute_and_the_minutes_without_
     assert summary["verdict"] == "failed" and summary["failed_at"] == "2026-11-29T01:05:30+00:00"
     assert (summary["minutes"], summary["minutes_without_data"]) == (6, 1)
     assert (summary["max_error_rate"], summary["max_p99_ms"]) == (0.3, 150.0)
+    assert summary["log_errors"] is None  # no log check in the catalog for this service
+    assert bake_summary({**a_bake(), "log_errors": {"count": 7, "samples": ["ERROR boom"]}})["log_errors"] == 7
 
 
 @pytest.mark.parametrize(("change", "says"), [

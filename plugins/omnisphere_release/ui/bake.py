@@ -93,7 +93,10 @@ def bake_summary(bake: dict[str, Any] | None) -> dict[str, Any] | None:
             "started_at": bake.get("started_at"), "ended_at": bake.get("ended_at"), "minutes": len(readings),
             "minutes_without_data": sum(1 for r in readings if not r.get("requests")),
             "max_error_rate": max(rates) if rates else None, "max_p99_ms": max(p99s) if p99s else None,
-            "thresholds": bake.get("thresholds"), "steps": len(bake.get("steps") or [])}
+            "thresholds": bake.get("thresholds"), "steps": len(bake.get("steps") or []),
+            # The gate's log check, where the catalog has one: error lines the new task set logged during the bake.
+            "log_errors": (bake.get("log_errors") or {}).get("count") if isinstance(bake.get("log_errors"), dict)
+            else None}
 
 
 def _key(bake: dict[str, Any], title: str, tz: tzinfo) -> str:

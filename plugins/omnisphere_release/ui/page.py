@@ -11,6 +11,7 @@ import re
 from html import escape
 from typing import Any
 
+from omnisphere_release.migrations.engine import version_label
 from omnisphere_release.ui.history import run_path
 
 OUTCOME_CLASS = {"released": "ok", "rolled_back": "bad", "rollback_incomplete": "worst", "failed": "bad",
@@ -106,7 +107,7 @@ def _chart(src: str, alt: str, lazy: bool) -> str:
 def _bake_cell(r: dict[str, Any]) -> str:
     bake = r.get("bake")
     if not bake:
-        return "<span class=muted>no bake recorded</span>"
+        return "<span class=muted>" + ("not yet" if r["outcome"] == "in_progress" else "no bake recorded") + "</span>"
     return (f"{_bake_text(bake)}<details class=bake><summary>chart</summary>"
             f"{_chart(r['links']['bake_chart'], 'bake of ' + r['run_id'], lazy=True)}</details>")
 
@@ -275,7 +276,7 @@ def _overview(overview: dict[str, Any]) -> str:
             f"<tr{attention}><td><b>{_e(line['service'])}</b>"
             f"{'<br><span class=worst>rollback incomplete: act first</span>' if line['needs_attention'] else ''}</td>"
             f"<td>{_image(running.get('image'))}<br><span class=muted>schema "
-            f"{_e(running.get('schema_version') if running else 'unknown')}</span></td>"
+            f"{_e(version_label(running.get('schema_version')) if running else 'unknown')}</span></td>"
             f"<td>{last_text}{busy}</td><td class=strip>{strip or '<span class=muted>—</span>'}</td>"
             f"<td>{_time(window['start']) if window else '<span class=muted>none in range</span>'}"
             f"{'<br><span class=muted>' + _e(window['summary']) + '</span>' if window else ''}</td>"
@@ -339,12 +340,16 @@ def render_release_page(service: str, release: dict[str, Any], bake: dict[str, A
         f"<td>{_e(x.get('requests') if x.get('requests') is not None else 'no data')}</td></tr>"
         for x in bake.get("readings") or [])
     summary = r.get("bake") or {}
+    log_errors = bake.get("log_errors") if isinstance(bake.get("log_errors"), dict) else None
+    logs = (f"<h3>Error lines the new tasks logged: {_e(log_errors.get('count'))}</h3><pre>"
+            + "\n".join(_e(line) for line in log_errors.get("samples") or []) + "</pre>") if log_errors else ""
     body = (head + f"<h2>Bake</h2><p>{_bake_text(summary)}</p>"
             f"<p class=muted>Thresholds: 5xx rate {_pct(thresholds.get('max_error_rate'))}, p99 "
             f"{_e(thresholds.get('max_p99_latency_ms'))} ms, no data for at most "
             f"{_e(thresholds.get('missing_data_minutes'))} min. From {_time(bake.get('started_at'))} to "
             f"{_time(bake.get('ended_at')) or 'not ended'}.</p>"
             + _chart(r["links"]["bake_chart"], f"bake of {r['run_id']}", lazy=False)
+            + logs
             + ("<h3>Canary steps</h3><table><thead><tr><th>traffic</th><th>from</th><th>to</th><th>verdict</th></tr>"
                f"</thead><tbody>{steps}</tbody></table>" if steps else "")
             + f"<details><summary>{len(bake.get('readings') or [])} readings, one a minute</summary><table><thead>"
