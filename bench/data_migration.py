@@ -191,11 +191,18 @@ def measure(admin_dsn: str, rows: int, repeats: int, offset_budget_s: float, sta
     def median_rate(variant: str) -> float:
         return rows / statistics.median(r["seconds"] for r in runs[variant])
 
+    def round_ratios(variant: str, seconds: str = "seconds") -> list[float]:
+        """Throughput against the INSERT ... SELECT of the same round, run just before: load drift cancels out."""
+        return [b["seconds"] / (r[seconds] if seconds == "seconds" else r["seconds"] - r["verify_seconds"])
+                for b, r in zip(runs["single"], runs[variant], strict=True)]
+
     return {
         "rows": rows,
         "repeats": repeats,
         **{f"{v}_rows_s": median_rate(v) for v in VARIANTS},
         **{f"{v}_seconds": [round(r["seconds"], 2) for r in runs[v]] for v in VARIANTS},
+        **{f"{v}_ratios": round_ratios(v) for v in VARIANTS},
+        "engine_batches_ratios": round_ratios("engine", "batches"),
         "guide_rows_s": done / guide_s,
         "guide_rows_done": done,
         "keyset_batch": FIRST_BATCH,
@@ -204,8 +211,6 @@ def measure(admin_dsn: str, rows: int, repeats: int, offset_budget_s: float, sta
                                max(r["largest_batch"] for r in runs["engine"])],
         "python_batch_range": [min(r["smallest_batch"] for r in runs["python"]),
                                max(r["largest_batch"] for r in runs["python"])],
-        # the engine without its verification query, which the other variants do not run
-        "engine_batches_rows_s": rows / statistics.median(r["seconds"] - r["verify_seconds"] for r in runs["engine"]),
         "engine_verify_seconds": statistics.median(r["verify_seconds"] for r in runs["engine"]),
         "engine_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["engine"]),
     }
@@ -214,21 +219,26 @@ def measure(admin_dsn: str, rows: int, repeats: int, offset_budget_s: float, sta
 def report(r: dict) -> None:
     base = r["single_rows_s"]
     whole = "the whole table" if r["guide_rows_done"] == r["rows"] else f"its first {r['guide_rows_done']:,} rows"
-    print(f"{r['rows']:>9,} rows: engine {r['engine_rows_s']:,.0f} rows/s = {r['engine_rows_s'] / base:.2f}x one "
-          f"INSERT ... SELECT ({base:,.0f} rows/s; floor {FLOOR}x), median of {r['repeats']} runs each", flush=True)
+
+    def ratio(key: str) -> float:
+        return statistics.median(r[f"{key}_ratios"])
+
+    print(f"{r['rows']:>9,} rows: engine {r['engine_rows_s']:,.0f} rows/s = {ratio('engine'):.2f}x one "
+          f"INSERT ... SELECT ({base:,.0f} rows/s; floor {FLOOR}x). Rates: medians of {r['repeats']} rounds; ratios: "
+          f"medians of each round's ratio to that round's INSERT ... SELECT", flush=True)
     lines = [
         ("single", ""),
         ("engine", f"{statistics.median(r['engine_batches']):.0f} batches of {r['engine_batch_range'][0]:,} to "
                    f"{r['engine_batch_range'][1]:,} keys (first {FIRST_BATCH:,}, target ~0.5 s), verification "
-                   f"({r['engine_verify_seconds']:.2f} s) included; without it "
-                   f"{r['engine_batches_rows_s'] / base:.2f}x"),
+                   f"({r['engine_verify_seconds']:.2f} s) included; without it {ratio('engine_batches'):.2f}x"),
         ("python", f"batches of {r['python_batch_range'][0]:,} to {r['python_batch_range'][1]:,} keys"),
         ("keyset", f"batches of {r['keyset_batch']:,}, no verification"),
     ]
     for variant, note in lines:
         rate = r[f"{variant}_rows_s"]
-        print(f"    {LABELS[variant]:<34} {rate:>11,.0f} rows/s  {rate / base:5.2f}x   runs {r[f'{variant}_seconds']} s"
-              + (f"; {note}" if note else ""), flush=True)
+        rounds = ", ".join(f"{x:.2f}" for x in r[f"{variant}_ratios"])
+        print(f"    {LABELS[variant]:<34} {rate:>11,.0f} rows/s  {ratio(variant):5.2f}x   runs {r[f'{variant}_seconds']} s"
+              + (f" ({rounds})" if variant != "single" else "") + (f"; {note}" if note else ""), flush=True)
     print(f"    {LABELS['guide']:<34} {r['guide_rows_s']:>11,.0f} rows/s  {r['guide_rows_s'] / base:5.2f}x   over "
           f"{whole}, batches of {GUIDE_BATCH:,} (engine/guide {r['engine_rows_s'] / r['guide_rows_s']:.0f}x)",
           flush=True)
