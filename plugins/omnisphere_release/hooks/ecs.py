@@ -12,6 +12,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from omnisphere_release.hooks.cloudwatch import stream_label
 from omnisphere_release.hooks.registry import DIGEST_PATTERN
 
 RUN_TAG = "omnisphere:release-run"
@@ -67,6 +68,17 @@ def repository_of(image: str) -> str:
     if ":" in repository[name_start:]:
         repository = repository[: repository.rfind(":")]
     return repository
+
+
+def with_log_stream_prefix(definition: dict[str, Any], image: str) -> dict[str, Any]:
+    """Return a container definition whose awslogs streams are named after ``image``, so that the monitoring gate
+    reads the new task set's streams only (hooks.cloudwatch.log_stream_prefix); other log drivers are left as they
+    are."""
+    config = definition.get("logConfiguration") or {}
+    if config.get("logDriver") != "awslogs":
+        return definition
+    options = {**config.get("options", {}), "awslogs-stream-prefix": stream_label(image)}
+    return {**definition, "logConfiguration": {**config, "options": options}}
 
 
 def with_image(image: str, tag: str) -> str:
@@ -150,7 +162,8 @@ class EcsDeploymentHook:
         image_of(current, container)  # the container must exist
         fields = {key: current[key] for key in REGISTERABLE if current.get(key) not in (None, [], {})}
         fields["containerDefinitions"] = [
-            {**definition, "image": image} if definition["name"] == container else definition
+            with_log_stream_prefix({**definition, "image": image}, image) if definition["name"] == container
+            else definition
             for definition in current["containerDefinitions"]
         ]
         tags = [t for t in current.get("tags", []) if t["key"] != RUN_TAG] + [{"key": RUN_TAG, "value": run_tag}]
