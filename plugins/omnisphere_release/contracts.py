@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 WAIT_FOR_WINDOW = "wait_for_window"
 PREFLIGHT = "preflight"
+APPROVE_RELEASE = "approve_release"
 BACKUP = "backup"
 SCHEMA_UP = "schema_up"
 DATA_MIGRATE = "data_migrate"
@@ -28,7 +29,7 @@ RESTORE_BACKUP = "restore_backup"
 VERIFY_ROLLBACK = "verify_rollback"
 RELEASE_FAILED = "release_failed"
 REPORT = "report"
-MAIN_STAGES = (WAIT_FOR_WINDOW, PREFLIGHT, BACKUP, SCHEMA_UP, DATA_MIGRATE, INTEGRITY_CHECK, ECS_DEPLOY, SMOKE_TEST,
+MAIN_STAGES = (WAIT_FOR_WINDOW, PREFLIGHT, APPROVE_RELEASE, BACKUP, SCHEMA_UP, DATA_MIGRATE, INTEGRITY_CHECK, ECS_DEPLOY, SMOKE_TEST,
                MONITORING_GATE, FINALIZE)
 ROLLBACK_STAGES = (ROLLBACK_ECS, ROLLBACK_SCHEMA, RESTORE_BACKUP, VERIFY_ROLLBACK)
 
@@ -68,7 +69,37 @@ class ReleasePlan(TypedDict):
     backup_bucket: str
     environment: str
     window: WindowDecision
-    staging_rehearsed: bool
+    fingerprint: dict[str, Any] | None  # checks.Fingerprint.as_dict(): digest and checksums, the evidence's key
+    promotion: dict[str, Any] | None  # the promotion rule as applied: the evidence used, or the override
+
+
+class RefusedAnswer(TypedDict):
+    """An answer approve_release refused: from someone who may not approve this release (it was then asked again)."""
+
+    by: str | None
+    option: str
+    at: str  # ISO 8601
+    why: str
+
+
+class ApprovalDecision(TypedDict, total=False):
+    """approve_release: whether the release needed an approver, and who answered what, when (four eyes).
+
+    Pushed as the task's return value, also when it fails (rejected, timed out): the report reads it either way."""
+
+    required: bool
+    environment: str
+    outcome: str  # "not_required", "approved", "rejected", "timed_out", "no_approver"
+    triggered_by: str | None
+    approvers: list[str]  # who may answer: the service's approvers, less the person who triggered the run
+    approved_by: str | None
+    approved_at: str | None  # ISO 8601
+    rejected_by: str | None
+    rejected_at: str | None
+    comment: str
+    deadline: str | None  # ISO 8601: when the request times out
+    refused_answers: list[RefusedAnswer]
+    link: str | None  # the task's Required Actions page in the Airflow UI
 
 
 class BackupOutput(TypedDict):
@@ -123,6 +154,10 @@ class ReleaseRun:
     @property
     def plan(self) -> ReleasePlan | None:
         return cast("ReleasePlan | None", self.output(PREFLIGHT))
+
+    @property
+    def approval(self) -> ApprovalDecision:
+        return cast("ApprovalDecision", self.output(APPROVE_RELEASE) or {})
 
     @property
     def backup(self) -> BackupOutput | None:

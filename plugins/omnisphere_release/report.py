@@ -9,6 +9,7 @@ from typing import Any
 
 from omnisphere_release.checks import plain_text
 from omnisphere_release.contracts import (
+    APPROVE_RELEASE,
     BACKUP,
     ECS_DEPLOY,
     FINALIZE,
@@ -28,18 +29,27 @@ OUTCOME_TEXT = {
     "rolled_back": "FAILED and ROLLED BACK: the service and the schema are as before the release",
     "rollback_incomplete": "FAILED, ROLLBACK INCOMPLETE: a person must act (see the rollback section)",
     "refused": "REFUSED in preflight: nothing was changed",
+    "rejected": "REJECTED at approval: nothing was changed",
+    "approval_timed_out": "APPROVAL TIMED OUT: no approver answered in time; nothing was changed",
+    "no_approver": "REFUSED at approval: nobody may approve it (see the catalog's approvers); nothing was changed",
     "dry_run": "DRY RUN: preflight printed the plan; nothing was changed",
     "failed": "FAILED",
 }
 
 
-def outcome_of(states: dict[str, str], before: dict[str, Any] | None) -> str:
+# How approve_release ended -> the release's outcome, when it ended the release (nothing had changed yet).
+APPROVAL_OUTCOMES = {"rejected": "rejected", "timed_out": "approval_timed_out", "no_approver": "no_approver"}
+
+
+def outcome_of(states: dict[str, str], before: dict[str, Any] | None, approval: dict[str, Any] | None = None) -> str:
     if states.get(FINALIZE) == "success":
         return "released"
     if before and before.get("dry_run") and states.get(PREFLIGHT) == "success":
         return "dry_run"
     if states.get(PREFLIGHT) == "failed" or not before:
         return "refused"
+    if states.get(APPROVE_RELEASE) == "failed":
+        return APPROVAL_OUTCOMES.get(str((approval or {}).get("outcome")), "refused")
     if states.get(VERIFY_ROLLBACK) == "success":
         return "rolled_back"
     return "rollback_incomplete"
@@ -49,7 +59,9 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
                  states: dict[str, str], durations: dict[str, float | None], outputs: dict[str, Any],
                  after: dict[str, Any], stage_order: list[str]) -> dict[str, Any]:
     before = outputs.get(PREFLIGHT) or {}
-    outcome = outcome_of(states, outputs.get(PREFLIGHT))
+    approval = outputs.get(APPROVE_RELEASE) or {}
+    outcome = outcome_of(states, outputs.get(PREFLIGHT), approval)
+    window = before.get("window") or outputs.get(WAIT_FOR_WINDOW) or {}
     stages = [{"stage": task_id, "state": states.get(task_id, "none"),
                "seconds": round(seconds, 2) if (seconds := durations.get(task_id)) is not None else None}
               for task_id in stage_order]
@@ -62,7 +74,9 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "triggered_by": triggered_by,
         "reason": params.get("reason") or "",
-        "window": before.get("window") or outputs.get(WAIT_FOR_WINDOW),
+        "window": window or None,
+        "approval": approval_of(approval, states.get(APPROVE_RELEASE)),
+        "audit": audit_of(triggered_by, approval, window),
         "params": params,
         "before": {"image": before.get("previous_image"), "task_definition": before.get("previous_task_definition"),
                    "schema_version": before.get("schema_version")},
@@ -83,6 +97,38 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
     }
 
 
+def approval_of(decision: dict[str, Any], state: str | None) -> dict[str, Any]:
+    """Return the report's ``approval``: whether four eyes were required, who answered what and when."""
+    return {
+        "required": bool(decision.get("required")),
+        "outcome": decision.get("outcome") or ("not_reached" if state in (None, "none", "upstream_failed") else state),
+        "approved_by": decision.get("approved_by"),
+        "approved_at": decision.get("approved_at"),
+        "rejected_by": decision.get("rejected_by"),
+        "rejected_at": decision.get("rejected_at"),
+        "comment": decision.get("comment") or "",
+        "approvers": decision.get("approvers") or [],
+        "deadline": decision.get("deadline"),
+        "refused_answers": decision.get("refused_answers") or [],
+    }
+
+
+def audit_of(triggered_by: str | None, decision: dict[str, Any], window: dict[str, Any]) -> dict[str, Any]:
+    """Return the report's ``audit``: who decided what about this release (trigger, approval, forced window)."""
+    forced = window.get("mode") == "forced"
+    return {
+        "triggered_by": triggered_by,
+        "approved_by": decision.get("approved_by"),
+        "approved_at": decision.get("approved_at"),
+        "rejected_by": decision.get("rejected_by"),
+        "rejected_at": decision.get("rejected_at"),
+        # The window is forced by the trigger's params (window, force_reason): by the person who triggered the run.
+        "window_forced_by": triggered_by if forced else None,
+        "force_reason": window.get("force_reason") if forced else None,
+        "refused_answers": decision.get("refused_answers") or [],
+    }
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     b, t, a = report["before"], report["target"], report["after"]
     lines = [
@@ -98,7 +144,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "```json",
         json.dumps(report["params"], sort_keys=True, default=str),
         "```",
-        f"- Window: {_window(report.get('window'))}",
+        f"- Window: {_window(report.get('window'))}"
+        + (f" (forced by {_text(by)})" if (by := (report.get("audit") or {}).get("window_forced_by")) else ""),
+        f"- Approval: {_approval(report.get('approval'))}",
         "",
         "| | image | task definition | schema version |",
         "| --- | --- | --- | --- |",
@@ -130,6 +178,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     for task_id, entry in report["rollback"].items():
         lines.append(f"- {task_id}: {entry['state']}" + (f" — {_describe(entry['result'])}" if entry["result"] else ""))
     return "\n".join(lines) + "\n"
+
+
+def _approval(approval: Any) -> str:
+    if not approval or not approval.get("required"):
+        return "not required"
+    refused = "".join(f"; refused the {_text(r.get('option'))} of {_text(r.get('by'))} ({_text(r.get('why'))})"
+                      for r in approval.get("refused_answers") or [])
+    comment = f" ({_text(approval['comment'])})" if approval.get("comment") else ""
+    if approval.get("approved_by"):
+        return f"approved by {_text(approval['approved_by'])} at {approval.get('approved_at')}{comment}{refused}"
+    if approval.get("rejected_by"):
+        return f"REJECTED by {_text(approval['rejected_by'])} at {approval.get('rejected_at')}{comment}{refused}"
+    if approval.get("outcome") == "timed_out":
+        return f"TIMED OUT: no answer from {_text(', '.join(approval.get('approvers') or []))} by " \
+               f"{approval.get('deadline')}{refused}"
+    if approval.get("outcome") == "no_approver":
+        return "REFUSED: nobody may approve it (the catalog's approvers less the person who triggered it)"
+    return f"required, {approval.get('outcome')}{refused}"
 
 
 def _window(window: Any) -> str:

@@ -1,8 +1,9 @@
 """The factory of ``release_<service>``: the stages of a release and its rollback branch, wired once for every service.
 
 ```
-wait_for_window > preflight > backup > schema_up > integrity_check > ecs_deploy > smoke_test > monitoring_gate > finalize
-                 any failure > rollback_ecs > rollback_schema > restore_backup > verify_rollback
+wait_for_window > preflight > approve_release > backup > schema_up > integrity_check > ecs_deploy > smoke_test
+    > monitoring_gate > finalize
+                 any failure from backup on > rollback_ecs > rollback_schema > restore_backup > verify_rollback
                  release_failed (fails the run whenever a stage failed)        report (always)
 ```
 
@@ -19,6 +20,7 @@ from airflow.sdk import DAG, Param, TriggerRule
 from omnisphere_release import contracts as stage
 from omnisphere_release.catalog import Catalog, Service
 from omnisphere_release.checks import WINDOW_PATTERN, schedule_of
+from omnisphere_release.operators.approval import ReleaseApprovalOperator
 from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
 from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE
 from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
@@ -93,7 +95,10 @@ def doc_for(service: Service) -> str:
 
 Releases **{service.name}** ({service.description}) to a new image: back up the database, apply the schema
 migrations, check data integrity, deploy to ECS ({service.ecs.cluster}/{service.ecs.service}), smoke-test, watch
-CloudWatch for the bake period, finalize. On any failure after preflight, the rollback branch undoes what this run
+CloudWatch for the bake period, finalize. Where the environment requires four eyes, the release first waits at
+`approve_release` for one of {', '.join(service.approvers) or '(no approver: add approvers to the catalog)'}, never
+the person who triggered it; a rejection or no answer in time ends the run failed, with nothing changed.
+On any failure after approval, the rollback branch undoes what this run
 did, in reverse: `rollback_ecs`, `rollback_schema`, `restore_backup` (only when needed, or always by policy),
 `verify_rollback`; then `release_failed` fails the run. `report` writes the release report whatever happens.
 
@@ -130,6 +135,9 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
             strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
             target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
             reason="{{ params.reason or '' }}", staging_rehearsed="{{ params.staging_rehearsed }}")
+        # Passes at once unless the environment requires four eyes; then it waits, holding no worker slot, up to the
+        # catalog's approval_timeout_hours. A rejection or a timeout fails it: the run ends failed, nothing changed.
+        approve = ReleaseApprovalOperator(task_id=stage.APPROVE_RELEASE, service=name, retries=0)
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name,
                                             execution_timeout=DATABASE_STAGE_TIMEOUT)
         schema_up = PostgresApplyMigrationsOperator(
@@ -148,7 +156,7 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
                                                 bake_minutes="{{ params.bake_minutes }}", retries=0,
                                                 execution_timeout=timedelta(minutes=MAX_BAKE_MINUTES + 30))
         finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name, execution_timeout=deploy_timeout)
-        main = [t for t in (wait, preflight, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
+        main = [t for t in (wait, preflight, approve, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
         for upstream, downstream in zip(main, main[1:], strict=False):
             upstream >> downstream
 
@@ -162,7 +170,7 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
                                                 trigger_rule=TriggerRule.ALL_DONE,
                                                 execution_timeout=DATABASE_STAGE_TIMEOUT)
         verify = VerifyRollbackOperator(task_id=stage.VERIFY_ROLLBACK, service=name, trigger_rule=TriggerRule.ALL_DONE)
-        main[2:] >> rollback_ecs  # from backup on: what preflight may not refuse
+        main[3:] >> rollback_ecs  # from backup on: what preflight and approve_release refuse has changed nothing
         rollback_ecs >> rollback_schema >> restore >> verify
 
         # Two leaves: the run is FAILED whenever release_failed fails, whatever the report does.

@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from omnisphere_release.catalog import Catalog, Service, load_catalog
 from omnisphere_release.contracts import (
+    APPROVE_RELEASE,
     BACKUP,
     FINALIZE,
     MAIN_STAGES,
@@ -40,6 +41,12 @@ class ReleaseFailedOperator(BaseOperator):
         plan = run.plan
         if not failed and states.get(PREFLIGHT) == "success" and plan and plan["dry_run"]:
             raise AirflowSkipException("Dry run: nothing was changed.")
+        if failed == [APPROVE_RELEASE]:  # ended before anything changed: the rollback steps had nothing to undo
+            approval = run.approval
+            raise AirflowFailException(
+                f"The release did not run: approve_release ended it ({approval.get('outcome') or 'failed'}"
+                + (f", by {approval['rejected_by']}" if approval.get("rejected_by") else "")
+                + "); nothing was changed. See approve_release's log and the report.")
         rollback = ", ".join(f"{t} {states.get(t, 'none')}" for t in ROLLBACK_STAGES)
         raise AirflowFailException(f"Release failed at {', '.join(failed) or 'an unknown stage'}; rollback: "
                                    f"{rollback}. See the report task's log.")
