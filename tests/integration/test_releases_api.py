@@ -81,7 +81,8 @@ def metadata(airflow_db):
     train_window = window_schedule(catalog.release_all_window).next_window(datetime.now(timezone.utc))
     runs = [  # dag_id, run_id, state, conf, user, {task_id: (state, try_number, duration)}, xcoms
         ("release_auth-service", "released_run", "success", {"image_tag": "v2"}, "alice",
-         {"backup": ("success", 1, 12.0), "finalize": ("success", 1, 1.0), "report": ("success", 1, 1.0)},
+         {"backup": ("success", 1, 12.0), "monitoring_gate": ("success", 1, 30.0), "finalize": ("success", 1, 1.0),
+          "report": ("success", 1, 1.0)},
          {("report", "return_value"): _report("released_run", "released")}),
         ("release_auth-service", "rolled_back_run", "failed", {"image_tag": "v3"}, "bob",
          {"monitoring_gate": ("failed", 2, 95.5), "verify_rollback": ("success", 1, 2.0),
@@ -288,7 +289,7 @@ def test_the_history_says_who_approved_and_how_each_bake_went(api):
     assert lines["waiting_run"]["bake"] is None and lines["waiting_run"]["links"]["bake_chart"] is None
 
 
-def test_the_bake_is_served_as_json_as_the_gate_recorded_it(api):
+def test_the_bake_is_served_as_json_as_the_gate_recorded_it_in_the_report_or_its_xcom(api):
     response = get(api, "/omnisphere/api/bake", dag_id="release_auth-service", run_id="rolled_back_run")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -296,7 +297,7 @@ def test_the_bake_is_served_as_json_as_the_gate_recorded_it(api):
     # A run whose report has no bake (the gate was not reached) says so, and is no error.
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
-    from sqlalchemy import update
+    from sqlalchemy import delete, insert, update
 
     with create_session() as session:
         row = session.scalar(XComModel.get_many(run_id="released_run", dag_ids="release_auth-service",
@@ -311,8 +312,21 @@ def test_the_bake_is_served_as_json_as_the_gate_recorded_it(api):
         assert chart.status_code == 404 and "no bake recorded" in chart.json()["detail"]
         page = get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="released_run")
         assert page.status_code == 200 and "No bake recorded" in page.text
+        # A report without the bake, of a run whose gate recorded one (its XCom "bake"): the gate's record is shown.
+        with create_session() as session:
+            session.execute(insert(XComModel).values(dag_run_id=row.dag_run_id, task_id="monitoring_gate",
+                                                     map_index=-1, key="bake", dag_id="release_auth-service",
+                                                     run_id="released_run", value=bake(failed=False)))
+        from_gate = get(api, "/omnisphere/api/bake", dag_id="release_auth-service", run_id="released_run").json()
+        assert from_gate["bake"] == bake(failed=False) and from_gate["note"] is None
+        assert get(api, "/omnisphere/api/bake.svg", dag_id="release_auth-service",
+                   run_id="released_run").status_code == 200
+        lines = get(api, "/omnisphere/api/releases", service="auth-service").json()["releases"]["auth-service"]
+        assert next(r for r in lines if r["run_id"] == "released_run")["bake"]["verdict"] == "passed"
     finally:
         with create_session() as session:
+            session.execute(delete(XComModel).where(XComModel.dag_run_id == row.dag_run_id,
+                                                    XComModel.task_id == "monitoring_gate"))
             session.execute(update(XComModel).where(XComModel.dag_run_id == row.dag_run_id,
                                                     XComModel.task_id == "report").values(value=saved))
 

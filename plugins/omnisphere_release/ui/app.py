@@ -34,9 +34,9 @@ from sqlalchemy.orm import Session
 
 from omnisphere_release.catalog import Catalog, CatalogError, load_catalog
 from omnisphere_release.report import render_markdown
-from omnisphere_release.ui.bake import NO_BAKE, BakeError, bake_of, bake_summary, check_bake, render_chart
+from omnisphere_release.ui.bake import NO_BAKE, BakeError, bake_summary, check_bake, render_chart
 from omnisphere_release.ui.calendar import RELEASE_ALL, build_calendar
-from omnisphere_release.ui.history import release_entry, service_history
+from omnisphere_release.ui.history import RunRecord, release_entry, service_history
 from omnisphere_release.ui.mount import MOUNT
 from omnisphere_release.ui.overview import service_overview
 from omnisphere_release.ui.page import render_page, render_release_page, render_schema_page
@@ -177,20 +177,31 @@ def get_report(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str,
     return PlainTextResponse(render_markdown(report)) if as_format == "md" else report
 
 
+def _run(session: Session, who: Viewer, dag_id: str, run_id: str) -> RunRecord:
+    from omnisphere_release.ui import metadata
+
+    _readable_release(who, dag_id)
+    record = metadata.release_run(session, dag_id, run_id)
+    if record is None:
+        raise HTTPException(status_code=404, detail=f"{dag_id} has no run {run_id}")
+    return record
+
+
 @app.get("/api/bake")
 def get_bake(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str) -> dict[str, Any]:
     """The bake as the monitoring gate recorded it (``bake`` is null, with a note, when the run recorded none)."""
-    report = _report(session, who, dag_id, run_id)
-    bake = bake_of(report)
-    return {"dag_id": dag_id, "run_id": run_id, "service": report.get("service"), "outcome": report.get("outcome"),
-            "bake": bake, "summary": bake_summary(bake), "note": None if bake else NO_BAKE}
+    record = _run(session, who, dag_id, run_id)
+    bake = record.bake
+    return {"dag_id": dag_id, "run_id": run_id, "service": _readable_release(who, dag_id),
+            "outcome": (record.report or {}).get("outcome"), "bake": bake, "summary": bake_summary(bake),
+            "note": None if bake else NO_BAKE}
 
 
 @app.get("/api/bake.svg", response_class=Response)
 def get_bake_chart(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str, tz: str = "UTC") -> Response:
     zone = _zone(tz)
     service = _readable_release(who, dag_id)
-    bake = bake_of(_report(session, who, dag_id, run_id))
+    bake = _run(session, who, dag_id, run_id).bake
     if bake is None:
         raise HTTPException(status_code=404, detail=f"{dag_id} run {run_id}: {NO_BAKE} (the run did not reach the "
                                                     "monitoring gate, or its report predates bake recording)")
@@ -205,14 +216,10 @@ def get_bake_chart(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str
 @app.get("/release", response_class=HTMLResponse)
 def get_release_page(who: ViewerDep, session: SessionDep, request: Request, dag_id: str, run_id: str
                      ) -> HTMLResponse:
-    from omnisphere_release.ui import metadata
-
     service = _readable_release(who, dag_id)
-    record = metadata.release_run(session, dag_id, run_id)
-    if record is None:
-        raise HTTPException(status_code=404, detail=f"{dag_id} has no run {run_id}")
+    record = _run(session, who, dag_id, run_id)
     ui_base, api_base = _bases(request)
-    bake = bake_of(record.report)
+    bake = record.bake
     problem = None
     try:
         if bake is not None:

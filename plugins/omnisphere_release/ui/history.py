@@ -40,6 +40,13 @@ class RunRecord:
     conf: dict[str, Any]
     tasks: list[TaskRecord] = field(default_factory=list)
     report: dict[str, Any] | None = None  # the report task's return value, when it ran
+    # What monitoring_gate recorded of its bake (its XCom), for a run whose report has no bake: still running, or
+    # reported before the report carried the bake.
+    gate_bake: dict[str, Any] | None = None
+
+    @property
+    def bake(self) -> dict[str, Any] | None:
+        return bake_of(self.report) or self.gate_bake
 
 
 def run_path(dag_id: str, run_id: str) -> str:
@@ -87,7 +94,7 @@ def release_entry(record: RunRecord, ui_base: str, api_base: str) -> dict[str, A
     path = run_path(record.dag_id, record.run_id)
     approval = report.get("approval")
     approval = approval if isinstance(approval, dict) else {}
-    bake = bake_summary(bake_of(report))
+    bake = bake_summary(record.bake)
     query = f"dag_id={quote(record.dag_id)}&run_id={quote(record.run_id, safe='')}"
     return {
         "dag_id": record.dag_id,

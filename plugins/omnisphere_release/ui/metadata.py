@@ -17,12 +17,15 @@ from airflow.models.xcom import XComModel
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
-from omnisphere_release.contracts import REPORT, WAIT_FOR_WINDOW
+from omnisphere_release.contracts import MONITORING_GATE, REPORT, WAIT_FOR_WINDOW
 from omnisphere_release.release_queue import QUEUE_VARIABLE
 from omnisphere_release.ui.calendar import WaitingRelease
 from omnisphere_release.ui.history import RunRecord, TaskRecord
 
 QUEUE_RELEASE_DAG = "queue_release"
+# The XCom key under which monitoring_gate records its bake (operators/monitoring.py BAKE_XCOM_KEY; not imported:
+# the operators' module brings the triggers and the AWS hooks into the API server).
+BAKE_XCOM_KEY = "bake"
 DEFERRED = "deferred"
 
 
@@ -109,13 +112,19 @@ def _records(session: Session, runs: list[DagRun]) -> list[RunRecord]:
                                      TaskInstance.state, TaskInstance.try_number, TaskInstance.duration)
                               .where(tuple_(TaskInstance.dag_id, TaskInstance.run_id).in_(keys))).all():
         tasks[(ti.dag_id, ti.run_id)].append(TaskRecord(ti.task_id, ti.state, ti.try_number or 0, ti.duration))
-    reports = {x.dag_run_id: _xcom_value(x) for x in session.scalars(
-        select(XComModel).where(XComModel.dag_run_id.in_(run_ids), XComModel.task_id == REPORT,
-                                XComModel.key == "return_value", XComModel.map_index == -1))}
+    values: dict[tuple[int, str], Any] = {(x.dag_run_id, x.task_id): _xcom_value(x) for x in session.scalars(
+        select(XComModel).where(XComModel.dag_run_id.in_(run_ids), XComModel.map_index == -1,
+                                ((XComModel.task_id == REPORT) & (XComModel.key == "return_value"))
+                                | ((XComModel.task_id == MONITORING_GATE) & (XComModel.key == BAKE_XCOM_KEY))))}
+
+    def as_dict(value: Any) -> dict[str, Any] | None:
+        return value if isinstance(value, dict) else None
+
     return [RunRecord(dag_id=run.dag_id, run_id=run.run_id, state=str(run.state) if run.state else None,
                       start=run.start_date, end=run.end_date, triggered_by=run.triggering_user_name,
                       conf=run.conf or {}, tasks=tasks[(run.dag_id, run.run_id)],
-                      report=report if isinstance(report := reports.get(run.id), dict) else None)
+                      report=as_dict(values.get((run.id, REPORT))),
+                      gate_bake=as_dict(values.get((run.id, MONITORING_GATE))))
             for run in runs]
 
 
