@@ -27,15 +27,19 @@ ROLLING = {"strategy": "ROLLING", "maximumPercent": 200, "minimumHealthyPercent"
 
 
 class FakeTaskInstance:
-    """Answers xcom_pull from what stages pushed, by (task id, key), and records what was asked."""
+    """Answers xcom_pull from what stages pushed, by (task id, key), and records what was asked and pushed."""
 
-    def __init__(self, pushed: dict[tuple[str, str], Any]) -> None:
+    def __init__(self, pushed: dict[tuple[str, str], Any], task_id: str = "this_task") -> None:
         self.pushed = pushed
+        self.task_id = task_id
         self.pulls: list[tuple[str, str]] = []
 
     def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
         self.pulls.append((task_ids, key))
         return self.pushed.get((task_ids, key))
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[(self.task_id, key)] = value
 
 
 def context_with(pushed: dict[tuple[str, str], Any]) -> dict[str, Any]:
