@@ -285,7 +285,8 @@ def report_figures(f: dict[str, Any]) -> None:
         print(f"  {ours}: {x['ours_s'] * ms:.0f} ms vs {theirs}: {x['airflow_s'] * ms:.0f} ms; "
               f"ratio {x['ratio']:.2f}x")
     print(f"  a chart drawn (matplotlib, a bake of {f['minutes']} minutes, not cached): {f['chart_drawn_s'] * ms:.0f} ms; "
-          f"the API server's first chart, importing matplotlib: {f['chart_first_s'] * ms:.0f} ms")
+          f"a first chart asked for before any page (whose answer imports matplotlib after it is sent): "
+          f"{f['chart_first_s'] * ms:.0f} ms")
     print(f"  wrote nothing to the metadata database: {'yes' if f['changed_nothing'] else 'NO: it changed'}")
 
 

@@ -27,14 +27,14 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
 from omnisphere_release.catalog import Catalog, CatalogError, load_catalog
 from omnisphere_release.report import render_markdown
-from omnisphere_release.ui.bake import NO_BAKE, BakeError, bake_summary, check_bake, render_chart
+from omnisphere_release.ui.bake import NO_BAKE, BakeError, bake_summary, check_bake, render_chart, warm_up
 from omnisphere_release.ui.calendar import RELEASE_ALL, build_calendar
 from omnisphere_release.ui.history import RunRecord, release_entry, service_history
 from omnisphere_release.ui.mount import MOUNT
@@ -214,8 +214,9 @@ def get_bake_chart(who: ViewerDep, session: SessionDep, dag_id: str, run_id: str
 
 
 @app.get("/release", response_class=HTMLResponse)
-def get_release_page(who: ViewerDep, session: SessionDep, request: Request, dag_id: str, run_id: str
-                     ) -> HTMLResponse:
+def get_release_page(who: ViewerDep, session: SessionDep, request: Request, dag_id: str, run_id: str,
+                     background: BackgroundTasks) -> HTMLResponse:
+    background.add_task(warm_up)  # the page's chart is asked for next
     service = _readable_release(who, dag_id)
     record = _run(session, who, dag_id, run_id)
     ui_base, api_base = _bases(request)
@@ -243,8 +244,9 @@ def get_overview(who: ViewerDep, session: SessionDep, request: Request,
 
 
 @app.get("/releases", response_class=HTMLResponse)
-def get_page(who: ViewerDep, session: SessionDep, request: Request,
+def get_page(who: ViewerDep, session: SessionDep, request: Request, background: BackgroundTasks,
              weeks: Annotated[float, Query(gt=0, le=26)] = 4) -> HTMLResponse:
+    background.add_task(warm_up)  # after the answer: a chart opened from the history is then drawn at once
     return HTMLResponse(render_page(*overview_data(session, who, request, weeks)))
 
 
