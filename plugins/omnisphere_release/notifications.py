@@ -24,14 +24,17 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote
 
+from airflow.providers.amazon.aws.hooks.sns import SnsHook
 from airflow.providers.amazon.aws.notifications.sns import SnsNotifier
 from airflow.providers.common.compat.notifier import BaseNotifier
 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 from airflow.sdk import Context
 from airflow.sdk.configuration import conf
+from botocore.config import Config
 
 from omnisphere_release.catalog import Service, Team, load_catalog
 from omnisphere_release.checks import plain_text
@@ -47,6 +50,10 @@ FAILURE_KEY = "omni_failure"
 MAX_CAUSE_CHARS = 300
 MAX_SUBJECT_CHARS = 99  # SNS: fewer than 100 ASCII characters, no line break
 log = logging.getLogger(__name__)
+# News must not hold a task, or the DAG processor (whose callbacks share its dag_file_processor_timeout, 50 s by
+# default), for long: throttling is retried twice, an unreachable SNS gives up within about 30 s a topic (3 attempts
+# of at most 3 s to connect and 5 s to answer). The AWS connection's config_kwargs win, option by option.
+NEWS_CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=5)
 
 EVENT_TEXT = {STARTED: "STARTED: preflight passed, the release is under way",
               AWAITING_APPROVAL: "AWAITING APPROVAL: nothing changes until an approver answers"}
@@ -247,8 +254,9 @@ class ReleaseNotifier(BaseNotifier):
             started = time.monotonic()
             try:
                 if kind == "sns":
-                    SnsNotifier(aws_conn_id=service.aws_conn_id, target_arn=target, message=body, subject=subject,
-                                message_attributes=news.attributes(), region_name=_region_of(target)).notify(context)
+                    _NewsSnsNotifier(aws_conn_id=service.aws_conn_id, target_arn=target, message=body,
+                                     subject=subject, message_attributes=news.attributes(),
+                                     region_name=_region_of(target)).notify(context)
                 else:
                     SmtpNotifier(to=list(team.emails), subject=subject,
                                  html_content=f"<pre>{html.escape(body)}</pre>").notify(context)
@@ -266,6 +274,23 @@ class ReleaseNotifier(BaseNotifier):
                              "unchanged. The news, for whoever reads this log:\n%s", news.event, service.name, sent,
                              len(channels), ", ".join(failed), body)
         return sent
+
+
+class _NewsSnsHook(SnsHook):
+    """SnsHook whose client gives up soon (NEWS_CLIENT_CONFIG), unless the AWS connection says otherwise."""
+
+    @property
+    def config(self) -> Config:
+        connection = self.conn_config.botocore_config
+        return NEWS_CLIENT_CONFIG.merge(connection) if connection else NEWS_CLIENT_CONFIG
+
+
+class _NewsSnsNotifier(SnsNotifier):
+    """The amazon provider's SnsNotifier, publishing through :class:`_NewsSnsHook`."""
+
+    @cached_property
+    def hook(self) -> SnsHook:
+        return _NewsSnsHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
 
 
 def _with_approval_request(news: ReleaseNews, context: Context) -> ReleaseNews:

@@ -229,6 +229,20 @@ def test_a_channel_that_fails_is_logged_and_the_others_still_get_the_news(monkey
     assert "Failed stage: smoke_test: GET /health -> 503" in log  # the news itself, for whoever reads the log
 
 
+def test_the_sns_client_gives_up_soon_unless_the_connection_says_otherwise(monkeypatch):
+    import json
+
+    from omnisphere_release.notifications import _NewsSnsNotifier
+
+    config = _NewsSnsNotifier(aws_conn_id=None, target_arn=TOPIC, message="m").hook.config
+    assert (config.retries, config.connect_timeout, config.read_timeout) == (
+        {"mode": "standard", "max_attempts": 2}, 3, 5)
+    monkeypatch.setenv("AIRFLOW_CONN_NEWS_AWS", json.dumps({"conn_type": "aws", "extra": {
+        "config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 6}}}}))
+    config = _NewsSnsNotifier(aws_conn_id="news_aws", target_arn=TOPIC, message="m").hook.config
+    assert (config.retries, config.connect_timeout) == ({"mode": "adaptive", "max_attempts": 6}, 3)
+
+
 def test_a_team_without_channels_is_told_in_the_log(capfd):
     service = load_catalog().get(SERVICE)
     assert ReleaseNotifier(service=SERVICE, event=OUTCOME).send(news(), service, Team(), {}) == 0
