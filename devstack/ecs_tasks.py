@@ -1,8 +1,8 @@
 """One-off ECS tasks (RunTask) in the devstack's moto: each catalog service's regression suite, acted out.
 
-moto starts a RunTask task as RUNNING and stops it only when asked, with exit code 0, and writes no logs. A regression
-suite run by ECS instead goes PENDING -> RUNNING -> STOPPED on its own, its container exits with the suite's result,
-and the awslogs driver writes its output to CloudWatch Logs. ``install`` patches moto's ECS backend so that every
+moto starts a RunTask task RUNNING and walks it to STOPPED over the next DescribeTasks calls, always with exit code 0,
+and writes no logs. A regression suite run by ECS goes PENDING -> RUNNING -> STOPPED as the suite runs, its container
+exits with the suite's result, and the awslogs driver writes its output to CloudWatch Logs. ``install`` patches moto's ECS backend so that every
 RunTask task does that, one step every ``step_seconds``:
 
 - PENDING for one step, then RUNNING while the suite "runs": it writes its lines to the log group and stream prefix of
@@ -47,7 +47,7 @@ SERVICE_URL = "OMNI_SERVICE_URL"
 STREAM_PREFIX = "regression"  # the awslogs-stream-prefix of every suite task definition the devstack registers
 EXIT_KILLED = 137
 
-# (test name, what it checks) of the acted-out suite; with -regressions the ones marked True fail.
+# The acted-out suite: (test name, whether it fails against a -regressions image).
 SUITE = (("test_health_and_readiness", False), ("test_sign_in_round_trip", True),
          ("test_list_pagination_is_stable", False), ("test_write_then_read_back", True))
 FAILURES = {"test_sign_in_round_trip": "AssertionError: expected 200, got 500 from POST /sessions",
@@ -60,7 +60,7 @@ _installed = False
 def log_group_of(service: Any) -> str:
     """Return the log group of ``service``'s suite: the group its catalog names for its tasks' logs, ``/ecs/<name>``
     by default (the convention the sample services write to)."""
-    logs = getattr(service.monitoring, "logs", None)
+    logs = service.monitoring.logs
     return logs.log_group if logs is not None else f"/ecs/{service.name}"
 
 

@@ -107,7 +107,7 @@ def test_a_service_without_a_suite_passes_the_stage_saying_so(tmp_path, monkeypa
      "fix the catalog field regression.task_definition of auth-service"),
     ({"task_definition": "auth-service-regression", "container": "tests"},
      "has no container 'tests' (it has ['regression']); fix the catalog field regression.container of auth-service"),
-])
+], ids=["unknown task definition", "unknown container"])
 def test_a_suite_the_catalog_misnames_fails_the_stage_naming_the_field_and_runs_nothing(
         devstack, tmp_path, monkeypatch, regression, message):
     from airflow.sdk.exceptions import AirflowFailException

@@ -128,7 +128,8 @@ def test_a_suite_that_cannot_reach_the_service_fails(aws):
     assert "FAILED: the service did not answer; no test could run" in lines
 
 
-def test_stop_task_kills_a_running_suite_and_a_reattach_no_longer_finds_it(aws, service_url):
+def test_stop_task_kills_a_running_suite_and_a_reattach_no_longer_finds_it(aws, service_url, monkeypatch):
+    monkeypatch.setattr(ecs_tasks.SIMULATOR, "step_seconds", 30.0)  # it cannot end on its own before it is stopped
     arn = run_suite(aws["ecs"], f"{IMAGE_REPOSITORY}/auth-service:2.0.0", service_url, started_by="run-42")
     running = aws["ecs"].list_tasks(cluster="omnisphere", startedBy="run-42", desiredStatus="RUNNING")["taskArns"]
     assert running == [arn]  # what EcsRunTaskOperator's reattach looks for
@@ -137,7 +138,8 @@ def test_stop_task_kills_a_running_suite_and_a_reattach_no_longer_finds_it(aws, 
     assert task["lastStatus"] == "STOPPED" and task["stopCode"] == "UserInitiated"
     assert task["stoppedReason"] == "regression_test gave up waiting"
     assert task["containers"][0]["exitCode"] == 137
-    time.sleep(STEP_SECONDS * 12)  # a killed suite writes nothing more and keeps its exit code
+    monkeypatch.setattr(ecs_tasks.SIMULATOR, "step_seconds", STEP_SECONDS)
+    time.sleep(STEP_SECONDS * 12)  # long enough for a whole suite: a killed one writes nothing more, keeps its code
     task = aws["ecs"].describe_tasks(cluster="omnisphere", tasks=[arn])["tasks"][0]
     assert task["containers"][0]["exitCode"] == 137
     assert lines_of(aws["logs"], arn)[-1] == "suite stopped before it finished: regression_test gave up waiting"

@@ -11,7 +11,8 @@ to test through environment overrides:
 - ``OMNI_SERVICE``, ``OMNI_ENVIRONMENT``.
 
 The suite's output is read where its task definition sends it (the container's ``awslogs`` log configuration): the
-trigger forwards its lines into this task's log while it runs, and a failure quotes the last of them. A non-zero exit
+trigger (:class:`EcsTaskStoppedTrigger`) forwards its lines into this task's log while it runs, and a failure quotes
+the last of them. A non-zero exit
 code fails the stage for good (no retry: the same suite against the same image fails again) and the release rolls
 back. A retry after a lost worker reattaches to the suite this run started instead of starting a second one.
 """
