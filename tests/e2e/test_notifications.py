@@ -1,6 +1,6 @@
 """Release news end to end on the devstack: what auth-service's team (identity) reads on its SNS topic, through an SQS
-queue subscribed to it, for a good release, a rolled-back one, one whose rollback is incomplete, and that a channel
-that fails (a topic that does not exist, the AWS endpoint down) leaves the release's outcome as it was.
+queue subscribed to it, for a good release, a rolled-back one, one whose rollback is incomplete, one that waits for an
+approver and is rejected, and that a channel that fails (a topic that does not exist, the AWS endpoint down) leaves the release's outcome as it was.
 
 The DAG callbacks that tell the outcome run in the DAG processor in production, which gives them the Task SDK's
 channel (XCom, task states); ``dag.test()`` runs them itself, without it: ``dag_processor`` hands them to the
@@ -26,6 +26,7 @@ import yaml
 
 from tests.e2e import helpers
 from tests.e2e.helpers import RunOutcome, auth_service_at_version_3, push_image, run_dag
+from tests.e2e.test_approval import answers, approval_catalog  # noqa: F401 - answers is a fixture
 
 pytestmark = pytest.mark.e2e
 SERVICE = "auth-service"
@@ -86,6 +87,7 @@ def wired(dag: Any) -> Any:
     for task in dag.tasks:
         task.on_failure_callback = list(callbacks.default_args["on_failure_callback"])
     dag.get_task(contracts.PREFLIGHT).on_success_callback = list(callbacks.preflight["on_success_callback"])
+    dag.get_task(contracts.APPROVE_RELEASE).notifiers = list(callbacks.approval["notifiers"])
     return dag
 
 
@@ -215,6 +217,23 @@ def test_an_incomplete_rollback_asks_a_person_to_act(team_queue, monkeypatch):
     assert "Failed stage: backup: " in body
     assert ("Rollback step failed: verify_rollback: ECS service auth-service still runs a task of the released "
             "revision\n") in body
+
+
+def test_a_release_awaiting_approval_tells_its_approvers_then_its_rejection(team_queue, answers):  # noqa: F811
+    approval_catalog(Path(os.environ["OMNISPHERE_CATALOG"]), ["dag_test", "release-manager"])
+    answers(("release-manager", "Reject", "not during the sales peak"))
+    outcome = release()
+    assert outcome.state == "failed" and outcome.task("approve_release") == "failed", outcome.tasks
+    assert outcome.outputs["report"]["outcome"] == "rejected"
+    news = by_event(read_news(team_queue["queue_url"], 3))
+    assert sorted(news) == ["awaiting_approval", "rejected", "started"]
+    waiting = news["awaiting_approval"]["Message"]
+    assert waiting.startswith(f"Release of {SERVICE} to staging: AWAITING APPROVAL")
+    assert "Approvers: dag_test, release-manager (never the person who triggered the run)" in waiting
+    assert "AWAITING APPROVAL" in news["awaiting_approval"]["Subject"]
+    rejected = news["rejected"]["Message"]
+    assert "REJECTED at approval: nothing was changed" in rejected and "Rejected by: release-manager" in rejected
+    assert "Failed stage: approve_release: Rejected by release-manager" in rejected
 
 
 def test_a_topic_that_does_not_exist_is_logged_and_changes_nothing(team_queue, tmp_path, monkeypatch, capfd):
