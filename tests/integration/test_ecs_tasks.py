@@ -4,6 +4,9 @@ test calls for; StopTask kills it; the catalog's suites are registered and run i
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -177,3 +180,71 @@ def test_a_log_group_that_exists_already_takes_the_suite_stream(aws, service_url
     assert events[0]["message"].startswith(f"regression suite: 4 tests against {IMAGE_REPOSITORY}/billing-service-"
                                            "regression:1.0.0")
     assert events[-1]["message"] == "4 passed"
+
+
+# ---- regression_test's wait and its time limit, against the same moto ------------------------------------------------
+@pytest.fixture()
+def aws_default(aws, monkeypatch) -> None:
+    """Point Airflow's aws_default connection (what the catalog's services use) at this module's moto."""
+    endpoint = aws["ecs"].meta.endpoint_url
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps({
+        "conn_type": "aws", "login": "local-only", "password": "local-only-secret",
+        "extra": {"region_name": REGION, "endpoint_url": endpoint}}))
+
+
+def first_event(trigger: Any, timeout: float = 10) -> Any:
+    async def collect() -> Any:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(asyncio.wait_for(collect(), timeout=timeout))
+
+
+def trigger_for(arn: str, attempts: int = 100) -> Any:
+    from omnisphere_release.operators.regression import EcsTaskStoppedTrigger
+
+    return EcsTaskStoppedTrigger(cluster="omnisphere", task_arn=arn, waiter_delay=0, waiter_max_attempts=attempts,
+                                 aws_conn_id="aws_default", region_name=REGION, log_group="/ecs/auth-service",
+                                 log_stream=f"regression/regression/{arn.rsplit('/', 1)[-1]}")
+
+
+def test_the_wait_forwards_every_line_of_the_suite_and_ends_when_it_stops(aws, aws_default, service_url, capfd):
+    arn = run_suite(aws["ecs"], f"{IMAGE_REPOSITORY}/auth-service:2.0.0-regressions", service_url)
+    capfd.readouterr()
+    event = first_event(trigger_for(arn))
+    assert event == {"status": "success", "task_arn": arn, "cluster": "omnisphere", "log_group": "/ecs/auth-service",
+                     "log_stream": f"regression/regression/{arn.rsplit('/', 1)[-1]}", "log_region": REGION}
+    # Each forwarded line is logged as "[<its CloudWatch timestamp>] <line>" by the trigger.
+    forwarded = re.findall(r"\[\d{4}-\d\d-\d\d [\d:,]+\] (.*?) \[omnisphere_release", capfd.readouterr().out)
+    assert forwarded == lines_of(aws["logs"], arn)  # each line once, in order
+    assert forwarded[-1] == "2 failed, 2 passed"
+
+
+def test_a_suite_that_outlives_its_polls_is_a_timeout_event(aws, aws_default, service_url, monkeypatch):
+    monkeypatch.setattr(ecs_tasks.SIMULATOR, "step_seconds", 30.0)
+    arn = run_suite(aws["ecs"], f"{IMAGE_REPOSITORY}/auth-service:2.0.0", service_url)
+    event = first_event(trigger_for(arn, attempts=3))
+    assert event["status"] == "timeout" and event["message"] == "still PENDING after 3 polls 0s apart"
+
+
+def test_a_task_ecs_does_not_know_is_an_error_event(aws, aws_default):
+    event = first_event(trigger_for("arn:aws:ecs:eu-west-1:123456789012:task/omnisphere/0000-gone"))
+    assert event["status"] == "error" and "ECS does not know task" in event["message"]
+
+
+def test_at_its_time_limit_the_stage_stops_the_suite_and_fails_for_good(aws, aws_default, service_url, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from omnisphere_release.operators.regression import EcsRegressionTestOperator
+
+    monkeypatch.setattr(ecs_tasks.SIMULATOR, "step_seconds", 30.0)
+    arn = run_suite(aws["ecs"], f"{IMAGE_REPOSITORY}/auth-service:2.0.0", service_url)
+    operator = EcsRegressionTestOperator(task_id="regression_test", service="auth-service")
+    with pytest.raises(AirflowFailException, match=r"did not finish within its 15 min \(catalog "
+                                                   r"regression.timeout_minutes\): still RUNNING after 180 polls"):
+        operator.execute_complete({}, {"status": "timeout", "task_arn": arn, "cluster": "omnisphere",
+                                       "message": "still RUNNING after 180 polls 5s apart"})
+    task = aws["ecs"].describe_tasks(cluster="omnisphere", tasks=[arn])["tasks"][0]
+    assert (task["lastStatus"], task["stopCode"], task["containers"][0]["exitCode"]) == ("STOPPED", "UserInitiated", 137)
+    assert task["stoppedReason"].startswith("regression_test gave up waiting: still RUNNING after 180 polls")
