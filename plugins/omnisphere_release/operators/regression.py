@@ -12,9 +12,9 @@ to test through environment overrides:
 
 The suite's output is read where its task definition sends it (the container's ``awslogs`` log configuration): the
 trigger (:class:`EcsTaskStoppedTrigger`) forwards its lines into this task's log while it runs, and a failure quotes
-the last of them. A non-zero exit
-code fails the stage for good (no retry: the same suite against the same image fails again) and the release rolls
-back. A retry after a lost worker reattaches to the suite this run started instead of starting a second one.
+the last of them. A non-zero exit code fails the stage for good (no retry: the same suite against the same image fails
+again) and the release rolls back; so does a suite still running at the catalog's ``regression.timeout_minutes``, which
+is stopped. A retry after a lost worker reattaches to the suite this run started instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ class EcsTaskStoppedTrigger(TaskDoneTrigger):
             try:
                 response = logs.get_log_events(logGroupName=self.log_group, logStreamName=self.log_stream,
                                                startFromHead=True, **({"nextToken": token} if token else {}))
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # not written to yet
+            except (BotoCoreError, ClientError) as exc:  # read again at the next poll, from the same token
+                code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+                if code != "ResourceNotFoundException":  # that one: the suite has not written yet
                     self.log.warning("Cannot read log stream %s of %s: %s", self.log_stream, self.log_group, exc)
                 return token
             for event in response["events"]:
