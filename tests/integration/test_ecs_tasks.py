@@ -248,3 +248,26 @@ def test_at_its_time_limit_the_stage_stops_the_suite_and_fails_for_good(aws, aws
     task = aws["ecs"].describe_tasks(cluster="omnisphere", tasks=[arn])["tasks"][0]
     assert (task["lastStatus"], task["stopCode"], task["containers"][0]["exitCode"]) == ("STOPPED", "UserInitiated", 137)
     assert task["stoppedReason"].startswith("regression_test gave up waiting: still RUNNING after 180 polls")
+
+
+def test_a_retry_reattaches_to_its_runs_suite_running_or_finished_but_not_to_one_stopped_before_its_end(
+        aws, aws_default, service_url, monkeypatch):
+    from omnisphere_release.operators.regression import EcsRegressionTestOperator
+
+    def reattached_to(started_by: str) -> str | None:
+        operator = EcsRegressionTestOperator(task_id="regression_test", service="auth-service")
+        operator._resolve()
+        operator._try_reattach_task(started_by)
+        return operator.arn
+
+    image = f"{IMAGE_REPOSITORY}/auth-service:2.0.0-regressions"
+    finished = run_suite(aws["ecs"], image, service_url, started_by="run-finished")
+    wait_until_stopped(aws, finished)
+    assert reattached_to("run-finished") == finished  # its verdict (exit code 1) stands: no second run
+    monkeypatch.setattr(ecs_tasks.SIMULATOR, "step_seconds", 30.0)
+    running = run_suite(aws["ecs"], image, service_url, started_by="run-running")
+    assert reattached_to("run-running") == running
+    killed = run_suite(aws["ecs"], image, service_url, started_by="run-killed")
+    aws["ecs"].stop_task(cluster="omnisphere", task=killed, reason="worker lost")
+    assert reattached_to("run-killed") is None  # no verdict: the retry starts a new suite
+    assert reattached_to("run-never") is None

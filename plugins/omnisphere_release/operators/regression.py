@@ -151,13 +151,21 @@ class EcsRegressionTestOperator(EcsRunTaskOperator):
             self.waiter_max_attempts = max(1, math.ceil(suite.timeout_minutes * 60 / self.waiter_delay))
         return service, suite
 
-    def _read_log_configuration(self, ecs: EcsDeploymentHook, service: Service, suite: RegressionSuite) -> None:
+    def _read_log_configuration(self, service: Service, suite: RegressionSuite) -> None:
         """Read where the suite's output goes from its container's log configuration (the awslogs driver)."""
         try:
-            definition = ecs.describe_task_definition(suite.task_definition)
-        except EcsDeploymentError as exc:
-            raise AirflowFailException(f"Regression suite of {service.name}: {exc}. Register it, or fix the catalog "
-                                       f"field regression.task_definition of {service.name}.") from None
+            definition = self.client.describe_task_definition(taskDefinition=suite.task_definition)["taskDefinition"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ClientException":  # ECS's answer for an unknown one
+                raise AirflowFailException(
+                    f"Regression suite of {service.name}: ECS has no task definition {suite.task_definition!r} "
+                    f"({exc}). Register it, or fix the catalog field regression.task_definition of {service.name}; "
+                    f"nothing was started.") from None
+            raise AirflowException(f"Regression suite of {service.name}: cannot read task definition "
+                                   f"{suite.task_definition}: {exc}. Retrying if retries remain.") from None
+        except BotoCoreError as exc:
+            raise AirflowException(f"Regression suite of {service.name}: cannot read task definition "
+                                   f"{suite.task_definition}: {exc}. Retrying if retries remain.") from None
         containers = definition.get("containerDefinitions", [])
         container = next((c for c in containers if c.get("name") == suite.container), None)
         if container is None:
@@ -187,10 +195,9 @@ class EcsRegressionTestOperator(EcsRunTaskOperator):
         assert plan is not None, "regression_test runs only after preflight succeeded"
         image = pinned_image(plan["target_image"], plan["target_image_digest"])
         url = SmokeTestHook(service.http_conn_id).url_from_endpoint("")
-        ecs = EcsDeploymentHook(client=self.client)
-        self._read_log_configuration(ecs, service, suite)
+        self._read_log_configuration(service, suite)
         try:
-            live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
+            live = EcsDeploymentHook(client=self.client).describe_service(service.ecs.cluster, service.ecs.service)
         except EcsDeploymentError as exc:
             raise AirflowException(f"Regression suite of {service.name}: {exc}. Retrying if retries remain.") from None
         # The suite runs where the service's tasks run: same launch type (or capacity providers) and network.
@@ -210,6 +217,20 @@ class EcsRegressionTestOperator(EcsRunTaskOperator):
                       f" Its output: log group {self.awslogs_group}, stream prefix {self.awslogs_stream_prefix}."
                       if self._aws_logs_enabled() else "")
         return super().execute(context)  # starts (or reattaches to) the task, then defers until it stops
+
+    def _try_reattach_task(self, started_by: str) -> None:
+        """Reattach to the suite an earlier try of this run started: still running (the provider looks for that), or
+        run to its end, whose verdict stands (a retry after the wait was lost must not run the suite again). A suite
+        that was stopped before its end gave no verdict: then a new one starts."""
+        super()._try_reattach_task(started_by)
+        if self.arn:
+            return
+        arns = self.client.list_tasks(cluster=self.cluster, desiredStatus="STOPPED", startedBy=started_by)["taskArns"]
+        tasks = self.client.describe_tasks(cluster=self.cluster, tasks=arns)["tasks"] if arns else []
+        finished = [t for t in tasks if t.get("stopCode") == "EssentialContainerExited"]
+        if finished:
+            self.arn = max(finished, key=lambda t: t["createdAt"])["taskArn"]
+            self.log.info("Reattaching to the suite an earlier try of this run ran to its end: %s.", self.arn)
 
     def defer(self, *, trigger: BaseTrigger, method_name: str, kwargs: dict[str, Any] | None = None,
               timeout: timedelta | int | float | None = None) -> Any:
