@@ -1,6 +1,7 @@
 """Release news end to end on the devstack: what auth-service's team (identity) reads on its SNS topic, through an SQS
 queue subscribed to it, for a good release, a rolled-back one, one whose rollback is incomplete, one that waits for an
-approver and is rejected, and that a channel that fails (a topic that does not exist, the AWS endpoint down) leaves the release's outcome as it was.
+approver and is rejected, and that a channel that fails (a topic that does not exist, the AWS endpoint down) leaves
+the release's outcome as it was.
 
 The DAG callbacks that tell the outcome run in the DAG processor in production, which gives them the Task SDK's
 channel (XCom, task states); ``dag.test()`` runs them itself, without it: ``dag_processor`` hands them to the
