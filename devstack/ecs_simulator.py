@@ -53,6 +53,33 @@ def image_tag(image: str) -> str:
     return tag or "latest"
 
 
+class ServedImage(str):
+    """The image that answers one request, and whether it is the new task set of a stepped (CANARY or LINEAR)
+    deployment in flight: those tasks sit in the service's alternate target group, whose load balancer metrics are
+    theirs alone (see :func:`alternate_target_group`)."""
+
+    new_task_set: bool = False
+
+    @classmethod
+    def of(cls, image: str | None, new_task_set: bool = False) -> ServedImage | None:
+        if image is None:
+            return None
+        served = cls(image)
+        served.new_task_set = new_task_set
+        return served
+
+
+def alternate_target_group(target_group: str) -> str:
+    """Return the devstack's alternate target group of a catalog target group (``targetgroup/<name>/<id>``): where
+    ECS registers the new revision's tasks during a blue/green, canary or linear deployment."""
+    _, name, ident = target_group.split("/", 2)
+    return f"targetgroup/{name[:26]}-green/{ident[::-1]}"
+
+
+def _target_group_arn(region: str, account: str, dimension: str) -> str:
+    return f"arn:aws:elasticloadbalancing:{region}:{account}:{dimension}"
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -375,7 +402,13 @@ class EcsDeploymentSimulator:
             if sim.status in {"ROLLBACK_SUCCESSFUL"} or (sim.status == "STOPPED" and sim.new_running == 0):
                 return sim.source_image
             new_share = sim.traffic / 100.0
-            return sim.target_image if random.random() < new_share else (sim.source_image or sim.target_image)
+            # Until all traffic is on it, a canary's or linear's new task set answers from the alternate target
+            # group; from 100 % on, the production target group's metrics are all the new task set's.
+            stepped = (sim.strategy in {"CANARY", "LINEAR"} and sim.status in IN_PROGRESS_STATES
+                       and sim.traffic < 100.0)
+            if random.random() < new_share:
+                return ServedImage.of(sim.target_image, new_task_set=stepped)
+            return sim.source_image or sim.target_image
 
     def _static_image(self, key: str) -> str | None:
         for backend in _ecs_backends():
@@ -387,6 +420,8 @@ class EcsDeploymentSimulator:
     def _refresh_service(self, service: Any) -> None:
         """Rewrite the moto service's ``deployments`` list and counts from the simulator's state."""
         key = f"{service.cluster_name}:{service.name}"
+        if not service.load_balancers:
+            service.load_balancers = self._load_balancers(service)
         sims = self._deployments_of(key)
         if not sims:
             # A service created with CreateService: ECS would have started its tasks by now.
@@ -425,6 +460,28 @@ class EcsDeploymentSimulator:
         service.running_count = sim.new_running + sim.old_running
         service.pending_count = 1 if (sim.crashloop and sim.status in IN_PROGRESS_STATES) else 0
         service.current_service_deployment = sim.arn
+
+    def _load_balancers(self, service: Any) -> list[dict[str, Any]]:
+        """Return the service's load balancer configuration as ECS native blue/green, canary and linear need it: the
+        catalog's target group for production, and its alternate one (:func:`alternate_target_group`)."""
+        from omnisphere_release.catalog import load_catalog
+
+        # A service the catalog does not know (tests create their own) has no load balancer.
+        entry = next((s for s in load_catalog().services if s.ecs.service == service.name), None)
+        if entry is None:
+            return []
+        region, account = service.arn.split(":")[3:5]
+        production = entry.monitoring.target_group
+        return [{
+            "targetGroupArn": _target_group_arn(region, account, production),
+            "containerName": entry.ecs.container, "containerPort": 8080,
+            "advancedConfiguration": {
+                "alternateTargetGroupArn": _target_group_arn(region, account, alternate_target_group(production)),
+                "productionListenerRule": f"arn:aws:elasticloadbalancing:{region}:{account}:listener-rule/app/"
+                                          f"omnisphere/0/{entry.name}/production",
+                "roleArn": f"arn:aws:iam::{account}:role/ecsInfrastructureRoleForLoadBalancers",
+            },
+        }]
 
     # ---- the three service-deployment API actions --------------------------------------------------------------
     def describe_service_deployments(self, response: Any) -> ActionResult:

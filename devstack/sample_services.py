@@ -26,7 +26,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from devstack.ecs_simulator import image_tag
+from devstack.ecs_simulator import alternate_target_group, image_tag
 
 log = logging.getLogger("devstack.sample_services")
 
@@ -39,24 +39,22 @@ BACKGROUND_REQUESTS = 120  # synthetic requests per publishing interval, so that
 
 
 class ServiceTraffic:
-    """Counts the requests one sample service answered since the last publication."""
+    """Counts the requests one sample service answered since the last publication, per task set: the old one (or
+    the only one) and the new one of a canary or linear deployment in flight (ServedImage.new_task_set)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.requests = 0
-        self.errors = 0
-        self.latencies: list[float] = []
+        self.counts: dict[bool, tuple[int, int, list[float]]] = {}
 
-    def record(self, status: int, seconds: float) -> None:
+    def record(self, status: int, seconds: float, new_task_set: bool = False) -> None:
         with self.lock:
-            self.requests += 1
-            self.errors += status >= 500
-            self.latencies.append(seconds)
+            requests, errors, latencies = self.counts.get(new_task_set, (0, 0, []))
+            self.counts[new_task_set] = (requests + 1, errors + (status >= 500), [*latencies, seconds])
 
-    def drain(self) -> tuple[int, int, list[float]]:
+    def drain(self) -> dict[bool, tuple[int, int, list[float]]]:
+        """Return (requests, 5xx, latencies) per task set (True: the new one) and start counting again."""
         with self.lock:
-            result = (self.requests, self.errors, self.latencies)
-            self.requests, self.errors, self.latencies = 0, 0, []
+            result, self.counts = self.counts, {}
         return result
 
 
@@ -103,7 +101,8 @@ class ServingHistory:
 def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffic) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # http.server's naming
-            status, body, latency = respond(self.path.split("?", 1)[0], serving_image())
+            image = serving_image()
+            status, body, latency = respond(self.path.split("?", 1)[0], image)
             time.sleep(latency)
             payload = json.dumps(body).encode()
             self.send_response(status)
@@ -111,7 +110,7 @@ def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffi
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
-            traffic.record(status, latency)
+            traffic.record(status, latency, bool(getattr(image, "new_task_set", False)))
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep the devstack quiet
             return
@@ -174,14 +173,16 @@ class MetricsPublisher:
                     log.exception("Could not publish metrics of %s", service.name)
 
     def publish(self, service: SampleService, target_group: str) -> None:
-        requests, errors, latencies = service.traffic.drain()
+        """Publish one interval: the load balancer's metrics of the production target group, and of the alternate
+        one while a canary or linear deployment's new task set takes part of the traffic; the tasks' log lines."""
+        counts = service.traffic.drain()
         served: dict[str, list[int]] = {}  # image -> [requests, 5xx] of the synthetic traffic
         for _ in range(BACKGROUND_REQUESTS):  # synthetic traffic: what the service's real clients would send
             image = service.serving_image()
             status, _body, latency = respond("/api", image)
-            requests += 1
-            errors += status >= 500
-            latencies.append(latency)
+            new_task_set = bool(getattr(image, "new_task_set", False))
+            requests, errors, latencies = counts.get(new_task_set, (0, 0, []))
+            counts[new_task_set] = (requests + 1, errors + (status >= 500), [*latencies, latency])
             if image:
                 tally = served.setdefault(image, [0, 0])
                 tally[0] += 1
@@ -192,17 +193,18 @@ class MetricsPublisher:
                 self.log_writer.write(service.name, *destination, served)
             except Exception:  # the metrics still go out; the devstack log says why the log lines did not
                 log.exception("Could not write the log lines of %s to %s", service.name, destination[0])
-        dimensions = [{"Name": "TargetGroup", "Value": target_group}]
-        self.cloudwatch.put_metric_data(
-            Namespace="AWS/ApplicationELB",
-            MetricData=[
+        counts.setdefault(False, (0, 0, []))  # the production target group reports every interval, 0 included
+        for new_task_set, (requests, errors, latencies) in counts.items():
+            dimensions = [{"Name": "TargetGroup",
+                           "Value": alternate_target_group(target_group) if new_task_set else target_group}]
+            metric_data: list[dict[str, Any]] = [
                 {"MetricName": "RequestCount", "Dimensions": dimensions, "Value": requests, "Unit": "Count"},
                 {"MetricName": "HTTPCode_Target_5XX_Count", "Dimensions": dimensions, "Value": errors,
-                 "Unit": "Count"},
-                {"MetricName": "TargetResponseTime", "Dimensions": dimensions, "Unit": "Seconds",
-                 "Values": [round(v, 4) for v in latencies[:150]]},
-            ],
-        )
+                 "Unit": "Count"}]
+            if latencies:
+                metric_data.append({"MetricName": "TargetResponseTime", "Dimensions": dimensions, "Unit": "Seconds",
+                                    "Values": [round(v, 4) for v in latencies[:150]]})
+            self.cloudwatch.put_metric_data(Namespace="AWS/ApplicationELB", MetricData=metric_data)
 
 
 def client_beside(client: Any, service_name: str) -> Any:

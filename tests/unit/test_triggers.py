@@ -102,7 +102,7 @@ def ecs_trigger(deadline: float | None = None, **kwargs: Any) -> EcsServiceDeplo
 def test_ecs_trigger_serializes_every_argument():
     given = {"deployment_arn": DEPLOYMENT_ARN, "deadline": T0 + 900.5, "aws_conn_id": "aws_release",
              "region_name": "eu-west-1", "done_on_traffic_shift": True, "poll_seconds": 7.5, "settle": True,
-             "read_failure_seconds": 120.0}
+             "read_failure_seconds": 120.0, "done_at_percent": 10.0}
     assert_serialize_round_trips(EcsServiceDeploymentTrigger(**given), given)
 
 

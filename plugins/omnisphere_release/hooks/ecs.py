@@ -5,8 +5,10 @@ Errors from boto are translated at this boundary into :class:`EcsDeploymentError
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,8 @@ REGISTERABLE = ("family", "taskRoleArn", "executionRoleArn", "networkMode", "con
                 "proxyConfiguration", "inferenceAccelerators", "ephemeralStorage", "runtimePlatform",
                 "enableFaultInjection", "trustedExecutionConfiguration")
 DIGEST = re.compile(DIGEST_PATTERN)
+STEPPED = ("canary", "linear")  # the strategies that shift production traffic in steps
+EXAMPLE_STEPS = '[{"percent": 10, "bake_minutes": 5}, {"percent": 100, "bake_minutes": 10}]'
 
 
 class EcsDeploymentError(RuntimeError):
@@ -36,9 +40,27 @@ class EcsNotOnTarget(EcsDeploymentError):
     """The service settled on another revision than the one asked for: a fact about the service, not a glitch."""
 
 
-def deployment_configuration(strategy: str, bake_minutes: float) -> dict[str, Any]:
-    """Return ECS's deploymentConfiguration for a release strategy (bake times are whole minutes for ECS)."""
+def deployment_configuration(strategy: str, bake_minutes: float,
+                             steps: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Return ECS's deploymentConfiguration for a release strategy (bake times are whole minutes for ECS).
+
+    ``steps`` (canary and linear: ``{"percent", "bake_minutes"}`` each, see :func:`steps_problem`) become ECS's own
+    canaryConfiguration or linearConfiguration, and the last step's bake ECS's bakeTimeInMinutes. Without steps,
+    canary and linear keep their fixed shape: 10 % for half the bake, or 25 % per step for a quarter of it each.
+    """
     bake = max(0, math.ceil(bake_minutes))
+    if steps and strategy in STEPPED:
+        if problem := steps_problem(strategy, steps):
+            raise ValueError(problem)
+        first, last = steps[0], steps[-1]
+        config: dict[str, Any] = {"strategy": strategy.upper(), "bakeTimeInMinutes": whole(last["bake_minutes"])}
+        if strategy == "canary":
+            config["canaryConfiguration"] = {"canaryPercent": float(first["percent"]),
+                                             "canaryBakeTimeInMinutes": whole(first["bake_minutes"])}
+        else:
+            config["linearConfiguration"] = {"stepPercent": float(first["percent"]),
+                                             "stepBakeTimeInMinutes": whole(first["bake_minutes"])}
+        return config
     if strategy == "rolling":
         return {"strategy": "ROLLING", "maximumPercent": 200, "minimumHealthyPercent": 100,
                 "deploymentCircuitBreaker": {"enable": True, "rollback": True}}
@@ -51,6 +73,77 @@ def deployment_configuration(strategy: str, bake_minutes: float) -> dict[str, An
         return {"strategy": "LINEAR", "bakeTimeInMinutes": bake,
                 "linearConfiguration": {"stepPercent": 25.0, "stepBakeTimeInMinutes": max(1, bake // 4)}}
     raise ValueError(f"unknown strategy {strategy!r}; use rolling, blue_green, canary or linear")
+
+
+def whole(minutes: Any) -> int:
+    """Return a bake in the whole minutes ECS takes (rounded up: a step is never watched for less than asked)."""
+    return max(0, math.ceil(float(minutes)))
+
+
+def steps_problem(strategy: str, steps: Sequence[Mapping[str, Any]]) -> str | None:
+    """Return why ``steps`` cannot be a ``strategy`` deployment's traffic steps, or None when ECS can run them.
+
+    The catalog's rule first (percents rising strictly to 100, bakes of 0 to 24 h), then ECS's own: its CANARY
+    shifts one share and, after the canary bake, all the rest (steps ``[p, 100]``); its LINEAR shifts equal shares
+    with equal bakes (``[25, 50, 75, 100]``: the last step's bake is the bake at 100 %). Anything else (10, 50, 100)
+    needs traffic weights driven outside ECS, which this release does not do: it says so rather than run other
+    steps than asked.
+    """
+    if strategy not in STEPPED:
+        return f"steps are for canary and linear deployments, not {strategy}"
+    try:
+        percents = [int(step["percent"]) for step in steps]
+        bakes = [float(step["bake_minutes"]) for step in steps]
+    except (KeyError, TypeError, ValueError):
+        return f"steps {list(steps)!r}: each step needs a whole percent and bake_minutes, e.g. {EXAMPLE_STEPS}"
+    if not percents or percents != sorted(set(percents)) or percents[-1] != 100 or percents[0] < 1:
+        return f"steps {percents} must rise strictly from at least 1 and end at 100, e.g. {EXAMPLE_STEPS}"
+    if any(not 0 <= bake <= 24 * 60 for bake in bakes):
+        return f"step bakes {bakes} must each be 0 to 1440 minutes"
+    if strategy == "canary" and len(percents) != 2:
+        return (f"canary steps {percents}: ECS's CANARY shifts one share, then after its bake all the rest, so a "
+                f"canary has two steps, [p, 100]; for more steps use linear with equal shares (e.g. 25, 50, 75, 100)")
+    share = percents[0]
+    if strategy == "linear" and (any(b - a != share for a, b in zip([0, *percents], percents, strict=False))
+                                 or len({whole(b) for b in bakes[:-1]}) > 1):
+        return (f"linear steps {percents} with bakes {bakes}: ECS's LINEAR shifts equal shares with equal bakes, "
+                f"so every step must add {share} % and every step but the last bake as long as the first")
+    return None
+
+
+def steps_of(configuration: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Return the traffic steps of an ECS deploymentConfiguration (``{"percent", "bake_minutes"}`` each), as ECS
+    runs them: empty for ROLLING and BLUE_GREEN (one switch)."""
+    strategy = str(configuration.get("strategy", "")).upper()
+    final = float(configuration.get("bakeTimeInMinutes") or 0)
+    if strategy == "CANARY":
+        canary = configuration.get("canaryConfiguration") or {}
+        return [{"percent": float(canary.get("canaryPercent") or 5.0),
+                 "bake_minutes": float(canary.get("canaryBakeTimeInMinutes") or 0)},
+                {"percent": 100.0, "bake_minutes": final}]
+    if strategy == "LINEAR":
+        linear = configuration.get("linearConfiguration") or {}
+        share = float(linear.get("stepPercent") or 10.0)
+        count = math.ceil(100 / share)
+        return [{"percent": min(100.0, share * (i + 1)),
+                 "bake_minutes": final if i == count - 1 else float(linear.get("stepBakeTimeInMinutes") or 0)}
+                for i in range(count)]
+    return []
+
+
+def parse_steps(value: Any, where: str = "steps") -> list[dict[str, Any]]:
+    """Return a run's steps from a param (a list, or its JSON text as a rendered template gives it; empty or
+    ``None``: no override); raise ValueError naming ``where`` when it is not a list of steps."""
+    if value in (None, "", "None", "null", "[]"):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not JSON; give a list like {EXAMPLE_STEPS}") from None
+    if not isinstance(value, list) or not all(isinstance(step, Mapping) for step in value):
+        raise ValueError(f"{where}: {value!r} is not a list of steps; give a list like {EXAMPLE_STEPS}")
+    return [dict(step) for step in value]
 
 
 def image_of(task_definition: dict[str, Any], container: str) -> str:
@@ -204,6 +297,21 @@ class EcsDeploymentHook:
             raise EcsDeploymentError(f"service deployment {arn} not found: {response.get('failures')}")
         return response["serviceDeployments"][0]
 
+    def task_set_target_groups(self, cluster: str, service: str) -> tuple[str | None, str | None]:
+        """Return the CloudWatch TargetGroup dimensions of the service's production and alternate target groups
+        (``targetgroup/<name>/<id>``), as its load balancer configuration names them (None where it names none).
+
+        With ECS's native blue/green, canary and linear, the new revision's tasks register in the alternate target
+        group while the old ones stay in the production one: the ALB's per-target-group metrics are then the two
+        task sets' own, which is what lets a step compare them.
+        """
+        for balancer in self.describe_service(cluster, service).get("loadBalancers") or []:
+            production = balancer.get("targetGroupArn")
+            alternate = (balancer.get("advancedConfiguration") or {}).get("alternateTargetGroupArn")
+            if production:
+                return target_group_dimension(production), target_group_dimension(alternate) if alternate else None
+        return None, None
+
     def stop_with_rollback(self, arn: str) -> None:
         self._call(f"stop deployment {arn} with ROLLBACK", "stop_service_deployment", serviceDeploymentArn=arn,
                    stopType="ROLLBACK")
@@ -238,6 +346,17 @@ class EcsDeploymentHook:
             arn = self.update_service(cluster, service, task_definition, deployment_configuration("rolling", 0))
             return ReturnStep(f"redeployed {task_definition}", arn)
         return ReturnStep(None, None)
+
+
+def target_group_dimension(arn: str) -> str:
+    """Return the CloudWatch ``TargetGroup`` dimension of a target group ARN: its ``targetgroup/...`` part."""
+    return arn[arn.index("targetgroup/"):] if "targetgroup/" in arn else arn
+
+
+def traffic_weight(deployment: dict[str, Any]) -> float:
+    """Return the share of production traffic (percent) ECS reports on the deployment's new revision."""
+    weight = (deployment.get("targetServiceRevision") or {}).get("requestedProductionTrafficWeight")
+    return float(weight) if weight is not None else (100.0 if deployment.get("status") == "SUCCESSFUL" else 0.0)
 
 
 def summarize(deployment: dict[str, Any]) -> str:

@@ -12,11 +12,15 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.contracts import DeploymentOutput, ReleasePlan, ReleaseRun
 from omnisphere_release.hooks.ecs import (
+    STEPPED,
     EcsDeploymentError,
     EcsDeploymentHook,
     EcsNotOnTarget,
     deployment_configuration,
+    parse_steps,
     pinned_image,
+    steps_of,
+    steps_problem,
 )
 from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
@@ -34,16 +38,45 @@ class EcsDeployServiceOperator(ServiceStageOperator):
     again instead of starting a second one. For blue_green, canary and linear the task ends when the new revision
     takes all production traffic: the bake that follows is the monitoring gate's, and rollback_ecs can still stop
     the deployment with ROLLBACK, which ECS does at once.
+
+    Canary and linear run in steps (the run's ``steps``, else the catalog's ``deploy.steps``; none: the fixed
+    shapes of :func:`deployment_configuration`): ECS's own CANARY or LINEAR, and the task ends as soon as the first
+    step's share of traffic is on the new revision, for the monitoring gate to watch each step while ECS bakes it.
     """
 
-    template_fields = ("service", "environment", "strategy", "bake_minutes")
+    template_fields = ("service", "environment", "strategy", "bake_minutes", "steps")
 
-    def __init__(self, *, service: str, strategy: str, bake_minutes: Any, poll_seconds: float = 3.0,
-                 **kwargs: Any) -> None:
+    def __init__(self, *, service: str, strategy: str, bake_minutes: Any, steps: Any = None,
+                 poll_seconds: float = 3.0, **kwargs: Any) -> None:
         super().__init__(service=service, **kwargs)
         self.strategy = strategy
         self.bake_minutes = bake_minutes
+        self.steps = steps
         self.poll_seconds = poll_seconds
+
+    def _configuration(self, service: Service) -> tuple[dict[str, Any], bool]:
+        """Return ECS's deploymentConfiguration for this run: its strategy, bake and steps (the run's, or the
+        catalog's); steps ECS cannot run fail the task before anything changed."""
+        try:
+            steps = parse_steps(self.steps, "the run's steps param")
+        except ValueError as exc:
+            raise AirflowFailException(f"ECS deploy of {service.name}: {exc}. Nothing was deployed.") from None
+        where = "the run's steps param"
+        if not steps and self.strategy in STEPPED:
+            steps = [step.model_dump() for step in service.deploy.steps]
+            where = f"the catalog's deploy.steps of {service.name}"
+        if steps and self.strategy not in STEPPED:
+            self.log.info("Ignoring %s (%s): %s deploys in one switch.", where, steps, self.strategy)
+            steps = []
+        if steps and (problem := steps_problem(self.strategy, steps)):
+            raise AirflowFailException(f"ECS deploy of {service.name}: {where}: {problem}. Nothing was deployed; "
+                                       f"fix the steps and release again.")
+        configuration = deployment_configuration(self.strategy, float(self.bake_minutes), steps)
+        if steps:
+            self.log.info("%s steps from %s: %s (ECS %s).", self.strategy.capitalize(), where,
+                          " -> ".join(f"{s['percent']:g} % for {s['bake_minutes']:g} min" for s in
+                                      steps_of(configuration)), configuration)
+        return configuration, bool(steps)
 
     def execute(self, context: Context) -> None:
         service = load_catalog().get(self.service, self.environment)
@@ -52,7 +85,7 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         ecs = EcsDeploymentHook(service.aws_conn_id)
         run_tag = f"{self.dag_id}/{context['run_id']}"
         family = before["previous_task_definition"].rsplit("/", 1)[-1].split(":")[0]
-        configuration = deployment_configuration(self.strategy, float(self.bake_minutes))
+        configuration, stepped = self._configuration(service)
         try:
             revision = ecs.find_revision_of_run(family, run_tag)
             live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
@@ -78,14 +111,17 @@ class EcsDeployServiceOperator(ServiceStageOperator):
                               service.ecs.service, revision, arn, service.deploy.timeout_minutes)
         except EcsDeploymentError as exc:
             raise AirflowException(f"ECS deploy of {service.name} could not start: {exc}") from None
-        started: DeploymentOutput = {"deployment_arn": arn, "task_definition": revision,
-                                     "configuration": configuration}
+        # "steps": the traffic steps the monitoring gate watches one by one (none: it bakes once at 100 %).
+        started = cast("DeploymentOutput", {"deployment_arn": arn, "task_definition": revision,
+                                            "configuration": configuration,
+                                            "steps": steps_of(configuration) if stepped else []})
         context["ti"].xcom_push(key="deployment", value=started)
         self.defer(
             trigger=EcsServiceDeploymentTrigger(
                 deployment_arn=arn, deadline=deadline,
                 aws_conn_id=service.aws_conn_id, done_on_traffic_shift=self.strategy != "rolling",
-                poll_seconds=self.poll_seconds),
+                poll_seconds=self.poll_seconds,
+                done_at_percent=steps_of(configuration)[0]["percent"] if stepped else None),
             method_name="execute_complete",
             timeout=timedelta(minutes=service.deploy.timeout_minutes + 5),
         )
@@ -109,8 +145,10 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         deployment = cast("DeploymentOutput", context["ti"].xcom_pull(task_ids=self.task_id, key="deployment") or {})
         status = event.get("status")
         if status == "success":
-            self.log.info("Deployment %s reached %s: %s. Next: smoke_test.", event["deployment_arn"],
-                          event.get("deployment_status"), event.get("summary"))
+            self.log.info("Deployment %s reached %s: %s. Next: smoke_test%s.", event["deployment_arn"],
+                          event.get("deployment_status"), event.get("summary"),
+                          ", then monitoring_gate watches each traffic step" if steps_of(
+                              deployment.get("configuration") or {}) else "")
             return {**deployment, "deployment_status": str(event.get("deployment_status")),
                     "summary": str(event.get("summary"))}
         if status == "timeout":

@@ -3,7 +3,7 @@ image; retried with backoff within a deadline."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
@@ -48,6 +48,12 @@ def version_problem(body: Any, plan: ReleasePlan) -> str | None:
     return "answered no image, digest or version"
 
 
+def version_round(http: SmokeTestHook, plan: ReleasePlan) -> ProbeResult:
+    """Sample /version VERSION_SAMPLES times: ok when every answer is the released image (the one rule, for the
+    smoke test after a switch and for the monitoring gate once the last traffic step is at 100 %)."""
+    return http.sample(VERSION_PATH, VERSION_SAMPLES, lambda body: version_problem(body, plan))
+
+
 class HttpSmokeTestOperator(ServiceStageOperator):
     """Probe the service's smoke_tests (status, JSON fields, latency budget), and sample /version to see that every
     task behind the load balancer answers the released image; fail if a round never passes within the deadline."""
@@ -60,14 +66,21 @@ class HttpSmokeTestOperator(ServiceStageOperator):
             raise AirflowFailException(f"Smoke test of {service.name}: preflight recorded no release plan, so the "
                                        f"released image is unknown. Next: the release rolls back.")
         has_version = any(check.path == VERSION_PATH for check in service.smoke_tests)
+        # A canary or linear deployment in steps serves both versions until its last step: every /version answer
+        # cannot be the new one yet. Its steps are judged by the monitoring gate's comparison of the two task sets,
+        # and the gate applies this rule once all traffic is on the new one.
+        stepped = bool(cast("dict[str, Any]", ReleaseRun(context).deployment).get("steps"))
         wanted = plan.get("target_image_digest") or plan["target_image"]
         self.log.info("Smoke-testing %s: %d endpoint(s) at %s, deadline %.0fs; %s.", service.name,
                       len(service.smoke_tests), http.url_from_endpoint(""), service.smoke_deadline_seconds,
+                      f"{VERSION_PATH} is checked by monitoring_gate at 100 % (the deployment shifts traffic in "
+                      f"steps, so both versions answer until then)" if has_version and stepped else
                       f"{VERSION_SAMPLES} GETs of {VERSION_PATH} must each answer {wanted}" if has_version else
                       f"no {VERSION_PATH} smoke test in the catalog: which version answers is not checked")
+        has_version = has_version and not stepped
 
         def versions() -> list[ProbeResult]:
-            return [http.sample(VERSION_PATH, VERSION_SAMPLES, lambda body: version_problem(body, plan))]
+            return [version_round(http, plan)]
 
         results = http.probe_until_deadline(service.smoke_tests, service.smoke_deadline_seconds, service.name,
                                             also=versions if has_version else None)

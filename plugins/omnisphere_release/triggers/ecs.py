@@ -10,7 +10,13 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 
-from omnisphere_release.hooks.ecs import IN_FLIGHT, TRAFFIC_SHIFTED_STAGES, EcsDeploymentHook, summarize
+from omnisphere_release.hooks.ecs import (
+    IN_FLIGHT,
+    TRAFFIC_SHIFTED_STAGES,
+    EcsDeploymentHook,
+    summarize,
+    traffic_weight,
+)
 
 # How long the deployment may stay unreadable (AWS throttling, 5xx, unreachable, after the client's own retries)
 # before the wait gives up and lets the task retry, which reattaches to the same deployment.
@@ -40,8 +46,12 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
     def __init__(self, deployment_arn: str, deadline: float, aws_conn_id: str | None = "aws_default",
                  region_name: str | None = None, done_on_traffic_shift: bool = False,
                  poll_seconds: float = 5.0, settle: bool = False,
-                 read_failure_seconds: float = READ_FAILURE_BUDGET_SECONDS) -> None:
+                 read_failure_seconds: float = READ_FAILURE_BUDGET_SECONDS,
+                 done_at_percent: float | None = None) -> None:
         super().__init__()
+        # Canary and linear with steps: done once the first step's share of traffic is on the new revision (the
+        # monitoring gate follows the steps from there and stops the deployment with ROLLBACK at a failing one).
+        self.done_at_percent = done_at_percent
         self.deployment_arn = deployment_arn
         self.deadline = deadline
         self.aws_conn_id = aws_conn_id
@@ -56,7 +66,7 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
             "deployment_arn": self.deployment_arn, "deadline": self.deadline, "aws_conn_id": self.aws_conn_id,
             "region_name": self.region_name, "done_on_traffic_shift": self.done_on_traffic_shift,
             "poll_seconds": self.poll_seconds, "settle": self.settle,
-            "read_failure_seconds": self.read_failure_seconds,
+            "read_failure_seconds": self.read_failure_seconds, "done_at_percent": self.done_at_percent,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -100,7 +110,9 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
                                     "deployment_arn": self.deployment_arn})
                 return
             if not self.settle and (status == "SUCCESSFUL" or (
-                    self.done_on_traffic_shift and status == "IN_PROGRESS" and all_traffic_shifted(deployment))):
+                    self.done_on_traffic_shift and status == "IN_PROGRESS" and all_traffic_shifted(deployment)) or (
+                    self.done_at_percent is not None and status == "IN_PROGRESS"
+                    and traffic_weight(deployment) >= self.done_at_percent)):
                 yield TriggerEvent({"status": "success", "deployment_status": status, "summary": line,
                                     "deployment_arn": self.deployment_arn})
                 return

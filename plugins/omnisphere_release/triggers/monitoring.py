@@ -13,6 +13,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 
 from omnisphere_release.hooks.cloudwatch import LogScan, MinuteReading, ServiceLogsHook, ServiceMetricsHook
+from omnisphere_release.hooks.ecs import IN_FLIGHT, EcsDeploymentHook, summarize, traffic_weight
 
 WARN_EVERY_SECONDS = 30.0
 SAMPLE_LINES = 5  # error lines quoted in the gate's log and kept in the bake record
@@ -203,3 +204,198 @@ class MonitoringBakeTrigger(BaseTrigger):
             return (f"p99 latency {window.p99_seconds * 1000:.0f} ms ({window.p99_source}) is above the "
                     f"{self.max_p99_ms:.0f} ms threshold")
         return None
+
+
+# How much worse than the old task set the new one may be, on top of the catalog's absolute thresholds: a p99 over
+# P99_RATIO times the old one's (plus P99_NOISE_SECONDS, so that a few ms of jitter on a fast service is not a
+# failure), or a 5xx rate more than half the catalog's max_error_rate above the old one's, with at least
+# MIN_ERRORS_TO_COMPARE errors (a single error among a handful of canary requests proves nothing).
+P99_RATIO = 1.5
+P99_NOISE_SECONDS = 0.1
+MIN_ERRORS_TO_COMPARE = 5
+
+
+def step_breach(new: Any, old: Any, max_error_rate: float, max_p99_ms: float) -> str | None:
+    """Return why the new task set fails its step against the thresholds and the old task set, or None.
+
+    ``new`` and ``old`` are MetricsWindow readings of the two target groups over the step so far (``old`` None at
+    100 %, when no old task set takes traffic)."""
+    if new.alarms_firing:
+        return f"alarm(s) firing: {', '.join(new.alarms_firing)}"
+    baseline = "" if old is None else f" (old task set: {old.describe()})"
+    if new.has_data and new.error_rate > max_error_rate:
+        return (f"new task set's 5xx error rate {new.error_rate:.2%} ({new.errors_5xx:.0f} of {new.requests:.0f} "
+                f"requests) is above the {max_error_rate:.2%} threshold{baseline}")
+    if new.p99_seconds is not None and new.p99_seconds * 1000 > max_p99_ms:
+        return (f"new task set's p99 latency {new.p99_seconds * 1000:.0f} ms ({new.p99_source}) is above the "
+                f"{max_p99_ms:.0f} ms threshold{baseline}")
+    if old is None or not old.has_data or not new.has_data:
+        return None
+    if new.errors_5xx >= MIN_ERRORS_TO_COMPARE and new.error_rate > old.error_rate + max_error_rate / 2:
+        return (f"new task set's 5xx error rate {new.error_rate:.2%} is more than {max_error_rate / 2:.2%} above the "
+                f"old task set's {old.error_rate:.2%}{baseline}")
+    if (new.p99_seconds is not None and old.p99_seconds is not None
+            and new.p99_seconds > old.p99_seconds * P99_RATIO + P99_NOISE_SECONDS):
+        return (f"new task set's p99 latency {new.p99_seconds * 1000:.0f} ms is over {P99_RATIO:g} times the old "
+                f"task set's {old.p99_seconds * 1000:.0f} ms (+{P99_NOISE_SECONDS * 1000:.0f} ms){baseline}")
+    return None
+
+
+class DeploymentStepsTrigger(BaseTrigger):
+    """Follow a canary or linear ECS deployment step by step, and analyse each step while ECS bakes it.
+
+    A step begins when ECS reports a new share of production traffic on the new revision
+    (``requestedProductionTrafficWeight``) and ends when it reports the next one; the last (100 %) ends when ECS
+    leaves its bake (CLEAN_UP, or the deployment done). During a step, every ``poll_seconds``, the new task set's
+    target group (``new_target_group``) is read against the old one's (``old_target_group``) since the step began
+    (:func:`step_breach`), the catalog's alarms are read, and, with ``log_group``, the new task set's streams are
+    searched for error lines since the first step. At 100 % the production target group is the new task set's.
+
+    No-data policy: a step in which the new task set served no request for ``missing_data_seconds`` fails (a canary
+    nobody can observe proves nothing); an old task set without data is only not compared. A deployment that ECS
+    ends by itself (circuit breaker, a stop) ends the analysis. Every event carries ``steps`` (one
+    ``{"percent", "started_at", "ended_at", "verdict"}`` per step reached) and the new task set's ``readings``; a
+    ``breach`` event names the step (``failed_step``) so that the gate can stop the deployment with ROLLBACK.
+    """
+
+    def __init__(self, deployment_arn: str, steps: list[dict[str, Any]], production_target_group: str,
+                 new_target_group: str, max_error_rate: float, max_p99_ms: float, missing_data_seconds: float,
+                 deadline: float, alarms: list[str] | None = None, aws_conn_id: str | None = "aws_default",
+                 region_name: str | None = None, poll_seconds: float = 10.0, window_closes_at: float | None = None,
+                 log_group: str | None = None, log_stream_prefix: str | None = None,
+                 log_patterns: list[str] | None = None, max_error_lines: int = 0) -> None:
+        super().__init__()
+        self.deployment_arn = deployment_arn
+        self.steps = [dict(step) for step in steps]
+        self.production_target_group = production_target_group
+        self.new_target_group = new_target_group
+        self.max_error_rate = max_error_rate
+        self.max_p99_ms = max_p99_ms
+        self.missing_data_seconds = missing_data_seconds
+        self.deadline = deadline
+        self.alarms = list(alarms or [])
+        self.aws_conn_id = aws_conn_id
+        self.region_name = region_name
+        self.poll_seconds = poll_seconds
+        self.window_closes_at = window_closes_at
+        self.log_group = log_group
+        self.log_stream_prefix = log_stream_prefix
+        self.log_patterns = list(log_patterns or [])
+        self.max_error_lines = max_error_lines
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}", {
+            "deployment_arn": self.deployment_arn, "steps": self.steps,
+            "production_target_group": self.production_target_group, "new_target_group": self.new_target_group,
+            "max_error_rate": self.max_error_rate, "max_p99_ms": self.max_p99_ms,
+            "missing_data_seconds": self.missing_data_seconds, "deadline": self.deadline, "alarms": self.alarms,
+            "aws_conn_id": self.aws_conn_id, "region_name": self.region_name, "poll_seconds": self.poll_seconds,
+            "window_closes_at": self.window_closes_at, "log_group": self.log_group,
+            "log_stream_prefix": self.log_stream_prefix, "log_patterns": self.log_patterns,
+            "max_error_lines": self.max_error_lines,
+        })
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        ecs = await sync_to_async(EcsDeploymentHook)(self.aws_conn_id, self.region_name)
+        metrics = await sync_to_async(ServiceMetricsHook.from_connection)(self.aws_conn_id, self.region_name)
+        logs = (await sync_to_async(ServiceLogsHook.from_connection)(self.aws_conn_id, self.region_name)
+                if self.log_group and self.log_stream_prefix and self.log_patterns else None)
+        started_at = time.time()
+        steps: list[dict[str, Any]] = []  # the steps reached, the last one open
+        readings: dict[str, dict[str, Any]] = {}
+        observations: list[str] = []
+        scan: LogScan | None = None
+        failing_since: float | None = None
+        last_data = started_at
+
+        def close(verdict: str, when: float) -> None:
+            if steps and steps[-1]["verdict"] is None:
+                steps[-1]["ended_at"], steps[-1]["verdict"] = when, verdict
+
+        def event(status: str, **fields: Any) -> TriggerEvent:
+            return TriggerEvent({"status": status, "observations": observations, "started_at": started_at,
+                                 "ended_at": time.time(), "steps": steps,
+                                 "readings": [readings[m] for m in sorted(readings)],
+                                 "log_errors": None if scan is None else {
+                                     "count": scan.count, "samples": scan.samples, "streams": scan.streams},
+                                 "deployment_arn": self.deployment_arn, **fields})
+
+        while True:
+            now = time.time()
+            try:
+                deployment = await asyncio.to_thread(ecs.describe_deployment, self.deployment_arn)
+                status, weight = deployment["status"], traffic_weight(deployment)
+                if status not in IN_FLIGHT or status.startswith("ROLLBACK"):
+                    if status == "SUCCESSFUL" and steps and steps[-1]["percent"] >= 100:
+                        close("passed", now)
+                        yield event("success", last=summarize(deployment))
+                        return
+                    close("stopped", now)
+                    yield event("deployment_ended", deployment_status=status,
+                                reason=f"ECS ended the deployment {status} during the steps: "
+                                       f"{deployment.get('statusReason', '')}")
+                    return
+                if weight > 0 and (not steps or weight != steps[-1]["percent"]):
+                    close("passed", now)
+                    steps.append({"percent": weight, "started_at": now, "ended_at": None, "verdict": None})
+                    last_data = now
+                    self.log.info("Step %d: %.0f %% of production traffic on the new task set (%s); analysing it "
+                                  "against the old one while ECS bakes it.", len(steps), weight,
+                                  summarize(deployment))
+                if steps and weight >= 100 and deployment.get("lifecycleStage") == "CLEAN_UP":
+                    close("passed", now)
+                    yield event("success", last=summarize(deployment))
+                    return
+                if not steps:
+                    if now > self.deadline:
+                        yield event("timeout", reason=f"no traffic step began before the deadline: "
+                                                      f"{summarize(deployment)}")
+                        return
+                    await asyncio.sleep(self.poll_seconds)
+                    continue
+                step = steps[-1]
+                start = datetime.fromtimestamp(step["started_at"], timezone.utc)
+                end = datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=60)
+                final = step["percent"] >= 100
+                new = await asyncio.to_thread(metrics.read, self.production_target_group if final
+                                              else self.new_target_group, start, end, self.alarms)
+                old = None if final else await asyncio.to_thread(metrics.read, self.production_target_group,
+                                                                 start, end, [])
+                if logs is not None and self.log_group and self.log_stream_prefix:
+                    scan = await asyncio.to_thread(
+                        logs.error_lines, self.log_group, self.log_stream_prefix, self.log_patterns,
+                        datetime.fromtimestamp(steps[0]["started_at"], timezone.utc), end, SAMPLE_LINES)
+            except Exception as exc:  # noqa: BLE001 - an unreadable AWS is tried again, within the budget
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= self.missing_data_seconds or now > self.deadline:
+                    close("failed", now)
+                    yield event("unreadable", reason=f"AWS could not be read for {now - failing_since:.0f}s (limit "
+                                                     f"{self.missing_data_seconds:.0f}s): {exc}; a step nobody "
+                                                     f"could watch proves nothing, treated as a failure")
+                    return
+                await asyncio.sleep(self.poll_seconds)
+                continue
+            failing_since = None
+            merge_minutes(readings, new.minutes)
+            line = (f"step {step['percent']:.0f} %: new {new.describe()}"
+                    + ("" if old is None else f"; old {old.describe()}")
+                    + (f"; {scan.describe()}" if scan is not None else ""))
+            observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} {line}")
+            self.log.info("%s", line)
+            breach = step_breach(new, old, self.max_error_rate, self.max_p99_ms) or (
+                log_breach(scan, self.max_error_lines, self.log_group or "", self.log_stream_prefix or "",
+                           self.log_patterns) if scan is not None else None)
+            if new.has_data:
+                last_data = now
+            elif now - last_data > self.missing_data_seconds:
+                breach = (f"no requests seen on the new task set for {now - last_data:.0f}s (limit "
+                          f"{self.missing_data_seconds:.0f}s): it may be down or unobserved; treated as a failure")
+            if breach is None and self.window_closes_at is not None and now >= self.window_closes_at:
+                breach = "the maintenance window closed during the steps"
+            if breach is None and now > self.deadline:
+                breach = f"the steps did not end before the deadline: {summarize(deployment)}"
+            if breach:
+                close("failed", now)
+                yield event("breach", reason=f"step {step['percent']:.0f} %: {breach}", failed_step=step["percent"])
+                return
+            await asyncio.sleep(self.poll_seconds)

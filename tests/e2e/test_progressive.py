@@ -1,0 +1,149 @@
+"""Progressive delivery end to end on the devstack (issue #17 item 4): canary and linear in steps, each step analysed
+while ECS bakes it, the new task set against the old one; a failing step stopped with ECS's own ROLLBACK.
+
+The steps come from the catalog (a copy with auth-service's deploy.steps); the simulator runs one catalog minute in
+OMNI_ECS_SIM_MINUTE_SECONDS real seconds (1 s by default), so a step of 15 "minutes" lasts 15 s here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.e2e.helpers import catalog_copy
+from tests.e2e.test_release_dag import SERVICE, assert_rolled_back, release, release_env, snapshot
+from tests.e2e.test_verification import bake_of
+
+pytestmark = pytest.mark.e2e
+__all__ = ["release_env"]  # the fixture, imported for this module's tests
+
+PASSED_BEFORE_GATE = ("wait_for_window", "preflight", "backup", "schema_up", "integrity_check", "ecs_deploy",
+                      "smoke_test")
+# Long enough that the gate, which starts after ecs_deploy and smoke_test, still sees the first step.
+FIRST_STEP = 15
+
+
+def with_steps(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, steps: list[dict[str, Any]]) -> None:
+    """Point the release at a catalog copy in which auth-service has ``steps``."""
+    def edit(catalog: dict[str, Any]) -> None:
+        [service] = [s for s in catalog["services"] if s["name"] == SERVICE]
+        service["deploy"]["steps"] = steps
+
+    folder = tmp_path / "stepped"
+    folder.mkdir()
+    monkeypatch.setenv("OMNISPHERE_CATALOG", str(catalog_copy(folder, edit)))
+
+
+def last_deployment() -> dict[str, Any]:
+    """Return auth-service's newest service deployment as DescribeServiceDeployments gives it ({} before any)."""
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    briefs = ecs.list_service_deployments(cluster="omnisphere", service=SERVICE, maxResults=1)["serviceDeployments"]
+    if not briefs:
+        return {}
+    return ecs.describe_service_deployments(serviceDeploymentArns=[briefs[0]["serviceDeploymentArn"]])[
+        "serviceDeployments"][0]
+
+
+def assert_steps(bake: dict[str, Any], percents: list[float], verdicts: list[str]) -> None:
+    assert [s["percent"] for s in bake["steps"]] == percents, bake["steps"]
+    assert [s["verdict"] for s in bake["steps"]] == verdicts, bake["steps"]
+    for step in bake["steps"]:
+        assert set(step) == {"percent", "started_at", "ended_at", "verdict"}
+        assert step["started_at"] <= step["ended_at"]
+
+
+def assert_released(outcome: Any, before: dict[str, Any]) -> None:
+    assert outcome.state == "success", outcome.tasks
+    for stage in (*PASSED_BEFORE_GATE, "monitoring_gate", "finalize", "report"):
+        assert outcome.task(stage) == "success", (stage, outcome.tasks)
+    assert outcome.task("rollback_ecs") == "skipped" and outcome.task("release_failed") == "skipped"
+    assert snapshot()["task_definition"] != before["task_definition"]
+    assert last_deployment()["status"] == "SUCCESSFUL"
+
+
+def assert_stopped_with_rollback(outcome: Any, before: dict[str, Any]) -> None:
+    assert_rolled_back(outcome, before, "monitoring_gate")
+    for stage in PASSED_BEFORE_GATE:
+        assert outcome.task(stage) == "success", (stage, outcome.tasks)
+    assert outcome.task("finalize") == "upstream_failed", outcome.tasks
+    deployment = last_deployment()
+    # ECS's own ROLLBACK, asked for by the gate (not the circuit breaker, not a redeploy by rollback_ecs).
+    assert deployment["status"] == "ROLLBACK_SUCCESSFUL", deployment
+    assert deployment["rollback"]["reason"] == "Rollback initiated by user.", deployment
+
+
+def test_a_clean_canary_passes_its_steps_and_ends_on_the_new_version(release_env, tmp_path, monkeypatch, capfd):
+    with_steps(tmp_path, monkeypatch, [{"percent": 10, "bake_minutes": FIRST_STEP},
+                                       {"percent": 100, "bake_minutes": 4}])
+    outcome = release(strategy="canary")
+
+    assert_released(outcome, release_env["before"])
+    config = last_deployment()["deploymentConfiguration"]
+    assert config["canaryConfiguration"] == {"canaryPercent": 10.0, "canaryBakeTimeInMinutes": FIRST_STEP}
+    assert config["bakeTimeInMinutes"] == 4
+    bake = bake_of(outcome)
+    assert bake is not None and bake["verdict"] == "passed", bake
+    assert_steps(bake, [10.0, 100.0], ["passed", "passed"])
+    assert bake["readings"] and any(r["requests"] for r in bake["readings"])
+    log = "".join(capfd.readouterr())
+    assert "/version is checked by monitoring_gate at 100 %" in log  # smoke_test left it to the gate
+    assert "step 10 %: new " in log and "; old " in log  # the two task sets compared
+    assert "at 100 % GET /version x10 -> 200" in log and ", ok" in log
+
+
+def test_a_canary_that_errors_is_stopped_at_its_first_step_with_ecs_rollback(release_env, tmp_path, monkeypatch,
+                                                                              capfd):
+    with_steps(tmp_path, monkeypatch, [{"percent": 10, "bake_minutes": FIRST_STEP},
+                                       {"percent": 100, "bake_minutes": 4}])
+    outcome = release("-errors", strategy="canary")  # a quarter of the new task set's answers are 5xx
+
+    assert_stopped_with_rollback(outcome, release_env["before"])
+    bake = bake_of(outcome)
+    assert bake is not None and bake["verdict"] == "failed", bake
+    assert_steps(bake, [10.0], ["failed"])  # it stopped at 10 %: 100 % never came
+    assert bake["reason"].startswith("step 10 %: new task set's 5xx error rate "), bake["reason"]
+    assert "(old task set: " in bake["reason"]
+    log = "".join(capfd.readouterr())
+    assert "Stopped the deployment with ECS's ROLLBACK" in log
+
+
+def test_a_clean_linear_passes_every_step(release_env, tmp_path, monkeypatch):
+    with_steps(tmp_path, monkeypatch, [{"percent": 50, "bake_minutes": FIRST_STEP},
+                                       {"percent": 100, "bake_minutes": 4}])
+    outcome = release(strategy="linear")
+
+    assert_released(outcome, release_env["before"])
+    assert last_deployment()["deploymentConfiguration"]["linearConfiguration"] == {
+        "stepPercent": 50.0, "stepBakeTimeInMinutes": FIRST_STEP}
+    bake = bake_of(outcome)
+    assert bake is not None and bake["verdict"] == "passed", bake
+    assert_steps(bake, [50.0, 100.0], ["passed", "passed"])
+
+
+def test_a_linear_that_errors_is_stopped_at_its_first_step_with_ecs_rollback(release_env, tmp_path, monkeypatch):
+    with_steps(tmp_path, monkeypatch, [{"percent": 25, "bake_minutes": FIRST_STEP},
+                                       {"percent": 50, "bake_minutes": FIRST_STEP},
+                                       {"percent": 75, "bake_minutes": FIRST_STEP},
+                                       {"percent": 100, "bake_minutes": 4}])
+    outcome = release("-errors", strategy="linear")
+
+    assert_stopped_with_rollback(outcome, release_env["before"])
+    bake = bake_of(outcome)
+    assert bake is not None
+    assert_steps(bake, [25.0], ["failed"])
+
+
+def test_steps_ecs_cannot_run_are_refused_before_anything_is_deployed(release_env, tmp_path, monkeypatch, capfd):
+    with_steps(tmp_path, monkeypatch, [{"percent": 10, "bake_minutes": 2}, {"percent": 50, "bake_minutes": 2},
+                                       {"percent": 100, "bake_minutes": 5}])
+    before_deployment = last_deployment().get("serviceDeploymentArn")
+    outcome = release(strategy="canary")
+
+    assert_rolled_back(outcome, release_env["before"], "ecs_deploy")
+    assert last_deployment().get("serviceDeploymentArn") == before_deployment  # no deployment started
+    log = "".join(capfd.readouterr())
+    assert "the catalog's deploy.steps of auth-service: canary steps [10, 50, 100]: ECS's CANARY shifts one share" \
+        in log
