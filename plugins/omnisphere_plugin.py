@@ -1,8 +1,10 @@
 """Register the OmniSphere release orchestrator with Airflow (the package itself is plugins/omnisphere_release):
-the maintenance-window timetable, and the Releases page (a FastAPI app on the API server and its navigation entry)."""
+the maintenance-window timetable, the Releases page (a FastAPI app on the API server and its navigation entry), and
+the API's guard on forcing a production window."""
 
 from airflow.plugins_manager import AirflowPlugin
 
+from omnisphere_release.access import ForceWindowGuard
 from omnisphere_release.timetables import MaintenanceWindowTimetable
 from omnisphere_release.ui.mount import MOUNT, ReleasesApp
 
@@ -16,3 +18,7 @@ class OmniSpherePlugin(AirflowPlugin):
     # nav_top_level: a button of its own in the navigation bar, not an item of the Plugins menu.
     external_views = [{"name": "Releases", "href": f"{MOUNT}/releases", "destination": "nav", "url_route": "releases",
                        "nav_top_level": True}]
+    # Only a release manager may force a production maintenance window: refused at the API before the run exists
+    # (Airflow 3 tasks cannot read users and roles). See omnisphere_release.access.
+    fastapi_root_middlewares = [{"middleware": ForceWindowGuard, "args": [], "kwargs": {},
+                                 "name": "OmniSphere force-window guard"}]
