@@ -38,7 +38,8 @@ IMAGE_REPOSITORY = f"{REGISTRY}/{REPOSITORY_PREFIX}"
 INITIAL_TAG = "1.0.0"
 # Images "CI has already built" in the local registry: what the README and `make demo` release. Any other tag must be
 # pushed first (`python -m devstack push-image SERVICE TAG`), as in production, or preflight refuses it.
-BUILT_TAGS = (INITIAL_TAG, "1.1.0", "1.2.0", "1.2.0-errors", "1.2.0-crashloop", "1.2.0-unhealthy")
+BUILT_TAGS = (INITIAL_TAG, "1.1.0", "1.2.0", "1.2.0-errors", "1.2.0-crashloop", "1.2.0-unhealthy", "1.2.0-logerrors",
+              "1.2.0-stale")
 
 log = logging.getLogger("devstack.aws")
 
@@ -170,7 +171,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
     import boto3
     from botocore.config import Config
 
-    from devstack import ecr, s3_faults
+    from devstack import ecr, ecs_tasks, s3_faults
     from devstack.ecs_simulator import EcsDeploymentSimulator
     from devstack.sample_services import MetricsPublisher, SampleService
 
@@ -187,6 +188,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
         simulator.start()
         s3_faults.install()
         ecr.install()
+        ecs_tasks.install(catalog, step_seconds=simulator.step_seconds)  # RunTask: each service's regression suite
         aws.parts.append(simulator)
         moto = MotoEndpoint(host, port, faults_file)
         moto.start()
@@ -211,8 +213,13 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
             # The catalog names one target group per service: both environments' traffic counts in its metrics.
             samples.append((sample, service.monitoring.target_group))
         quick = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})
+        # The sample services' application logs go where each service's tasks log (awslogs): its catalog log group.
+        log_destinations = {s.monitoring.target_group: (s.monitoring.logs.log_group, s.ecs.container)
+                            for s in catalog.services if s.monitoring.logs is not None}
         publisher = MetricsPublisher(session.client("cloudwatch", endpoint_url=internal_endpoint, config=quick), samples,
-                                     interval=float(os.environ.get("OMNI_METRICS_INTERVAL_SECONDS", "2")))
+                                     interval=float(os.environ.get("OMNI_METRICS_INTERVAL_SECONDS", "2")),
+                                     logs=session.client("logs", endpoint_url=internal_endpoint, config=quick),
+                                     log_destinations=log_destinations)
         publisher.start()
         aws.parts.append(publisher)
     except BaseException:
