@@ -26,6 +26,7 @@ import math
 import random
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -74,6 +75,32 @@ def alternate_target_group(target_group: str) -> str:
     ECS registers the new revision's tasks during a blue/green, canary or linear deployment."""
     _, name, ident = target_group.split("/", 2)
     return f"targetgroup/{name[:26]}-green/{ident[::-1]}"
+
+
+# The listener a sample service request came in on: "production" or "test" (the sample service's test listener sets
+# it for the request's thread), so that serving_image answers as that listener's rule forwards.
+LISTENER: ContextVar[str] = ContextVar("listener", default="production")
+HOOK_STATUS_PREFIX = "/omnisphere/ecs-lifecycle-hooks"
+
+
+def traffic_test_hook(service_arn: str) -> dict[str, Any]:
+    """Return the lifecycle hook the devstack gives every service behind a load balancer: at POST_TEST_TRAFFIC_SHIFT
+    ECS waits for the platform's hook function, which answers what the release wrote to SSM (see _run_hooks)."""
+    region, account = service_arn.split(":")[3:5]
+    return {"hookTargetArn": f"arn:aws:lambda:{region}:{account}:function:omnisphere-release-hook",
+            "roleArn": f"arn:aws:iam::{account}:role/ecsLifecycleHookInvoke",
+            "lifecycleStages": ["POST_TEST_TRAFFIC_SHIFT"],
+            "hookDetails": {"statusParameterPrefix": HOOK_STATUS_PREFIX}}
+
+
+def _ssm_value(arn: str, name: str) -> str | None:
+    """Return an SSM parameter's value, in the account and region of ``arn``, from the moto server this simulator
+    runs in (None: no such parameter)."""
+    from moto.ssm.models import ssm_backends
+
+    region, account = arn.split(":")[3:5]
+    parameter = ssm_backends[account][region].get_parameter(name)
+    return None if parameter is None else str(parameter.value)
 
 
 def _target_group_arn(region: str, account: str, dimension: str) -> str:
@@ -261,6 +288,10 @@ class EcsDeploymentSimulator:
             return sim.touch()
         if sim.stage == "SCALE_UP":
             return self._scale_up(sim)
+        if sim.stage == "TEST_TRAFFIC_SHIFT":  # the test listener now forwards to the new (green) tasks
+            return sim.enter("POST_TEST_TRAFFIC_SHIFT")
+        if sim.stage == "POST_TEST_TRAFFIC_SHIFT":
+            return self._run_hooks(sim, "POST_TEST_TRAFFIC_SHIFT", "PRODUCTION_TRAFFIC_SHIFT")
         if sim.stage == "PRODUCTION_TRAFFIC_SHIFT":
             return self._shift_traffic(sim)
         if sim.stage in {"CANARY_BAKE", "LINEAR_BAKE"}:
@@ -304,7 +335,7 @@ class EcsDeploymentSimulator:
         sim.new_running = min(sim.desired, sim.new_running + 1)
         sim.touch()
         if sim.new_running >= sim.desired:
-            sim.enter("PRODUCTION_TRAFFIC_SHIFT")
+            sim.enter("TEST_TRAFFIC_SHIFT" if sim.strategy == "BLUE_GREEN" else "PRODUCTION_TRAFFIC_SHIFT")
 
     def _shift_traffic(self, sim: SimDeployment) -> None:
         if sim.strategy == "CANARY":
@@ -320,6 +351,36 @@ class EcsDeploymentSimulator:
         sim.traffic = 100.0
         sim.enter("BAKE_TIME")
         return None
+
+    def _run_hooks(self, sim: SimDeployment, stage: str, next_stage: str) -> None:
+        """Act out the deployment's lifecycle hooks of ``stage``, as ECS invokes their Lambda functions until each
+        answers SUCCEEDED (go on) or FAILED (roll back), holding the deployment in ``stage`` meanwhile.
+
+        The devstack's hook function is the platform's generic one: it answers the hookStatus a release wrote to the
+        SSM parameter ``<hookDetails.statusParameterPrefix>/<deployment id>``, IN_PROGRESS while there is none.
+        """
+        statuses = []
+        for hook in sim.config.get("lifecycleHooks") or []:
+            if stage in (hook.get("lifecycleStages") or []):
+                prefix = (hook.get("hookDetails") or {}).get("statusParameterPrefix", "")
+                statuses.append(_ssm_value(sim.arn, f"{prefix}/{sim.arn.rsplit('/', 1)[-1]}") or "IN_PROGRESS")
+        if "FAILED" in statuses:
+            return self._fail(sim, f"Lifecycle hook at {stage} returned FAILED.")
+        if all(status == "SUCCEEDED" for status in statuses):
+            sim.enter(next_stage)
+        return None
+
+    def test_image(self, cluster: str, service_name: str) -> str | None:
+        """Pick the image that answers a request on the service's test listener: the new (green) revision from the
+        test traffic shift of a blue/green deployment in flight on, the production image otherwise (as the test
+        listener rule forwards to the same target group as production once no deployment is in flight)."""
+        with self.lock:
+            deployments = self._deployments_of(f"{cluster}:{service_name}")
+            sim = deployments[-1] if deployments else None
+            if (sim is not None and sim.strategy == "BLUE_GREEN" and sim.status in {"IN_PROGRESS", "PENDING"}
+                    and sim.stage not in {"SCALE_UP"}):
+                return sim.target_image
+        return self.serving_image(cluster, service_name)
 
     def _bake_minutes(self, sim: SimDeployment, stage: str) -> float:
         if stage == "CANARY_BAKE":
@@ -390,7 +451,10 @@ class EcsDeploymentSimulator:
         return None
 
     def serving_image(self, cluster: str, service_name: str) -> str | None:
-        """Pick the image that answers one request, weighted by the current production traffic split."""
+        """Pick the image that answers one request, weighted by the current production traffic split (on the test
+        listener, when the request came in there: see LISTENER)."""
+        if LISTENER.get() == "test":
+            return self.test_image(cluster, service_name)
         with self.lock:
             key = f"{cluster}:{service_name}"
             deployments = self._deployments_of(key)
@@ -422,6 +486,11 @@ class EcsDeploymentSimulator:
         key = f"{service.cluster_name}:{service.name}"
         if not service.load_balancers:
             service.load_balancers = self._load_balancers(service)
+        config = dict(getattr(service, "deployment_configuration", None) or {})
+        if service.load_balancers and not config.get("lifecycleHooks"):
+            # As the platform's IaC keeps it on every service behind a load balancer (an update that left it out
+            # gets it back): the blue/green test-traffic hook.
+            service.deployment_configuration = {**config, "lifecycleHooks": [traffic_test_hook(service.arn)]}
         sims = self._deployments_of(key)
         if not sims:
             # A service created with CreateService: ECS would have started its tasks by now.

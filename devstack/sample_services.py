@@ -26,7 +26,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from devstack.ecs_simulator import alternate_target_group, image_tag
+from devstack.ecs_simulator import LISTENER, alternate_target_group, image_tag
 
 log = logging.getLogger("devstack.sample_services")
 
@@ -98,11 +98,24 @@ class ServingHistory:
         return image
 
 
-def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffic) -> type[BaseHTTPRequestHandler]:
+def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffic | None,
+                 listener: str = "production", listeners: dict[str, int] | None = None) -> type[BaseHTTPRequestHandler]:
+    """Return a request handler answering as ``serving_image`` picks, on ``listener`` ("production", counted in
+    ``traffic``, or "test": the blue/green test listener, whose requests no production metric counts).
+
+    ``GET /_devstack/listeners`` answers the ports of ``listeners`` (devstack only: how a test finds the test
+    listener of a stack whose environment does not name it)."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # http.server's naming
-            image = serving_image()
-            status, body, latency = respond(self.path.split("?", 1)[0], image)
+            path = self.path.split("?", 1)[0]
+            if path == "/_devstack/listeners" and listeners is not None:
+                status, body, latency = 200, dict(listeners), 0.0
+                image = None
+            else:
+                LISTENER.set(listener)  # this request's thread: serving_image answers as this listener forwards
+                image = serving_image()
+                status, body, latency = respond(path, image)
             time.sleep(latency)
             payload = json.dumps(body).encode()
             self.send_response(status)
@@ -110,7 +123,8 @@ def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffi
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
-            traffic.record(status, latency, bool(getattr(image, "new_task_set", False)))
+            if traffic is not None and image is not None:
+                traffic.record(status, latency, bool(getattr(image, "new_task_set", False)))
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep the devstack quiet
             return
@@ -119,22 +133,34 @@ def make_handler(serving_image: Callable[[], str | None], traffic: ServiceTraffi
 
 
 class SampleService:
+    """One catalog service behind its load balancer: the production listener on ``port`` and the blue/green test
+    listener on ``test_port`` (an ALB's second listener; only the new task set answers there during a blue/green
+    deployment, see EcsDeploymentSimulator.test_image)."""
+
     def __init__(self, name: str, serving_image: Callable[[], str | None], host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, test_port: int = 0) -> None:
         self.name = name
         self.serving_image: Callable[[], str | None] = ServingHistory(serving_image)
         self.traffic = ServiceTraffic()
-        self.server = ThreadingHTTPServer((host, port), make_handler(self.serving_image, self.traffic))
+        self.listeners: dict[str, int] = {}
+        self.test_server = ThreadingHTTPServer((host, test_port), make_handler(serving_image, None, "test"))
+        self.test_server.daemon_threads = True
+        self.test_port = self.listeners["test_listener_port"] = self.test_server.server_address[1]
+        self.server = ThreadingHTTPServer((host, port), make_handler(self.serving_image, self.traffic,
+                                                                     listeners=self.listeners))
         self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name=f"sample-{name}", daemon=True)
+        self.port = self.listeners["production_port"] = self.server.server_address[1]
+        self.threads = [threading.Thread(target=server.serve_forever, name=f"sample-{name}-{which}", daemon=True)
+                        for which, server in (("production", self.server), ("test", self.test_server))]
 
     def start(self) -> None:
-        self.thread.start()
+        for thread in self.threads:
+            thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        for server in (self.server, self.test_server):
+            server.shutdown()
+            server.server_close()
 
 
 class MetricsPublisher:

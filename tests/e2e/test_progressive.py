@@ -147,3 +147,70 @@ def test_steps_ecs_cannot_run_are_refused_before_anything_is_deployed(release_en
     log = "".join(capfd.readouterr())
     assert "the catalog's deploy.steps of auth-service: canary steps [10, 50, 100]: ECS's CANARY shifts one share" \
         in log
+
+
+# ---- blue/green: green smoke-tested on the test listener before the production switch ------------------------------
+@pytest.fixture()
+def green_listener(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Name the sample service's test listener in auth-service's HTTP connection (extra ``test_listener_port``), as
+    the devstack's connection will; return its port."""
+    import json
+    import urllib.request
+
+    url = os.environ["OMNI_SAMPLE_URL_AUTH_SERVICE"]
+    with urllib.request.urlopen(f"{url}/_devstack/listeners", timeout=5) as response:  # noqa: S310 - loopback
+        port = int(json.load(response)["test_listener_port"])
+    production = int(url.rsplit(":", 1)[1])
+    monkeypatch.setenv("AIRFLOW_CONN_OMNI_HTTP_AUTH_SERVICE", json.dumps({
+        "conn_type": "http", "host": "127.0.0.1", "port": production, "extra": {"test_listener_port": port}}))
+    return port
+
+
+def test_blue_green_smoke_tests_green_on_the_test_listener_then_switches(release_env, green_listener, capfd):
+    outcome = release(strategy="blue_green")
+
+    assert_released(outcome, release_env["before"])
+    deployment = last_deployment()
+    assert [h["lifecycleStages"] for h in deployment["deploymentConfiguration"]["lifecycleHooks"]] == [
+        ["POST_TEST_TRAFFIC_SHIFT"]]
+    log = "".join(capfd.readouterr())
+    assert f"on the test listener http://127.0.0.1:{green_listener}" in log
+    assert "(green, test listener) passed" in log and "answered ECS's hook SUCCEEDED" in log
+    assert "Production traffic is on green" in log
+    bake = bake_of(outcome)
+    assert bake is not None and bake["verdict"] == "passed" and bake["steps"] == []
+
+
+def test_an_unhealthy_green_is_refused_before_the_production_switch(release_env, green_listener, capfd):
+    outcome = release("-unhealthy", strategy="blue_green")  # green's /health and /ready answer 503
+
+    assert_rolled_back(outcome, release_env["before"], "smoke_test")
+    assert outcome.task("monitoring_gate") == "upstream_failed", outcome.tasks
+    deployment = last_deployment()
+    assert deployment["status"] == "ROLLBACK_SUCCESSFUL", deployment
+    # ECS rolled back from its test-traffic stage: production traffic never moved to green.
+    assert deployment["statusReason"].startswith("Lifecycle hook at POST_TEST_TRAFFIC_SHIFT returned FAILED."), \
+        deployment
+    log = "".join(capfd.readouterr())
+    assert "Answered ECS's test-traffic hook FAILED" in log
+    assert "GET /health -> 503" in log
+    assert "Production traffic is on green" not in log
+
+
+def test_a_green_that_errors_under_production_traffic_is_rolled_back_during_ecs_bake(release_env, green_listener,
+                                                                                      capfd):
+    """-errors answers its health endpoints and /version well (the smoke tests on the test listener pass) and fails
+    a quarter of its application traffic: only production traffic shows it, during ECS's bake after the switch, where
+    the gate fails and rollback_ecs stops the deployment with ROLLBACK (blue still runs: ECS switches back at once)."""
+    # ECS's bake after the switch: 20 "minutes" (20 s here); the gate fails at its first reading with 5xx.
+    outcome = release("-errors", strategy="blue_green", bake_minutes=20)
+
+    assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
+    assert outcome.task("smoke_test") == "success", outcome.tasks
+    deployment = last_deployment()
+    assert deployment["status"] == "ROLLBACK_SUCCESSFUL", deployment
+    assert deployment["rollback"]["reason"] == "Rollback initiated by user.", deployment
+    bake = bake_of(outcome)
+    assert bake is not None and bake["reason"].startswith("5xx error rate "), bake
+    log = "".join(capfd.readouterr())
+    assert "answered ECS's hook SUCCEEDED" in log

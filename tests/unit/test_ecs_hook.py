@@ -699,3 +699,86 @@ def test_return_to_does_not_stop_a_deployment_already_going_to_the_target():
     assert client.called("stop_service_deployment") == []
     assert client.called("update_service") == []
     assert action == "none" and settled is not None and settled["status"] == "SUCCESSFUL"
+
+
+# --- traffic steps (canary and linear) ---------------------------------------------------------------------------
+from omnisphere_release.hooks.ecs import (  # noqa: E402 - grouped with the tests of these rules
+    lifecycle_hooks,
+    parse_steps,
+    steps_of,
+    steps_problem,
+    target_group_dimension,
+    traffic_hook_prefix,
+)
+
+
+def steps(*pairs: tuple[float, float]) -> list[dict[str, Any]]:
+    return [{"percent": percent, "bake_minutes": bake} for percent, bake in pairs]
+
+
+def test_a_canary_in_two_steps_is_ecs_canary_with_the_first_steps_share_and_bake():
+    configuration = deployment_configuration("canary", 99, steps((10, 4), (100, 2.5)))
+    assert configuration == {"strategy": "CANARY", "bakeTimeInMinutes": 3,
+                             "canaryConfiguration": {"canaryPercent": 10.0, "canaryBakeTimeInMinutes": 4}}
+    assert steps_of(configuration) == [{"percent": 10.0, "bake_minutes": 4.0}, {"percent": 100.0, "bake_minutes": 3.0}]
+
+
+def test_equal_linear_steps_are_ecs_linear():
+    configuration = deployment_configuration("linear", 99, steps((25, 3), (50, 3), (75, 3), (100, 6)))
+    assert configuration == {"strategy": "LINEAR", "bakeTimeInMinutes": 6,
+                             "linearConfiguration": {"stepPercent": 25.0, "stepBakeTimeInMinutes": 3}}
+    assert [s["percent"] for s in steps_of(configuration)] == [25.0, 50.0, 75.0, 100.0]
+    assert [s["bake_minutes"] for s in steps_of(configuration)] == [3.0, 3.0, 3.0, 6.0]
+
+
+@pytest.mark.parametrize(("strategy", "given", "problem"), [
+    ("canary", steps((10, 2), (50, 2), (100, 5)), "a canary has two steps, [p, 100]"),
+    ("linear", steps((10, 2), (50, 2), (100, 5)), "every step must add 10 %"),
+    ("linear", steps((50, 2), (100, 5), (100, 5)), "must rise strictly"),
+    ("linear", steps((25, 2), (50, 3), (75, 2), (100, 5)), "equal bakes"),
+    ("canary", steps((10, 2), (90, 2)), "end at 100"),
+    ("canary", steps((0, 2), (100, 2)), "from at least 1"),
+    ("canary", steps((10, -1), (100, 2)), "must each be 0 to 1440 minutes"),
+    ("canary", [{"percent": 10}], "each step needs a whole percent and bake_minutes"),
+    ("blue_green", steps((10, 2), (100, 2)), "steps are for canary and linear deployments, not blue_green"),
+])
+def test_steps_ecs_cannot_run_are_refused_saying_why(strategy, given, problem):
+    assert problem in (steps_problem(strategy, given) or "")
+    if strategy != "blue_green":
+        with pytest.raises(ValueError, match=problem.split("[")[0]):
+            deployment_configuration(strategy, 5, given)
+
+
+def test_without_steps_canary_and_linear_keep_their_fixed_shapes_and_rolling_and_blue_green_have_no_steps():
+    assert deployment_configuration("canary", 10, ()) == deployment_configuration("canary", 10)
+    assert steps_of(deployment_configuration("rolling", 5)) == []
+    assert steps_of(deployment_configuration("blue_green", 5)) == []
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, []), ("", []), ("None", []), ("[]", []),
+    ('[{"percent": 10, "bake_minutes": 2}, {"percent": 100, "bake_minutes": 5}]', steps((10, 2), (100, 5))),
+    (steps((50, 1), (100, 1)), steps((50, 1), (100, 1))),
+])
+def test_a_runs_steps_param_is_read_from_a_list_or_its_json(value, expected):
+    assert parse_steps(value) == expected
+
+
+@pytest.mark.parametrize("value", ["10,50,100", '{"percent": 10}', "[1, 2]"])
+def test_a_runs_steps_param_that_is_no_list_of_steps_is_refused_naming_the_param(value):
+    with pytest.raises(ValueError, match=r"^the run's steps: .* give a list like \[\{\"percent\""):
+        parse_steps(value, "the run's steps")
+
+
+def test_target_groups_are_read_as_cloudwatch_dimensions_and_the_test_traffic_hook_from_the_service():
+    arn = "arn:aws:elasticloadbalancing:eu-west-1:123456789012:targetgroup/auth-service/943f017f100becff"
+    assert target_group_dimension(arn) == "targetgroup/auth-service/943f017f100becff"
+    hook = {"hookTargetArn": "arn:aws:lambda:eu-west-1:123456789012:function:omnisphere-release-hook",
+            "lifecycleStages": ["POST_TEST_TRAFFIC_SHIFT"], "hookDetails": {"statusParameterPrefix": "/omni/hooks/"}}
+    other = {"hookTargetArn": "arn:aws:lambda:eu-west-1:123456789012:function:theirs",
+             "lifecycleStages": ["POST_SCALE_UP"]}
+    live = {"deploymentConfiguration": {"lifecycleHooks": [other, hook]}}
+    assert lifecycle_hooks(live) == [other, hook]
+    assert traffic_hook_prefix(lifecycle_hooks(live)) == "/omni/hooks"
+    assert traffic_hook_prefix([other]) is None
+    assert lifecycle_hooks({}) == []

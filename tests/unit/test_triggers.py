@@ -102,7 +102,8 @@ def ecs_trigger(deadline: float | None = None, **kwargs: Any) -> EcsServiceDeplo
 def test_ecs_trigger_serializes_every_argument():
     given = {"deployment_arn": DEPLOYMENT_ARN, "deadline": T0 + 900.5, "aws_conn_id": "aws_release",
              "region_name": "eu-west-1", "done_on_traffic_shift": True, "poll_seconds": 7.5, "settle": True,
-             "read_failure_seconds": 120.0, "done_at_percent": 10.0}
+             "read_failure_seconds": 120.0, "done_at_percent": 10.0,
+             "done_at_stage": "POST_TEST_TRAFFIC_SHIFT"}
     assert_serialize_round_trips(EcsServiceDeploymentTrigger(**given), given)
 
 
@@ -611,3 +612,33 @@ def test_bake_trigger_gives_up_at_bake_end_plus_missing_data_even_after_a_restar
 
     assert event.payload["status"] == "unreadable"
     assert clock.now == T0 + 55  # bake_until + missing_data_seconds
+
+
+# --- a step's analysis: the new task set against the old one ------------------------------------------------------
+from omnisphere_release.triggers.monitoring import step_breach  # noqa: E402 - grouped with its tests
+
+
+def window(requests: float, errors: float, p99: float | None, alarms: list[str] | None = None) -> MetricsWindow:
+    return MetricsWindow(requests, errors, p99, "p99", alarms or [])
+
+
+@pytest.mark.parametrize(("new", "old", "expected"), [
+    (window(100, 0, 0.05), window(900, 0, 0.05), None),
+    (window(0, 0, None), window(900, 0, 0.05), None),  # no data yet: the no-data policy judges it, not this
+    (window(100, 25, 0.05), window(900, 0, 0.05), "new task set's 5xx error rate 25.00% (25 of 100 requests) is "
+                                                  "above the 2.00% threshold (old task set: 900 requests"),
+    (window(100, 1, 1.2), window(900, 0, 0.05), "new task set's p99 latency 1200 ms (p99) is above the 800 ms"),
+    (window(400, 6, 0.05), window(900, 0, 0.05), "new task set's 5xx error rate 1.50% is more than 1.00% above the "
+                                                 "old task set's 0.00%"),
+    (window(400, 6, 0.05), window(900, 9, 0.05), None),  # as bad as the old one: not the release's doing
+    (window(100, 0, 0.5), window(900, 0, 0.2), "new task set's p99 latency 500 ms is over 1.5 times the old task "
+                                               "set's 200 ms"),
+    (window(100, 0, 0.05, ["auth-5xx"]), None, "alarm(s) firing: auth-5xx"),
+    (window(100, 1, 0.05), None, None),  # at 100 %: the thresholds alone
+])
+def test_a_step_fails_on_the_thresholds_or_when_clearly_worse_than_the_old_task_set(new, old, expected):
+    breach = step_breach(new, old, max_error_rate=0.02, max_p99_ms=800)
+    if expected is None:
+        assert breach is None
+    else:
+        assert breach is not None and breach.startswith(expected), breach

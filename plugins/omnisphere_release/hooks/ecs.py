@@ -28,7 +28,9 @@ REGISTERABLE = ("family", "taskRoleArn", "executionRoleArn", "networkMode", "con
                 "proxyConfiguration", "inferenceAccelerators", "ephemeralStorage", "runtimePlatform",
                 "enableFaultInjection", "trustedExecutionConfiguration")
 DIGEST = re.compile(DIGEST_PATTERN)
-STEPPED = ("canary", "linear")  # the strategies that shift production traffic in steps
+STEPPED = ("canary", "linear")
+TEST_TRAFFIC_STAGE = "POST_TEST_TRAFFIC_SHIFT"
+HOOK_STATUS_PREFIX_KEY = "statusParameterPrefix"  # the strategies that shift production traffic in steps
 EXAMPLE_STEPS = '[{"percent": 10, "bake_minutes": 5}, {"percent": 100, "bake_minutes": 10}]'
 
 
@@ -218,6 +220,7 @@ class EcsDeploymentHook:
 
     def __init__(self, aws_conn_id: str | None = "aws_default", region_name: str | None = None,
                  client: Any | None = None) -> None:
+        self.aws_conn_id, self.region_name = aws_conn_id, region_name
         if client is None:
             from omnisphere_release.hooks.aws import aws_client
 
@@ -312,6 +315,17 @@ class EcsDeploymentHook:
                 return target_group_dimension(production), target_group_dimension(alternate) if alternate else None
         return None, None
 
+    def answer_lifecycle_hook(self, parameter: str, status: str) -> None:
+        """Answer a deployment's lifecycle hook (SUCCEEDED: go on; FAILED: ECS rolls back): write ``status`` to the
+        SSM parameter the platform's hook function reads (:func:`traffic_hook_prefix`)."""
+        from omnisphere_release.hooks.aws import aws_client
+
+        try:
+            aws_client("ssm", self.aws_conn_id, self.region_name).put_parameter(
+                Name=parameter, Value=status, Type="String", Overwrite=True)
+        except (ClientError, BotoCoreError) as exc:
+            raise EcsDeploymentError(f"answer lifecycle hook {parameter} with {status}: {exc}") from None
+
     def stop_with_rollback(self, arn: str) -> None:
         self._call(f"stop deployment {arn} with ROLLBACK", "stop_service_deployment", serviceDeploymentArn=arn,
                    stopType="ROLLBACK")
@@ -346,6 +360,26 @@ class EcsDeploymentHook:
             arn = self.update_service(cluster, service, task_definition, deployment_configuration("rolling", 0))
             return ReturnStep(f"redeployed {task_definition}", arn)
         return ReturnStep(None, None)
+
+
+def lifecycle_hooks(live_service: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the lifecycle hooks set on a service (by the platform's IaC): a release's UpdateService keeps them."""
+    return list((live_service.get("deploymentConfiguration") or {}).get("lifecycleHooks") or [])
+
+
+def traffic_hook_prefix(hooks: list[dict[str, Any]]) -> str | None:
+    """Return the SSM parameter prefix of the platform's hook at POST_TEST_TRAFFIC_SHIFT, or None without one.
+
+    ECS holds a blue/green deployment at POST_TEST_TRAFFIC_SHIFT (green up, the test listener on it, production
+    still on blue) until each hook of that stage answers. The platform's hook function answers what the release
+    wrote to ``<hookDetails.statusParameterPrefix>/<deployment id>`` in SSM, IN_PROGRESS meanwhile: that is how
+    the release smoke-tests green on the test listener before the production switch, and refuses it.
+    """
+    for hook in hooks:
+        prefix = (hook.get("hookDetails") or {}).get(HOOK_STATUS_PREFIX_KEY)
+        if TEST_TRAFFIC_STAGE in (hook.get("lifecycleStages") or []) and prefix:
+            return str(prefix).rstrip("/")
+    return None
 
 
 def target_group_dimension(arn: str) -> str:

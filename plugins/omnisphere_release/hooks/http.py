@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import requests
 from airflow.providers.http.hooks.http import HttpHook
@@ -31,11 +32,47 @@ class ProbeResult:
         return f"GET {self.path} -> {answer} in {self.latency_ms:.0f} ms, {state}"
 
 
-class SmokeTestHook(HttpHook):
-    """GET a service's smoke-test endpoints (HttpHook: the connection's scheme, host, port, auth and headers)."""
+# Keys of the HTTP connection's extra that name the load balancer's test listener (blue/green): a URL, or a port on the
+# connection's own scheme and host. HttpHook sends the extra's other keys as headers: these are taken out.
+TEST_LISTENER_KEYS = ("test_listener_url", "test_listener_port")
 
-    def __init__(self, http_conn_id: str) -> None:
+
+def listener_base_url(base_url: str, extra: dict[str, Any], conn_id: str) -> str:
+    """Return the base URL of the test listener the connection's extra names (``test_listener_url``, or
+    ``test_listener_port`` on the connection's scheme and host); raise ValueError saying what to add if none."""
+    if extra.get("test_listener_url"):
+        return str(extra["test_listener_url"]).rstrip("/")
+    port = extra.get("test_listener_port")
+    if port in (None, ""):
+        raise ValueError(f"HTTP connection {conn_id} names no test listener: add test_listener_port (the load "
+                         f"balancer's test listener on the same host) or test_listener_url to its extra")
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"HTTP connection {conn_id}: extra test_listener_port {port!r} is not a port number") from None
+    parsed = urlparse(base_url)
+    return f"{parsed.scheme}://{parsed.hostname}:{number}"
+
+
+class SmokeTestHook(HttpHook):
+    """GET a service's smoke-test endpoints (HttpHook: the connection's scheme, host, port, auth and headers), on the
+    production listener, or with ``listener="test"`` on the test listener its extra names (blue/green: only the new
+    task set answers there before the production switch)."""
+
+    def __init__(self, http_conn_id: str, listener: str = "production") -> None:
         super().__init__(method="GET", http_conn_id=http_conn_id)
+        self.listener = listener
+
+    def _set_base_url(self, connection: Any) -> None:
+        super()._set_base_url(connection)
+        if self.listener == "test":
+            self.base_url = listener_base_url(self.base_url, connection.extra_dejson, self.http_conn_id)
+
+    def get_conn(self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None) -> Any:
+        session = super().get_conn(headers, extra_options)
+        for key in TEST_LISTENER_KEYS:
+            session.headers.pop(key, None)
+        return session
 
     def probe(self, check: SmokeTest) -> ProbeResult:
         """GET ``check.path`` and compare status, JSON fields and latency with the check's expectations."""

@@ -13,14 +13,17 @@ from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.contracts import DeploymentOutput, ReleasePlan, ReleaseRun
 from omnisphere_release.hooks.ecs import (
     STEPPED,
+    TEST_TRAFFIC_STAGE,
     EcsDeploymentError,
     EcsDeploymentHook,
     EcsNotOnTarget,
     deployment_configuration,
+    lifecycle_hooks,
     parse_steps,
     pinned_image,
     steps_of,
     steps_problem,
+    traffic_hook_prefix,
 )
 from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
@@ -42,6 +45,10 @@ class EcsDeployServiceOperator(ServiceStageOperator):
     Canary and linear run in steps (the run's ``steps``, else the catalog's ``deploy.steps``; none: the fixed
     shapes of :func:`deployment_configuration`): ECS's own CANARY or LINEAR, and the task ends as soon as the first
     step's share of traffic is on the new revision, for the monitoring gate to watch each step while ECS bakes it.
+
+    Blue/green keeps the service's lifecycle hooks; with the platform's test-traffic hook (see
+    hooks.ecs.traffic_hook_prefix) the task ends when ECS holds green on the test listener, for smoke_test to
+    test it there and answer the hook before any production traffic moves.
     """
 
     template_fields = ("service", "environment", "strategy", "bake_minutes", "steps")
@@ -89,6 +96,12 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         try:
             revision = ecs.find_revision_of_run(family, run_tag)
             live = ecs.describe_service(service.ecs.cluster, service.ecs.service)
+            # Blue/green: the service's lifecycle hooks (the platform's IaC sets them) go with the update; with the
+            # platform's test-traffic hook, ECS holds green on the test listener until smoke_test answers it.
+            hook_prefix = None
+            if self.strategy == "blue_green" and (hooks := lifecycle_hooks(live)):
+                configuration = {**configuration, "lifecycleHooks": hooks}
+                hook_prefix = traffic_hook_prefix(hooks)
             timeout = service.deploy.timeout_minutes * 60
             deadline = time.time() + timeout
             if revision and live["taskDefinition"] == revision and live.get("currentServiceDeployment"):
@@ -111,17 +124,25 @@ class EcsDeployServiceOperator(ServiceStageOperator):
                               service.ecs.service, revision, arn, service.deploy.timeout_minutes)
         except EcsDeploymentError as exc:
             raise AirflowException(f"ECS deploy of {service.name} could not start: {exc}") from None
-        # "steps": the traffic steps the monitoring gate watches one by one (none: it bakes once at 100 %).
+        # "steps": the traffic steps the monitoring gate watches one by one (none: it bakes once at 100 %);
+        # "test_traffic_hook": the SSM parameter smoke_test answers ECS's test-traffic hook in (blue/green).
+        hook_parameter = f"{hook_prefix}/{arn.rsplit('/', 1)[-1]}" if hook_prefix else None
         started = cast("DeploymentOutput", {"deployment_arn": arn, "task_definition": revision,
                                             "configuration": configuration,
-                                            "steps": steps_of(configuration) if stepped else []})
+                                            "steps": steps_of(configuration) if stepped else [],
+                                            "test_traffic_hook": hook_parameter})
+        if hook_parameter:
+            self.log.info("ECS holds green at %s until smoke_test answers its lifecycle hook (SSM %s): the smoke "
+                          "tests run on the test listener before any production traffic moves.", TEST_TRAFFIC_STAGE,
+                          hook_parameter)
         context["ti"].xcom_push(key="deployment", value=started)
         self.defer(
             trigger=EcsServiceDeploymentTrigger(
                 deployment_arn=arn, deadline=deadline,
                 aws_conn_id=service.aws_conn_id, done_on_traffic_shift=self.strategy != "rolling",
                 poll_seconds=self.poll_seconds,
-                done_at_percent=steps_of(configuration)[0]["percent"] if stepped else None),
+                done_at_percent=steps_of(configuration)[0]["percent"] if stepped else None,
+                done_at_stage=TEST_TRAFFIC_STAGE if hook_parameter else None),
             method_name="execute_complete",
             timeout=timedelta(minutes=service.deploy.timeout_minutes + 5),
         )

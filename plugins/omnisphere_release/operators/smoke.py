@@ -1,22 +1,28 @@
 """smoke_test: the catalog's critical endpoints answer as expected, and every sampled /version answer is the released
-image; retried with backoff within a deadline."""
+image; retried with backoff within a deadline. Blue/green: first on green alone, on the test listener, before the
+production switch."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
 from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from omnisphere_release.catalog import load_catalog
+from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.contracts import ReleasePlan, ReleaseRun
+from omnisphere_release.hooks.ecs import IN_FLIGHT, EcsDeploymentError, EcsDeploymentHook, summarize
 from omnisphere_release.hooks.http import ProbeResult, SmokeTestHook
 from omnisphere_release.operators.common import ServiceStageOperator
+from omnisphere_release.triggers.ecs import all_traffic_shifted
 
 VERSION_PATH = "/version"
 # GETs of /version per round: behind a load balancer, enough that a leftover task with a share of a few tens of
 # percent answers at least one of them (one in three: 1 - (2/3)^10, 98 %; one in two: 99.9 %).
 VERSION_SAMPLES = 10
+# How long the switch to green may take once ECS's test-traffic hook answered SUCCEEDED (ECS moves at once).
+SWITCH_WAIT_SECONDS = 120.0
 
 
 def _tag(image: str) -> str | None:
@@ -56,7 +62,12 @@ def version_round(http: SmokeTestHook, plan: ReleasePlan) -> ProbeResult:
 
 class HttpSmokeTestOperator(ServiceStageOperator):
     """Probe the service's smoke_tests (status, JSON fields, latency budget), and sample /version to see that every
-    task behind the load balancer answers the released image; fail if a round never passes within the deadline."""
+    task behind the load balancer answers the released image; fail if a round never passes within the deadline.
+
+    Blue/green held by ECS at its test-traffic hook: the same checks first run against green alone on the test
+    listener (the HTTP connection's extra ``test_listener_port`` or ``test_listener_url``), and the answer to the
+    hook lets ECS switch production to green or roll back before the switch. Canary and linear in steps: /version
+    is left to the monitoring gate at 100 %, as both versions answer until then."""
 
     def execute(self, context: Context) -> dict[str, Any]:
         service = load_catalog().get(self.service, self.environment)
@@ -78,6 +89,10 @@ class HttpSmokeTestOperator(ServiceStageOperator):
                       f"{VERSION_SAMPLES} GETs of {VERSION_PATH} must each answer {wanted}" if has_version else
                       f"no {VERSION_PATH} smoke test in the catalog: which version answers is not checked")
         has_version = has_version and not stepped
+        hook_parameter = cast("dict[str, Any]", ReleaseRun(context).deployment).get("test_traffic_hook")
+        if hook_parameter:
+            self._test_green(service, plan, str(hook_parameter), has_version)
+            self._wait_for_switch(service, ReleaseRun(context).deployment["deployment_arn"])
 
         def versions() -> list[ProbeResult]:
             return [version_round(http, plan)]
@@ -92,3 +107,57 @@ class HttpSmokeTestOperator(ServiceStageOperator):
                 + ". Next: the release rolls back.")
         self.log.info("Smoke test of %s passed. Next: monitoring_gate.", service.name)
         return {"endpoints": [r.describe() for r in results]}
+
+    def _test_green(self, service: Service, plan: ReleasePlan, hook_parameter: str, has_version: bool) -> None:
+        """Smoke-test green on the test listener while ECS holds it there, and answer ECS's hook: SUCCEEDED lets it
+        switch production to green; FAILED makes it roll back before any production request reached green."""
+        ecs = EcsDeploymentHook(service.aws_conn_id)
+        http = SmokeTestHook(service.http_conn_id, listener="test")
+        try:
+            url = http.url_from_endpoint("")
+        except ValueError as exc:
+            ecs.answer_lifecycle_hook(hook_parameter, "FAILED")
+            raise AirflowFailException(f"Smoke test of {service.name}'s green side: {exc}. Answered ECS's "
+                                       f"test-traffic hook FAILED: ECS rolls back before the production switch. "
+                                       f"Next: rollback_ecs waits for it.") from None
+        self.log.info("Smoke-testing green (the new task set) of %s on the test listener %s before the production "
+                      "switch: %d endpoint(s)%s.", service.name, url, len(service.smoke_tests),
+                      f" and {VERSION_SAMPLES} GETs of {VERSION_PATH}" if has_version else "")
+        results = http.probe_until_deadline(service.smoke_tests, service.smoke_deadline_seconds,
+                                            f"{service.name} (green, test listener)",
+                                            also=(lambda: [version_round(http, plan)]) if has_version else None)
+        failed = [r for r in results if not r.ok]
+        verdict = "FAILED" if failed else "SUCCEEDED"
+        try:
+            ecs.answer_lifecycle_hook(hook_parameter, verdict)
+        except EcsDeploymentError as exc:
+            raise AirflowFailException(f"Smoke test of {service.name}'s green side {verdict.lower()}, but ECS's "
+                                       f"test-traffic hook could not be answered: {exc}. Next: the release rolls "
+                                       f"back (rollback_ecs stops the held deployment with ROLLBACK).") from None
+        if failed:
+            raise AirflowFailException(
+                f"Smoke test of {service.name}'s green side on the test listener failed after "
+                f"{service.smoke_deadline_seconds:.0f}s: " + "; ".join(r.describe() for r in failed)
+                + ". Answered ECS's test-traffic hook FAILED: ECS rolls back before the production switch, so no "
+                  "production request reached green. Next: rollback_ecs waits for the rollback.")
+        self.log.info("Green of %s passed on the test listener; answered ECS's hook SUCCEEDED: production switches "
+                      "to green now.", service.name)
+
+    def _wait_for_switch(self, service: Service, arn: str) -> None:
+        """Wait (seconds: ECS switches as soon as its hook answered) until production traffic is on green."""
+        ecs = EcsDeploymentHook(service.aws_conn_id)
+        deadline = time.monotonic() + SWITCH_WAIT_SECONDS
+        while True:
+            try:
+                deployment = ecs.describe_deployment(arn)
+            except EcsDeploymentError as exc:
+                raise AirflowException(f"Smoke test of {service.name}: {exc}. Retrying if retries remain.") from None
+            status = deployment["status"]
+            if status == "SUCCESSFUL" or (status == "IN_PROGRESS" and all_traffic_shifted(deployment)):
+                self.log.info("Production traffic is on green: %s", summarize(deployment))
+                return
+            if status not in IN_FLIGHT or status.startswith("ROLLBACK") or time.monotonic() > deadline:
+                raise AirflowFailException(f"ECS did not switch production to green of {service.name} after its "
+                                           f"hook answered SUCCEEDED: {summarize(deployment)}. Next: the release "
+                                           f"rolls back.")
+            time.sleep(1.0)

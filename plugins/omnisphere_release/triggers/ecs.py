@@ -47,8 +47,11 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
                  region_name: str | None = None, done_on_traffic_shift: bool = False,
                  poll_seconds: float = 5.0, settle: bool = False,
                  read_failure_seconds: float = READ_FAILURE_BUDGET_SECONDS,
-                 done_at_percent: float | None = None) -> None:
+                 done_at_percent: float | None = None, done_at_stage: str | None = None) -> None:
         super().__init__()
+        # Blue/green with the platform's test-traffic hook: done when ECS holds at that stage (green on the test
+        # listener), for smoke_test to test green there and answer the hook before the production switch.
+        self.done_at_stage = done_at_stage
         # Canary and linear with steps: done once the first step's share of traffic is on the new revision (the
         # monitoring gate follows the steps from there and stops the deployment with ROLLBACK at a failing one).
         self.done_at_percent = done_at_percent
@@ -67,6 +70,7 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
             "region_name": self.region_name, "done_on_traffic_shift": self.done_on_traffic_shift,
             "poll_seconds": self.poll_seconds, "settle": self.settle,
             "read_failure_seconds": self.read_failure_seconds, "done_at_percent": self.done_at_percent,
+            "done_at_stage": self.done_at_stage,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -112,7 +116,9 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
             if not self.settle and (status == "SUCCESSFUL" or (
                     self.done_on_traffic_shift and status == "IN_PROGRESS" and all_traffic_shifted(deployment)) or (
                     self.done_at_percent is not None and status == "IN_PROGRESS"
-                    and traffic_weight(deployment) >= self.done_at_percent)):
+                    and traffic_weight(deployment) >= self.done_at_percent) or (
+                    self.done_at_stage is not None and status == "IN_PROGRESS"
+                    and deployment.get("lifecycleStage") == self.done_at_stage)):
                 yield TriggerEvent({"status": "success", "deployment_status": status, "summary": line,
                                     "deployment_arn": self.deployment_arn})
                 return
