@@ -238,3 +238,53 @@ def test_an_environment_without_approval_passes_at_once(devstack, airflow_db, sq
     assert outcome.state == "success" and outcome.task(TASK_ID) == "success", outcome.tasks
     assert outcome.outputs[TASK_ID]["outcome"] == "not_required"
     assert outcome.outputs["report"]["approval"]["required"] is False
+
+
+# ---- the rules alone, without a devstack -------------------------------------------------------------------------------
+def test_who_may_answer_is_an_approver_who_did_not_trigger_the_run():
+    from omnisphere_release.catalog import load_catalog
+    from omnisphere_release.operators.approval import eligible_approvers, refusal_reason
+
+    service = load_catalog().get("auth-service").model_copy(update={"approvers": ("release-manager", "identity-lead")})
+    assert eligible_approvers(service, "release-manager") == ["identity-lead"]
+    assert eligible_approvers(service, "ci-bot") == ["release-manager", "identity-lead"]
+    assert refusal_reason("identity-lead", service, "release-manager") is None
+    assert "triggered this run" in str(refusal_reason("release-manager", service, "release-manager"))
+    why = str(refusal_reason("mallory", service, "release-manager"))
+    assert "mallory is not an approver of auth-service" in why and "release-manager, identity-lead" in why
+    assert "an unknown user" in str(refusal_reason(None, service, "release-manager"))
+
+
+def test_the_report_says_who_decided_what():
+    from omnisphere_release.report import build_report, render_markdown
+
+    states = {"preflight": "success", "approve_release": "failed", "backup": "upstream_failed"}
+    outputs = {"preflight": {"service": "auth-service", "dry_run": False, "window": {
+                   "mode": "forced", "force_reason": "CVE-2026-1", "window_start": "2026-11-26T02:00:00+00:00"}},
+               "approve_release": {"required": True, "outcome": "rejected", "rejected_by": "identity-lead",
+                                   "rejected_at": "2026-11-26T02:05:00+00:00", "comment": "**not** tonight",
+                                   "approvers": ["identity-lead"], "refused_answers": [
+                                       {"by": "ci", "option": "Approve", "at": "2026-11-26T02:04:00+00:00",
+                                        "why": "ci triggered this run"}]}}
+    report = build_report(dag_id=DAG_ID, run_id="r1", triggered_by="ci", params={}, states=states, durations={},
+                          outputs=outputs, after={}, stage_order=list(states))
+    assert report["outcome"] == "rejected" and report["summary"].startswith("REJECTED")
+    assert report["approval"]["rejected_by"] == "identity-lead" and report["approval"]["approved_by"] is None
+    assert report["audit"] == {"triggered_by": "ci", "approved_by": None, "approved_at": None,
+                               "rejected_by": "identity-lead", "rejected_at": "2026-11-26T02:05:00+00:00",
+                               "window_forced_by": "ci", "force_reason": "CVE-2026-1",
+                               "refused_answers": outputs["approve_release"]["refused_answers"]}
+    markdown = render_markdown(report)
+    assert "- Approval: REJECTED by identity\\-lead at 2026-11-26T02:05:00+00:00 (\\*\\*not\\*\\* tonight)" in markdown
+    assert "refused the Approve of ci (ci triggered this run)" in markdown
+    assert "(forced by ci)" in markdown
+    timed_out = build_report(dag_id=DAG_ID, run_id="r2", triggered_by="ci", params={}, states=states, durations={},
+                             outputs={**outputs, "approve_release": {"required": True, "outcome": "timed_out"}},
+                             after={}, stage_order=list(states))
+    assert timed_out["outcome"] == "approval_timed_out"
+    staging = build_report(dag_id=DAG_ID, run_id="r3", triggered_by="ci", params={},
+                           states={"preflight": "success", "approve_release": "success", "finalize": "success"},
+                           durations={}, outputs={"preflight": outputs["preflight"], "approve_release": {
+                               "required": False, "outcome": "not_required"}}, after={}, stage_order=[])
+    assert staging["outcome"] == "released" and staging["approval"]["required"] is False
+    assert "- Approval: not required" in render_markdown(staging)

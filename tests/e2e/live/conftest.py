@@ -4,6 +4,8 @@ beside the other tests."""
 
 from __future__ import annotations
 
+import json
+import secrets
 import shutil
 import tempfile
 import time
@@ -14,6 +16,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[3]
+# A second user of the live Airflow, who approves what the admin triggers (four eyes); role "user" may answer
+# human-in-the-loop requests of the DAGs. Both passwords are generated into the file the simple auth manager reads.
+APPROVER = "approver"
+# An environment with staging's databases, cluster and buckets that requires an approver: the four-eyes rule is keyed on
+# the environment's approval flag, so releasing there is releasing under production's rule.
+APPROVAL_ENVIRONMENT = "preprod"
 
 
 @pytest.fixture(scope="package")
@@ -30,11 +38,20 @@ def live_airflow(devstack, secret_watch):
         # two releases to run at once; the real catalog is a strict chain.
         if service["name"] == "billing-service":
             service["depends_on"] = []
+        if service["name"] == "auth-service":  # the admin triggers, so the approver is the one who may answer
+            service["approvers"] = [airflow_server.ADMIN_USER, APPROVER]
     # A release_all window every minute, so that a test sees scheduled runs take (or not) a queued manifest.
     catalog["release_all_window"] = {"cron": "* * * * *", "duration_minutes": 1, "timezone": "UTC"}
+    staging = catalog["environments"][catalog["default_environment"]]
+    catalog["environments"][APPROVAL_ENVIRONMENT] = {**staging, "approval": True, "approval_timeout_hours": 1}
     (home / "services.yaml").write_text(yaml.safe_dump(catalog, sort_keys=False))
+    passwords = {airflow_server.ADMIN_USER: secrets.token_urlsafe(12), APPROVER: secrets.token_urlsafe(12)}
+    password_file = home / "simple_auth_manager_passwords.json.generated"
+    password_file.write_text(json.dumps(passwords))
+    password_file.chmod(0o600)
     port = free_port()
     extra = {"OMNISPHERE_CATALOG": str(home / "services.yaml"),
+             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{airflow_server.ADMIN_USER}:admin,{APPROVER}:user",
              "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
              "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port())}
     info = airflow_server.start(devstack, home, port, extra_env=extra)
@@ -45,7 +62,8 @@ def live_airflow(devstack, secret_watch):
     while client.get("/dags/release_all").status_code != 200:
         assert time.monotonic() < deadline, "the DAG processor did not parse the DAGs in time"
         time.sleep(2)
-    client.info = info  # type: ignore[attr-defined]  # url, username, password for the CLI tests
+    info["approver"] = {"username": APPROVER, "password": passwords[APPROVER]}
+    client.info = info  # type: ignore[attr-defined]  # url, username, password (and the approver's) for the CLI tests
     client.home = home  # type: ignore[attr-defined]  # its ports and logs
     try:
         yield client
