@@ -114,7 +114,7 @@ def metadata(airflow_db):
         session.execute(delete(Variable).where(Variable.key == QUEUE_VARIABLE))
         session.add(Variable(key=QUEUE_VARIABLE, val=json.dumps({window_key(train_window.start): {
             "manifest": {"auth-service": "v5", "billing-service": "v7"}, "reason": "monthly train",
-            "staging_rehearsed": True, "queued_by": "queue_run"}})))
+            "environment": "production", "queued_by": "queue_run"}})))
     yield {"auth_window": auth_window, "train_window": train_window}
     with create_session() as session:
         for model in (XComModel, TaskInstance):
@@ -355,7 +355,7 @@ def test_the_release_page_shows_the_release_its_chart_and_its_minutes(api):
     page = response.text
     for expected in ("FAILED and ROLLED BACK", 'data-chart="/omnisphere/api/bake.svg?dag_id=release_auth-service&amp;'
                      "run_id=rolled_back_run", "25.00%", "5 readings, one a minute", "no data", "Canary steps",
-                     "log of monitoring_gate", "Error lines the new tasks logged: 2",
+                     "log of monitoring_gate", "Error lines the new tasks logged during the bake: 2",
                      "ERROR &lt;b&gt;pool&lt;/b&gt; exhausted"):
         assert expected in page, expected
     approved = get(api, "/omnisphere/release", dag_id="release_auth-service", run_id="released_run").text

@@ -205,7 +205,9 @@ def _draw(bake: dict[str, Any], title: str, tz: tzinfo) -> str:
     rate_ax.set_xlim(left, right)
     locator = mdates.AutoDateLocator(tz=tz, minticks=3, maxticks=10)
     req_ax.xaxis.set_major_locator(locator)
-    req_ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=tz))
+    # A bake of a few minutes (a devstack's, a canary step's) needs its seconds.
+    short = (right - left) <= timedelta(minutes=5)
+    req_ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if short else "%H:%M", tz=tz))
     req_ax.set_xlabel(f"minute ({tz}), from {started.astimezone(tz):%a %d %b %Y %H:%M}")
     for ax in (rate_ax, p99_ax, req_ax):  # beside the plot, where no line or step label can hide them
         if ax.get_legend_handles_labels()[0]:

@@ -50,6 +50,12 @@ SCRIPT = """
   document.querySelectorAll("img[data-chart]").forEach(function (el) {
     el.src = el.getAttribute("data-chart") + "&tz=" + encodeURIComponent(zone);
   });
+  document.querySelectorAll("a.toggle-chart").forEach(function (link) {
+    link.addEventListener("click", function (event) {
+      var row = link.closest("tr").nextElementSibling;
+      if (row && row.classList.contains("chart-row")) { event.preventDefault(); row.hidden = !row.hidden; }
+    });
+  });
 })();
 """
 
@@ -108,8 +114,16 @@ def _bake_cell(r: dict[str, Any]) -> str:
     bake = r.get("bake")
     if not bake:
         return "<span class=muted>" + ("not yet" if r["outcome"] == "in_progress" else "no bake recorded") + "</span>"
-    return (f"{_bake_text(bake)}<details class=bake><summary>chart</summary>"
-            f"{_chart(r['links']['bake_chart'], 'bake of ' + r['run_id'], lazy=True)}</details>")
+    # Without script the link opens the release's page, chart included; with it, the chart opens below the row.
+    return f'{_bake_text(bake)}<br><a class=toggle-chart href="{_e(r["links"]["detail"])}">chart</a>'
+
+
+def _chart_row(r: dict[str, Any], columns: int) -> str:
+    """The release's bake chart, the table's whole width, under its row: hidden until its "chart" link is used."""
+    if not r.get("bake"):
+        return ""
+    return (f"<tr class=chart-row hidden><td colspan={columns}>"
+            f"{_chart(r['links']['bake_chart'], 'bake of ' + r['run_id'], lazy=True)}</td></tr>")
 
 
 def _release_line(release: dict[str, Any]) -> str:
@@ -123,8 +137,9 @@ def _release_line(release: dict[str, Any]) -> str:
 def _manifest_line(queued: dict[str, Any]) -> str:
     services = ", ".join(f"{_e(s)} <code>{_e(tag)}</code>" for s, tag in sorted(queued["manifest"].items()))
     reason = f" — {_e(queued['reason'])}" if queued.get("reason") else ""
-    return (f"<li>queued manifest: {services}, by {_e(queued.get('queued_by') or 'unknown')}{reason}"
-            f"{' (rehearsed in staging)' if queued.get('staging_rehearsed') else ''}</li>")
+    environment = f" (to {_e(queued['environment'])})" if queued.get("environment") else ""
+    return (f"<li>queued manifest{environment}: {services}, by {_e(queued.get('queued_by') or 'unknown')}{reason}"
+            "</li>")
 
 
 def _window_row(window: dict[str, Any]) -> str:
@@ -207,7 +222,7 @@ def _history(service: str, releases: list[dict[str, Any]]) -> str:
             f"<td>{_duration(r['duration_seconds'], slowest)}</td>"
             f"<td>{_who(r)}</td>"
             f"<td>{_bake_cell(r)}</td>"
-            f"<td>{links}</td></tr>")
+            f"<td>{links}</td></tr>{_chart_row(r, 7)}")
     return (f"{title}<table><thead><tr><th>started</th><th>before → target</th><th>outcome</th>"
             "<th>duration</th><th>who</th><th>bake</th><th>links</th></tr></thead><tbody>" + "".join(rows)
             + "</tbody></table>")
@@ -341,7 +356,7 @@ def render_release_page(service: str, release: dict[str, Any], bake: dict[str, A
         for x in bake.get("readings") or [])
     summary = r.get("bake") or {}
     log_errors = bake.get("log_errors") if isinstance(bake.get("log_errors"), dict) else None
-    logs = (f"<h3>Error lines the new tasks logged: {_e(log_errors.get('count'))}</h3><pre>"
+    logs = (f"<h3>Error lines the new tasks logged during the bake: {_e(log_errors.get('count'))}</h3><pre>"
             + "\n".join(_e(line) for line in log_errors.get("samples") or []) + "</pre>") if log_errors else ""
     body = (head + f"<h2>Bake</h2><p>{_bake_text(summary)}</p>"
             f"<p class=muted>Thresholds: 5xx rate {_pct(thresholds.get('max_error_rate'))}, p99 "

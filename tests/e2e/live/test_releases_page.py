@@ -44,9 +44,26 @@ def trigger(live_airflow, service: str, conf: dict) -> str:
     return response.json()["dag_run_id"]
 
 
+def patiently(call, timeout: float):
+    """Call ``call(time_left)`` again when the live API server is too busy to answer within the client's timeout (a
+    shared 2-core host under several test sessions): a slow answer is not the failure these tests look for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call(max(1.0, deadline - time.monotonic()))
+        except httpx.TimeoutException:
+            if time.monotonic() > deadline:
+                raise
+
+
+def wait_for_release(live_airflow, service: str, run_id: str, timeout: float) -> str:
+    return patiently(lambda left: wait_for_run(live_airflow, f"release_{service}", run_id, timeout=left),
+                     timeout)["state"]
+
+
 def wait_for_task_state(live_airflow, dag_id: str, run_id: str, task_id: str, state: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while (states := task_states(live_airflow, dag_id, run_id)).get(task_id) != state:
+    while (states := patiently(lambda _: task_states(live_airflow, dag_id, run_id), timeout)).get(task_id) != state:
         assert time.monotonic() < deadline, f"{dag_id} {run_id}: {task_id} not {state} after {timeout}s: {states}"
         time.sleep(2)
 
@@ -61,12 +78,14 @@ def releases(live_airflow):
     released = {GOOD_SERVICE: good, BAD_SERVICE: bad, WAITING_SERVICE: waiting}
     for service, tag in released.items():
         push_image(service, tag)
-    forced = {"window": "now", "force_reason": "Releases page test"}
+    # Rolling for both: the page is under test here, not the services' own strategies (blue/green, canary).
+    forced = {"window": "now", "force_reason": "Releases page test", "strategy": "rolling"}
     runs = {service: trigger(live_airflow, service, {**forced, "image_tag": tag, "reason": f"page test {tag}"})
             for service, tag in ((GOOD_SERVICE, good), (BAD_SERVICE, bad))}
-    assert wait_for_run(live_airflow, f"release_{GOOD_SERVICE}", runs[GOOD_SERVICE], timeout=480)["state"] == "success"
-    assert wait_for_run(live_airflow, f"release_{BAD_SERVICE}", runs[BAD_SERVICE], timeout=480)["state"] == "failed"
-    assert task_states(live_airflow, f"release_{BAD_SERVICE}", runs[BAD_SERVICE])["monitoring_gate"] == "failed"
+    assert wait_for_release(live_airflow, GOOD_SERVICE, runs[GOOD_SERVICE], timeout=600) == "success"
+    assert wait_for_release(live_airflow, BAD_SERVICE, runs[BAD_SERVICE], timeout=600) == "failed"
+    states = task_states(live_airflow, f"release_{BAD_SERVICE}", runs[BAD_SERVICE])
+    assert states["monitoring_gate"] == "failed", f"the bake was to fail, the rest to pass: {states}"
 
     # The start of a window at least an hour ahead: the run waits for it, deferred, whatever the time of the test.
     window = schedule_of(load_catalog().get(WAITING_SERVICE)).next_window(datetime.now(timezone.utc)
@@ -120,10 +139,10 @@ def test_the_page_shows_both_releases_the_waiting_one_and_the_failed_bakes_chart
 
     shot(page, "releases-page.png")
 
-    # The failed bake: its line says when and why, and its chart opens in the row.
+    # The failed bake: its line says when and why, and its chart opens under the row.
     assert "failed at" in bad_row.inner_text(), bad_row.inner_text()
-    bad_row.locator("summary", has_text="chart").click()
-    chart = bad_row.locator("img.chart")
+    bad_row.get_by_role("link", name="chart").click()
+    chart = bad_row.locator("xpath=following-sibling::tr[1]").locator("img.chart")
     page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=chart.element_handle())
     assert "tz=" in (chart.get_attribute("src") or "")
     chart.scroll_into_view_if_needed()
