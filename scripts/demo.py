@@ -9,7 +9,7 @@
    changed; the good one is released to production, by the same digest, and preflight names its staging evidence.
 
 The demo runs with a copy of the catalog in which auth-service's maintenance window is always open (the production
-releases start without a force_reason, which would override the promotion rule) and production needs no approver
+releases wait for it like any release, and carry no evidence_override) and production needs no approver
 (dag.test() has no second person; `make up` shows approve_release in the UI).
 
 Airflow's own output goes to a log file; the summary says where.
@@ -140,8 +140,8 @@ def main() -> int:
         finally:
             os.environ.pop("OMNISPHERE_SQL_DIR")
             shutil.rmtree(scratch, ignore_errors=True)
-        # No force_reason: it would override the promotion rule (and dag.test() keeps a DAG's params from its last
-        # run, so say so explicitly: the staging releases above were forced outside their window).
+        # In the (always open) window, not forced: dag.test() keeps a DAG's params from its last run, so say so
+        # explicitly (the staging releases above were forced outside their window).
         promote = {"environment": "production", "window": "next", "force_reason": None, "bake_minutes": 0.1,
                    "reason": "make demo: promote"}
         say(f"7/{STEPS} Promoting auth-service 1.2.0-errors to production: it never succeeded in staging...")

@@ -433,7 +433,7 @@ def promotion_summary(promotion: dict[str, Any] | None) -> str | None:
     missing = "\n".join(f"- {problem}" for problem in promotion.get("problems") or [])
     if promotion.get("overridden"):
         return (f"NO EVIDENCE from {promotion['promote_from']}: the promotion rule ({promotion['rule']}) was "
-                f"OVERRIDDEN because: {promotion['force_reason']}. Missing:\n{missing}")
+                f"OVERRIDDEN because: {promotion['override_reason']}. Missing:\n{missing}")
     return f"No evidence from {promotion['promote_from']}:\n{missing}"
 
 

@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from omnisphere_release.checks import plain_text
+from omnisphere_release.checks import plain_text, promotion_summary
 from omnisphere_release.contracts import (
     APPROVE_RELEASE,
     BACKUP,
@@ -16,6 +16,7 @@ from omnisphere_release.contracts import (
     INTEGRITY_CHECK,
     MONITORING_GATE,
     PREFLIGHT,
+    REGRESSION_TEST,
     ROLLBACK_STAGES,
     SCHEMA_UP,
     SMOKE_TEST,
@@ -57,7 +58,7 @@ def outcome_of(states: dict[str, str], before: dict[str, Any] | None, approval: 
 
 def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: dict[str, Any],
                  states: dict[str, str], durations: dict[str, float | None], outputs: dict[str, Any],
-                 after: dict[str, Any], stage_order: list[str]) -> dict[str, Any]:
+                 after: dict[str, Any], stage_order: list[str], bake: dict[str, Any] | None = None) -> dict[str, Any]:
     before = outputs.get(PREFLIGHT) or {}
     approval = outputs.get(APPROVE_RELEASE) or {}
     outcome = outcome_of(states, outputs.get(PREFLIGHT), approval)
@@ -91,7 +92,13 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
         "integrity": outputs.get(INTEGRITY_CHECK),
         "deployment": outputs.get(ECS_DEPLOY),
         "smoke_test": outputs.get(SMOKE_TEST),
+        # The promotion rule, where the environment has one: the evidence used, or the override (preflight).
+        "environment": before.get("environment"),
+        "promotion": before.get("promotion"),
+        "regression_test": outputs.get(REGRESSION_TEST),
         "monitoring": outputs.get(MONITORING_GATE),
+        # The monitoring gate's bake record (XCom key "bake"), pushed whatever its outcome; None if it never ran.
+        "bake": bake,
         "rollback": {task_id: {"state": states.get(task_id, "none"), "result": outputs.get(task_id)}
                      for task_id in ROLLBACK_STAGES},
     }
@@ -171,9 +178,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         checks = report["integrity"].get("checks", [])
         lines += ["", "## Integrity", ""] + [f"- check {c['check']}: {c['rows']} violating row(s)" for c in checks]
         lines += [f"- rows of {c['table']}: {c['before']} -> {c['after']}" for c in report["integrity"]["row_counts"]]
+    if report.get("promotion"):
+        lines += ["", "## Promotion", "", _text(promotion_summary(report["promotion"]))]
+    if report.get("regression_test"):
+        suite = report["regression_test"]
+        lines += ["", "## Regression suite", "",
+                  f"- {suite['suite']} against {suite['image']}: exit code {suite['exit_code']} in {suite['seconds']}s, "
+                  f"{suite['summary'] or 'no output'}" if suite.get("suite") else "- none configured for this service"]
     if report.get("monitoring"):
         lines += ["", "## Metrics observed during the bake", ""]
         lines += [f"- {line}" for line in report["monitoring"].get("observations", [])]
+    log_errors = (report.get("bake") or {}).get("log_errors")
+    if log_errors and log_errors["count"]:
+        lines += ["", "## Error log lines of the new task set during the bake", "",
+                  f"{log_errors['count']} line(s) matched the catalog's error patterns; the first ones:", ""]
+        lines += [f"- `{line}`" for line in log_errors["samples"]]
     lines += ["", "## Rollback", ""]
     for task_id, entry in report["rollback"].items():
         lines.append(f"- {task_id}: {entry['state']}" + (f" — {_describe(entry['result'])}" if entry["result"] else ""))

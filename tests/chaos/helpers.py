@@ -27,8 +27,8 @@ USERS = 40
 PATIENT_AWS = Config(retries={"mode": "standard", "total_max_attempts": 12}, connect_timeout=3, read_timeout=10)
 ENDED = ("success", "failed")
 SERVICE = "auth-service"
-STAGES = ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test", "monitoring_gate",
-          "finalize")
+STAGES = ("preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test", "regression_test",
+          "monitoring_gate", "finalize")
 ROLLBACK = ("rollback_ecs", "rollback_schema", "restore_backup", "verify_rollback")
 
 

@@ -38,12 +38,14 @@ TASK_POLICY = {
     "release_": [
         ("wait_for_window", 0, "all_success"),
         ("preflight", 1, "all_success"),
+        ("approve_release", 0, "all_success"),  # an answer is a person's: a retry would ask again
         ("backup", 1, "all_success"),  # the key derives from the run: a retry overwrites its own dump
         ("schema_up", 0, "all_success"),  # the engine retries lock timeouts itself; a failed file is not transient
         ("data_migrate", 3, "all_success"),  # resumes from its checkpoint
         ("integrity_check", 0, "all_success"),
         ("ecs_deploy", 1, "all_success"),  # a retry reattaches to the deployment its run started
         ("smoke_test", 0, "all_success"),
+        ("regression_test", 1, "all_success"),  # a retry reattaches to its suite; a failed suite is not retried
         ("monitoring_gate", 0, "all_success"),
         ("finalize", 1, "all_success"),
         ("rollback_ecs", 1, "one_failed"),

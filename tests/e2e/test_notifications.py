@@ -3,29 +3,24 @@ queue subscribed to it, for a good release, a rolled-back one, one whose rollbac
 approver and is rejected, and that a channel that fails (a topic that does not exist, the AWS endpoint down) leaves
 the release's outcome as it was.
 
-The DAG callbacks that tell the outcome run in the DAG processor in production, which gives them the Task SDK's
-channel (XCom, task states); ``dag.test()`` runs them itself, without it: ``dag_processor`` hands them to the
-processor's own function instead.
+The DAG callbacks that tell the outcome run in the DAG processor in production; ``run_dag`` runs them the same way
+(helpers.dag_processor).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import boto3
 import pytest
 import yaml
 
-from tests.e2e import helpers
 from tests.e2e.helpers import RunOutcome, auth_service_at_version_3, push_image, run_dag
 from tests.e2e.test_approval import answers, approval_catalog  # noqa: F401 - answers is a fixture
 
@@ -34,62 +29,6 @@ SERVICE = "auth-service"
 TEAM = "identity"
 NOW = {"bake_minutes": 0.1, "reason": "e2e notifications", "window": "now", "force_reason": "e2e test"}
 READ_DEADLINE_SECONDS = 20.0
-
-
-@contextlib.contextmanager
-def dag_processor() -> Generator[None, None, None]:
-    """Run the DAG callbacks of ``dag.test()`` as the DAG processor runs them in production.
-
-    ``dag.test()`` calls them itself, with its serialized copy of the DAG (whose params without a default fail the
-    context) and without the Task SDK's channel (XCom, task states). The DAG processor takes a callback request, the
-    DAG as parsed from its file, and has that channel: here the request goes to the processor's own function, with
-    the in-process channel ``dag.test()`` gives each task.
-    """
-    import psutil
-    import structlog
-    from airflow.callbacks.callback_requests import DagCallbackRequest, DagRunContext
-    from airflow.dag_processing import processor
-    from airflow.models.dagrun import DagRun
-    from airflow.sdk.execution_time.supervisor import (
-        InProcessSupervisorComms,
-        InProcessTestSupervisor,
-        set_supervisor_comms,
-    )
-
-    def execute_dag_callbacks(run, dag, success=True, relevant_ti=None, reason="success"):
-        # What the scheduler sends the processor (DagRun.produce_dag_callback, which needs a session here).
-        request = DagCallbackRequest(filepath="omnisphere.py", dag_id=run.dag_id, run_id=run.run_id,
-                                     bundle_name="dags-folder", bundle_version=None, is_failure_callback=not success,
-                                     context_from_server=DagRunContext(dag_run=run, last_ti=relevant_ti), msg=reason)
-        parsed = SimpleNamespace(dags={run.dag_id: helpers.get_dag(run.dag_id)})
-        processor._execute_dag_callbacks(parsed, request, structlog.get_logger("dag_processor"))
-
-    supervisor = InProcessTestSupervisor(id=uuid.uuid4(), pid=os.getpid(), process=psutil.Process(),
-                                         process_log=structlog.get_logger(logger_name="task").bind(),
-                                         client=InProcessTestSupervisor._api_client())
-    supervisor.comms = InProcessSupervisorComms(supervisor=supervisor)
-    with set_supervisor_comms(supervisor.comms), mock.patch.object(DagRun, "execute_dag_callbacks",
-                                                                   execute_dag_callbacks):
-        yield
-
-
-def wired(dag: Any) -> Any:
-    """Return the release DAG with its notifications: as build_dags wires them, or attached here until it does."""
-    from omnisphere_release import contracts
-    from omnisphere_release.catalog import load_catalog
-    from omnisphere_release.notifications import ReleaseNotifier, release_callbacks
-
-    if any(isinstance(cb, ReleaseNotifier) for cb in dag.on_failure_callback or []):
-        return dag
-    callbacks = release_callbacks(load_catalog().get(SERVICE))
-    dag.on_success_callback, dag.on_failure_callback = (callbacks.dag["on_success_callback"],
-                                                        callbacks.dag["on_failure_callback"])
-    dag.has_on_success_callback = dag.has_on_failure_callback = True
-    for task in dag.tasks:
-        task.on_failure_callback = list(callbacks.default_args["on_failure_callback"])
-    dag.get_task(contracts.PREFLIGHT).on_success_callback = list(callbacks.preflight["on_success_callback"])
-    dag.get_task(contracts.APPROVE_RELEASE).notifiers = list(callbacks.approval["notifiers"])
-    return dag
 
 
 @pytest.fixture()
@@ -108,7 +47,6 @@ def team_queue(devstack, airflow_db, sql_dir, tmp_path, monkeypatch) -> Iterator
     queue_url = sqs.create_queue(QueueName=f"omni-news-{uuid.uuid4().hex[:8]}")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     subscription = sns.subscribe(TopicArn=topics[TEAM], Protocol="sqs", Endpoint=queue_arn)["SubscriptionArn"]
-    monkeypatch.setattr(helpers, "get_dag", lambda dag_id, get=helpers.get_dag: wired(get(dag_id)))
     try:
         yield {"queue_url": queue_url, "topics": topics, "catalog": catalog}
     finally:
@@ -125,8 +63,7 @@ def use_catalog(catalog: dict, tmp_path: Path, monkeypatch) -> None:
 def release(tag_suffix: str = "", **conf: Any) -> RunOutcome:
     tag = f"2.{uuid.uuid4().hex[:6]}{tag_suffix}"
     push_image(SERVICE, tag)
-    with dag_processor():
-        return run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW, **conf})
+    return run_dag(f"release_{SERVICE}", {"image_tag": tag, **NOW, **conf})
 
 
 def read_news(queue_url: str, count: int, seconds: float = READ_DEADLINE_SECONDS) -> list[dict[str, Any]]:

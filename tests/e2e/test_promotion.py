@@ -4,7 +4,8 @@ than the catalog's limit.
 
 Each refusal must change nothing in production (its ECS service, its schema, the content of its tables) and say what
 is missing; a release of a staged image passes and names its evidence. The releases run in an always-open maintenance
-window, without force_reason (a force_reason is the rule's override: the last test shows it recorded), and production
+window, without evidence_override (the rule's override, a reason of its own: a test shows it recorded, and that the
+window's force_reason does not override the rule), and production
 needs no approver here (the approve_release gate has tests of its own).
 """
 
@@ -178,16 +179,27 @@ def test_the_staged_image_is_promoted_to_production_naming_its_evidence(staged, 
         assert cur.fetchone()[0] == 4
 
 
-def test_a_force_reason_overrides_missing_evidence_loudly_and_on_record(staged, capfd):
+def test_an_evidence_override_overrides_missing_evidence_loudly_and_on_record(staged, capfd):
     tag = f"5.{uuid.uuid4().hex[:6]}"
     push_image(SERVICE, tag)
-    outcome = release("production", tag, dry_run=True, force_reason="hotfix for incident 4711")
+    outcome = release("production", tag, dry_run=True, evidence_override="hotfix for incident 4711")
     assert outcome.state == "success", outcome.tasks
     promotion = outcome.outputs["preflight"]["promotion"]
-    assert promotion["overridden"] is True and promotion["force_reason"] == "hotfix for incident 4711"
+    assert promotion["overridden"] is True and promotion["override_reason"] == "hotfix for incident 4711"
     assert promotion["evidence"] is None and "no release of image" in promotion["problems"][0]
     log = "".join(capfd.readouterr())
     assert "PROMOTION RULE OVERRIDDEN for auth-service in production, because: hotfix for incident 4711" in log
+
+
+def test_forcing_the_window_does_not_skip_the_promotion_rule(staged, capfd):
+    """A hotfix forced outside the window with force_reason still needs its evidence: only evidence_override, a
+    decision of its own, skips it (so does not a scheduled release_all, which forces each child's window)."""
+    tag = f"6.{uuid.uuid4().hex[:6]}"
+    push_image(SERVICE, tag)
+    before = production_state()
+    outcome = release("production", tag, window="now", force_reason="hotfix for incident 4712")
+    assert_refused(outcome, before, "".join(capfd.readouterr()),
+                   "to release without it, give param evidence_override (why)")
 
 
 def test_the_tag_pushed_again_after_its_promotion_is_another_image_and_is_refused(staged, capfd):

@@ -355,7 +355,7 @@ def test_the_promotion_summary_names_the_evidence_or_the_override_and_what_was_m
     assert checks.promotion_summary(found).startswith(
         f"Evidence: the staging release run run-9 released image {PROMOTED_DIGEST} (tag 1.2.0) at ")
     overridden = {"promote_from": "staging", "evidence": None, "rule": "r", "overridden": True,
-                  "force_reason": "incident 4711", "problems": ["no release of image x in staging"]}
+                  "override_reason": "incident 4711", "problems": ["no release of image x in staging"]}
     assert checks.promotion_summary(overridden) == (
         "NO EVIDENCE from staging: the promotion rule (r) was OVERRIDDEN because: incident 4711. Missing:\n"
         "- no release of image x in staging")

@@ -231,7 +231,8 @@ def test_local_connections_reach_the_local_profile_services():
 
 
 @pytest.mark.parametrize("variable", ["AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "AIRFLOW_DB_PASSWORD",
-                                      "OMNI_BACKUP_BUCKET", "REDIS_PASSWORD", "AIRFLOW_API_SECRET_KEY",
+                                      "OMNI_BACKUP_BUCKET", "OMNI_BACKUP_BUCKET_PRODUCTION", "OMNI_EVIDENCE_BUCKET",
+                                      "REDIS_PASSWORD", "AIRFLOW_API_SECRET_KEY",
                                       "AIRFLOW_ADMIN_PASSWORD"])
 def test_a_missing_secret_stops_compose_with_a_message_that_says_what_to_set(variable):
     messages = [message for text in strings_in(compose())

@@ -293,8 +293,6 @@ def test_release_callbacks_give_the_dag_its_outcome_and_two_tasks_their_news():
         ReleaseNotifier(service=SERVICE, event="finished")
 
 
-@pytest.mark.xfail(strict=True, reason="until dags/release.py wires release_callbacks (the lead's change); then "
-                                       "remove this mark")
 def test_every_release_dag_carries_its_notifications():
     from omnisphere_release.dags import build_dags
 

@@ -309,8 +309,15 @@ def test_a_hand_triggered_release_all_forced_with_a_reason_releases_now(check_ma
     out = check_manifest({"manifest": {"auth-service": "1.4.0"}, "force_reason": "  incident 42\n"})
     conf = out["release_confs"]["auth-service"]
     assert (conf["window"], conf["force_reason"]) == ("now", "release_all forced: incident 42")
-    # A person's reason may override missing promotion evidence (each release's preflight records it).
-    assert check_manifest.accepted == [("staging", "incident 42")]
+    # Forcing the window is not overriding the promotion rule: the images still need their evidence.
+    assert check_manifest.accepted == [("staging", "")] and "evidence_override" not in conf
+
+
+def test_a_hand_triggered_release_all_with_an_evidence_override_passes_it_to_every_release(check_manifest):
+    out = check_manifest({"manifest": {"auth-service": "1.4.0"}, "evidence_override": " incident 43 "})
+    # Each release's preflight records the override (and waits for an approver where the environment needs one).
+    assert out["release_confs"]["auth-service"]["evidence_override"] == "incident 43"
+    assert check_manifest.accepted == [("staging", "incident 43")]
 
 
 def test_a_scheduled_release_all_releases_in_its_window_in_the_queued_environment_with_its_evidence(check_manifest):

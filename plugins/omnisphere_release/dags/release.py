@@ -2,7 +2,7 @@
 
 ```
 wait_for_window > preflight > approve_release > backup > schema_up > integrity_check > ecs_deploy > smoke_test
-    > monitoring_gate > finalize
+    > regression_test > monitoring_gate > finalize
                  any failure from backup on > rollback_ecs > rollback_schema > restore_backup > verify_rollback
                  release_failed (fails the run whenever a stage failed)        report (always)
 ```
@@ -20,6 +20,7 @@ from airflow.sdk import DAG, Param, TriggerRule
 from omnisphere_release import contracts as stage
 from omnisphere_release.catalog import Catalog, Service
 from omnisphere_release.checks import WINDOW_PATTERN, schedule_of
+from omnisphere_release.notifications import release_callbacks
 from omnisphere_release.operators.approval import ReleaseApprovalOperator
 from omnisphere_release.operators.backup import PostgresBackupToS3Operator, PostgresRestoreFromS3Operator
 from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE
@@ -33,6 +34,7 @@ from omnisphere_release.operators.migrations import (
 )
 from omnisphere_release.operators.monitoring import CloudWatchMonitoringGateOperator
 from omnisphere_release.operators.preflight import ReleasePreflightOperator
+from omnisphere_release.operators.regression import EcsRegressionTestOperator
 from omnisphere_release.operators.report import ReleaseFailedOperator, ReleaseReportOperator
 from omnisphere_release.operators.smoke import HttpSmokeTestOperator
 from omnisphere_release.operators.window import WaitForMaintenanceWindowOperator
@@ -81,8 +83,10 @@ def release_params(service: Service, catalog: Catalog) -> dict[str, Param]:
                                     "(needs force_reason)."),
         "force_reason": optional_text("Why this release cannot wait for its window (required with window=now).",
                                       title="Force reason"),
-        "staging_rehearsed": Param(False, type="boolean", title="Rehearsed on staging",
-                                   description="The same release went through staging (required in production)."),
+        "evidence_override": optional_text(
+            "Release without the promotion evidence the environment requires (a successful release of the same image "
+            "where it is promoted from), for this reason: kept in the plan, the report and the evidence record; an "
+            "approver must accept it where the environment requires one.", title="Evidence override"),
         "dry_run": Param(False, type="boolean", title="Dry run",
                          description="Run preflight only: print the plan, change nothing."),
         "reason": optional_text("Why this release; kept in the report.", title="Reason"),
@@ -94,7 +98,8 @@ def doc_for(service: Service) -> str:
 ### release_{service.name}
 
 Releases **{service.name}** ({service.description}) to a new image: back up the database, apply the schema
-migrations, check data integrity, deploy to ECS ({service.ecs.cluster}/{service.ecs.service}), smoke-test, watch
+migrations, check data integrity, deploy to ECS ({service.ecs.cluster}/{service.ecs.service}), smoke-test, run the
+regression suite ({service.regression.task_definition if service.regression else 'none configured'}) as a one-off ECS task, watch
 CloudWatch for the bake period, finalize. Where the environment requires four eyes, the release first waits at
 `approve_release` for one of {', '.join(service.approvers) or '(no approver: add approvers to the catalog)'}, never
 the person who triggered it; a rejection or no answer in time ends the run failed, with nothing changed.
@@ -109,6 +114,9 @@ Default strategy `{service.deploy.strategy}`, bake {service.deploy.bake_minutes}
 
 def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: bool = False) -> DAG:
     name = service.name
+    # The team's news (notifications.py): started from preflight, awaiting approval from approve_release, the outcome
+    # from the DAG's callbacks; every task keeps the first line of its error for the outcome's message.
+    news = release_callbacks(service)
     with DAG(
         dag_id=f"release_{name}",
         description=f"Back up, migrate, check, deploy, smoke-test and watch {name}, with automatic rollback",
@@ -123,7 +131,8 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
         tags=["omnisphere", "release", name],
         params=release_params(service, catalog),
         default_args={"environment": ENVIRONMENT_TEMPLATE, "owner": service.team or "platform", "retries": 1, "retry_delay": timedelta(seconds=20),
-                      "execution_timeout": SHORT_STAGE_TIMEOUT},
+                      "execution_timeout": SHORT_STAGE_TIMEOUT, **news.default_args},
+        **news.dag,
     ) as dag:
         deploy_timeout = timedelta(minutes=service.deploy.timeout_minutes + 10)
         # No timeout: it waits, deferred and holding no worker slot, for a window that may be days away.
@@ -134,10 +143,10 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
             task_id=stage.PREFLIGHT, service=name, image_tag="{{ params.image_tag }}",
             strategy="{{ params.strategy }}", migrate="{{ params.migrate }}",
             target_version="{{ params.target_version }}", dry_run="{{ params.dry_run }}",
-            reason="{{ params.reason or '' }}", staging_rehearsed="{{ params.staging_rehearsed }}")
+            reason="{{ params.reason or '' }}", **news.preflight)
         # Passes at once unless the environment requires four eyes; then it waits, holding no worker slot, up to the
         # catalog's approval_timeout_hours. A rejection or a timeout fails it: the run ends failed, nothing changed.
-        approve = ReleaseApprovalOperator(task_id=stage.APPROVE_RELEASE, service=name, retries=0)
+        approve = ReleaseApprovalOperator(task_id=stage.APPROVE_RELEASE, service=name, retries=0, **news.approval)
         backup = PostgresBackupToS3Operator(task_id=stage.BACKUP, service=name,
                                             execution_timeout=DATABASE_STAGE_TIMEOUT)
         schema_up = PostgresApplyMigrationsOperator(
@@ -152,11 +161,18 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
         deploy = EcsDeployServiceOperator(task_id=stage.ECS_DEPLOY, service=name, strategy="{{ params.strategy }}",
                                           bake_minutes="{{ params.bake_minutes }}", execution_timeout=deploy_timeout)
         smoke = HttpSmokeTestOperator(task_id=stage.SMOKE_TEST, service=name, retries=0)
+        # Bounded by the suite's own limit (catalog regression.timeout_minutes), plus a margin for starting it. A
+        # retry reattaches to the suite its run started; a failed suite is final (AirflowFailException).
+        regression = EcsRegressionTestOperator(
+            task_id=stage.REGRESSION_TEST, service=name,
+            execution_timeout=timedelta(minutes=service.regression.timeout_minutes + 10) if service.regression
+            else SHORT_STAGE_TIMEOUT)
         gate = CloudWatchMonitoringGateOperator(task_id=stage.MONITORING_GATE, service=name,
                                                 bake_minutes="{{ params.bake_minutes }}", retries=0,
                                                 execution_timeout=timedelta(minutes=MAX_BAKE_MINUTES + 30))
         finalize = ReleaseFinalizeOperator(task_id=stage.FINALIZE, service=name, execution_timeout=deploy_timeout)
-        main = [t for t in (wait, preflight, approve, backup, schema_up, data_migrate, integrity, deploy, smoke, gate, finalize) if t]
+        main = [t for t in (wait, preflight, approve, backup, schema_up, data_migrate, integrity, deploy, smoke, regression, gate,
+                                finalize) if t]
         for upstream, downstream in zip(main, main[1:], strict=False):
             upstream >> downstream
 

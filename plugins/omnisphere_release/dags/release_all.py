@@ -54,10 +54,12 @@ def build_release_all_dag(catalog: Catalog, dag_id: str = "release_all") -> DAG:
             "reason": optional_text("Why; passed to every release."),
             "environment": environment_param(catalog),
             "force_reason": optional_text("Release every service now, outside its window, for this reason (a "
-                                          "hand-triggered run otherwise releases each in its own window); also "
-                                          "overrides a missing promotion evidence, on record (and an approver "
-                                          "must accept it where the environment requires one).",
+                                          "hand-triggered run otherwise releases each in its own window).",
                                           title="Force reason"),
+            "evidence_override": optional_text("Release images without the promotion evidence the environment "
+                                               "requires, for this reason (on record in every release; an approver "
+                                               "must accept each where the environment requires one).",
+                                               title="Evidence override"),
             "max_parallel": Param(catalog.release_train.max_parallel, type="integer", minimum=lowest, maximum=highest,
                                   title="Max parallel",
                                   description=f"How many services release at once ({lowest} to {highest}; the "

@@ -2,7 +2,8 @@
 
 In an environment with ``promote_from`` (production), preflight also applies the promotion rule
 (checks.promotion_verdict): it names the evidence it found in the evidence store (hooks/evidence.py) or says exactly
-what is missing. A ``force_reason`` overrides a missing evidence: preflight then logs the override loudly and records it
+what is missing. An ``evidence_override`` (a reason) overrides a missing evidence: preflight then logs the override
+loudly and records it
 in the plan, the report and the evidence record, and the run still waits for an approver where the environment
 requires one (approve_release, after preflight): an override is a decision two people take and that stays on record.
 """
@@ -36,8 +37,9 @@ from omnisphere_release.operators.common import (
 TOUCHED_TABLE = re.compile(
     r"\b(?:ALTER\s+TABLE(?:\s+IF\s+EXISTS)?(?:\s+ONLY)?|INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE(?:\s+TABLE)?)"
     r"\s+((?:\"[^\"]+\"|\w+)(?:\.(?:\"[^\"]+\"|\w+))?)", re.IGNORECASE)
-# The run's force_reason param, as the release DAG gives it (the same reason that forces the maintenance window).
-FORCE_REASON_TEMPLATE = "{{ params.get('force_reason') or '' }}"
+# The run's evidence_override param: a reason of its own, not the window's force_reason, so that forcing a window (a
+# hotfix at noon, or release_all's scheduled train) never skips the promotion rule by the way.
+EVIDENCE_OVERRIDE_TEMPLATE = "{{ params.get('evidence_override') or '' }}"
 
 
 def touched_tables(sql_texts: list[str]) -> list[str]:
@@ -58,16 +60,13 @@ class ReleasePreflightOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("service", "environment", "image_tag", "strategy", "migrate", "target_version",
-                                      "plan_only", "backup_bucket", "reason", "force_reason")
+                                      "plan_only", "backup_bucket", "reason", "evidence_override")
 
     def __init__(self, *, service: str, image_tag: str, strategy: str, migrate: Any = True,
                  target_version: Any = None, dry_run: Any = False, backup_bucket: str = "", reason: str = "",
-                 force_reason: str = FORCE_REASON_TEMPLATE, environment: str = "", **kwargs: Any) -> None:
-        # TRANSITIONAL: dags/release.py still passes the retired staging_rehearsed checkbox until its diff is merged;
-        # it means nothing any more (the promotion rule reads evidence). Remove this line with that diff.
-        kwargs.pop("staging_rehearsed", None)
+                 evidence_override: str = EVIDENCE_OVERRIDE_TEMPLATE, environment: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.environment, self.force_reason = environment, force_reason
+        self.environment, self.evidence_override = environment, evidence_override
         self.service, self.image_tag, self.strategy = service, image_tag, strategy
         # Not self.dry_run: that is BaseOperator's own method.
         self.migrate, self.target_version, self.plan_only = migrate, target_version, dry_run
@@ -183,22 +182,22 @@ class ReleasePreflightOperator(BaseOperator):
     def _promotion(self, catalog: Catalog, service: Service, environment: Environment,
                    fingerprint: checks.Fingerprint) -> tuple[dict[str, Any], list[str]]:
         """Apply the promotion rule; return what the plan records of it, and the problems that refuse the release
-        (none when the evidence is there, or when a force_reason overrides it)."""
+        (none when the evidence is there, or when an evidence_override overrides it)."""
         source = str(environment.promote_from)
         verdict = checks.promotion_evidence(catalog, service, environment, fingerprint, self.image_tag)
         record: dict[str, Any] = {"rule": f"a successful {source} release of the same image digest and checksums, "
                                           f"at most {environment.evidence_max_age_hours:g} h old",
                                   "promote_from": source, "evidence": verdict.evidence, "problems": verdict.problems,
-                                  "overridden": False, "force_reason": ""}
+                                  "overridden": False, "override_reason": ""}
         if verdict.satisfied:
             self.log.info("Promotion to %s: %s.", environment.name, verdict.describe())
             return record, []
-        reason = checks.plain_text(self.force_reason)
+        reason = checks.plain_text(self.evidence_override)
         if not reason:
             self.log.warning("Promotion to %s refused: %s", environment.name, verdict.describe())
             return record, [f"promotion to {environment.name} needs evidence from {source}: {p}"
                             for p in verdict.problems] + [
-                "to release without it, give param force_reason"
+                "to release without it, give param evidence_override (why)"
                 + (" (an approver must then accept it)" if environment.approval else "")]
         self.log.warning("!" * 100)
         self.log.warning("PROMOTION RULE OVERRIDDEN for %s in %s, because: %s", service.name, environment.name, reason)
@@ -207,7 +206,7 @@ class ReleasePreflightOperator(BaseOperator):
         self.log.warning("The override is recorded in the plan, the report and the evidence record%s.",
                          "; approve_release asks an approver to accept it" if environment.approval else "")
         self.log.warning("!" * 100)
-        return {**record, "overridden": True, "force_reason": reason}, []
+        return {**record, "overridden": True, "override_reason": reason}, []
 
     def _checklist(self, service: Service, window: WindowDecision) -> list[str]:
         """The team's pre-migration checklist, checked by the run itself; return what is not satisfied."""

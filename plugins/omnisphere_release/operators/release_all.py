@@ -55,9 +55,9 @@ class CheckedManifest(TypedDict):
 
 
 def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str, environment: str | None = None,
-                    force_reason: str = "") -> dict[str, str]:
+                    evidence_override: str = "") -> dict[str, str]:
     """Validate a manifest, check every image in its registry and, where ``environment`` has ``promote_from``, the
-    evidence of each image there (unless ``force_reason`` overrides it: each release's preflight then records the
+    evidence of each image there (unless ``evidence_override`` overrides it: each release's preflight then records the
     override); raise AirflowFailException starting with ``refusal`` and listing every problem. The one manifest check
     of release_all and queue_release."""
     try:
@@ -81,13 +81,14 @@ def accept_manifest(catalog: Catalog, manifest: Any, log: Log, refusal: str, env
                                                 manifest[image.service])
             log.info("%s: %s", image.service, verdict.describe())
             missing += [f"{image.service}: {p}" for p in verdict.problems]
-        if missing and force_reason:
+        if missing and evidence_override:
             log.warning("PROMOTION RULE OVERRIDDEN for %d service(s) of the manifest, because: %s; each release's "
-                        "preflight records it%s:\n%s", len(missing), force_reason,
+                        "preflight records it%s:\n%s", len(missing), evidence_override,
                         " and waits for an approver" if target.approval else "",
                         "\n".join(f"  - {p}" for p in missing))
         elif missing:
-            problems += missing + [f"release each image to {target.promote_from} first, or give param force_reason"]
+            problems += missing + [f"release each image to {target.promote_from} first, or give param "
+                                   f"evidence_override (why)"]
     if problems:
         raise AirflowFailException(f"{refusal}:\n" + "\n".join(f"  - {p}" for p in problems))
     return manifest
@@ -122,11 +123,12 @@ class ReleaseManifestCheckOperator(BaseOperator):
                                            f"release.")
             entry = queued
             self.log.info("Took the manifest queued for the window starting %s: %s", window_key(start), entry)
-        # Only a person's force_reason overrides missing evidence: the scheduled run's own reason is the window's.
+        # Only a person's evidence_override overrides missing evidence: a scheduled run never does.
         environment = entry.get("environment") or catalog.default_environment
+        override = "" if scheduled else checks.plain_text(params.get("evidence_override"))
         manifest = accept_manifest(catalog, entry["manifest"], self.log,
                                    "Refused the manifest before any release started; nothing was changed",
-                                   environment, "" if scheduled else checks.plain_text(params.get("force_reason")))
+                                   environment, override)
         order = [s.name for s in catalog.release_order(list(manifest))]
         if scheduled and start is not None:
             window, force_reason = "now", (f"in the release_all window {window_key(start)} "
@@ -144,7 +146,8 @@ class ReleaseManifestCheckOperator(BaseOperator):
                       else "each release in its own service's next maintenance window")
         reason = checks.plain_text(entry.get("reason"))
         confs = {name: {"image_tag": manifest[name], "reason": f"release_all {context['run_id']}: {reason}",
-                        "window": window, "force_reason": force_reason, "environment": environment}
+                        "window": window, "force_reason": force_reason, "environment": environment,
+                        **({"evidence_override": override} if override else {})}
                  for name in order}
         return {"order": order, "manifest": manifest, "reason": reason, "max_parallel": max_parallel,
                 "release_confs": confs}

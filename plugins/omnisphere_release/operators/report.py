@@ -14,6 +14,7 @@ from omnisphere_release.contracts import (
     BACKUP,
     FINALIZE,
     MAIN_STAGES,
+    MONITORING_GATE,
     PREFLIGHT,
     RELEASE_FAILED,
     ROLLBACK_STAGES,
@@ -21,6 +22,7 @@ from omnisphere_release.contracts import (
     failed_stages,
 )
 from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
+from omnisphere_release.hooks.evidence import record_evidence
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
 from omnisphere_release.operators.common import ServiceStageOperator, release_service, safe_key
@@ -70,10 +72,12 @@ class ReleaseReportOperator(ServiceStageOperator):
         report = build_report(
             dag_id=ti.dag_id, run_id=ti.run_id, triggered_by=getattr(dag_run, "triggering_user_name", None),
             params=dict(context.get("params") or {}), states=states, durations=durations, outputs=outputs,
-            after=self._after(service, catalog), stage_order=order)
+            after=self._after(service, catalog), stage_order=order,
+            bake=ti.xcom_pull(task_ids=MONITORING_GATE, key="bake"))
         markdown = render_markdown(report)
         location = self._store(service, context["run_id"], report, markdown, outputs)
         report["stored_at"] = location
+        report["evidence_at"] = record_evidence(report, outputs.get(PREFLIGHT), catalog, service.aws_conn_id, self.log)
         self.log.info("Release report (%s)%s:\n%s", report["outcome"], f", stored at {location}" if location else "",
                       markdown)
         release_service(context, service, self.log)

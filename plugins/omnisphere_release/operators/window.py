@@ -46,9 +46,12 @@ class WaitForMaintenanceWindowOperator(ServiceStageOperator):
         decision["task_definition_at_trigger"] = self._running_task_definition(service)
         start = datetime.fromisoformat(decision["window_start"])
         if decision["mode"] == "forced":
-            self.log.info("Releasing %s %s, outside its maintenance window (%s), because: %s", service.name,
-                          "now" if start <= now else f"at {decision['window_start']}", schedule.summary(),
-                          decision["force_reason"])
+            # In production the API let only a release manager force it (access.ForceWindowGuard); the report's
+            # audit names who did.
+            self.log.info("Releasing %s %s, outside its maintenance window (%s), forced by %s because: %s",
+                          service.name, "now" if start <= now else f"at {decision['window_start']}",
+                          schedule.summary(), getattr(context.get("dag_run"), "triggering_user_name", None)
+                          or "an unnamed user", decision["force_reason"])
             if start <= now:
                 return decision
         elif start <= now:

@@ -102,7 +102,7 @@ def build_calendar(catalog: Catalog, *, now: datetime, weeks: float, services: s
                 continue
             target = by_key.get(key)
             queued = {"window_start": key, "manifest": entry.get("manifest") or {}, "reason": entry.get("reason", ""),
-                      "staging_rehearsed": bool(entry.get("staging_rehearsed")),
+                      "environment": entry.get("environment") or "",
                       "queued_by_run": entry.get("queued_by"), "queued_by": entry.get("queued_by_user")}
             if target is not None:
                 target.manifest = queued
