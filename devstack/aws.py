@@ -249,7 +249,8 @@ def push_image(ecr: Any, service: str, tag: str, build: str = "") -> str:
 
 def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
     """Create the ECS clusters of every environment with each service in each, the current task definitions, the ECR
-    repositories with the images already built, each environment's backup bucket and the evidence bucket."""
+    repositories with the images already built, each environment's backup bucket, the evidence bucket, and the SNS
+    topics where each team hears of its releases."""
     ecr = session.client("ecr", endpoint_url=endpoint)
     for service in catalog.services:
         ecr.create_repository(repositoryName=f"{REPOSITORY_PREFIX}/{service.name}")
@@ -289,3 +290,13 @@ def seed_aws(session: Any, endpoint: str, catalog: Any) -> None:
         s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
         s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={
             "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+    # The catalog names its topics by ARN: one of this account and region is created under its name, which gives
+    # that very ARN back (release news is published to it; subscribe a queue to read it).
+    sns = session.client("sns", endpoint_url=endpoint)
+    for team_name, team in sorted(catalog.teams.items()):
+        for arn in team.sns_topics:
+            created = sns.create_topic(Name=arn.rsplit(":", 1)[-1])["TopicArn"]
+            if created != arn:
+                log.warning("team %s's topic %s is not of the devstack's account %s and region %s: created %s "
+                            "instead, news to %s will fail (and be logged)", team_name, arn, ACCOUNT, REGION,
+                            created, arn)

@@ -111,6 +111,8 @@ def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: st
         "OMNI_PG_BIN_DIR": str(_pg_bin()),
         # The local server's superuser, for tests that create scratch databases. Local stack only.
         "OMNI_PG_ADMIN_DSN": admin_dsn,
+        # rehearse_<service>'s scratch server (a role that may create databases): locally, the same server.
+        "AIRFLOW_CONN_OMNI_PG_REHEARSAL": admin_dsn.replace("postgresql://", "postgres://", 1),
     }
     for environment in catalog.environments:
         env[f"AIRFLOW_VAR_{environment.backup_bucket_variable.upper()}"] = local_aws.backup_bucket(catalog, environment)

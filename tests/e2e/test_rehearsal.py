@@ -27,7 +27,7 @@ def rehearsal_env(devstack, airflow_db, sql_dir, tmp_path, monkeypatch):
     from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 
     admin = devstack["OMNI_PG_ADMIN_DSN"]
-    monkeypatch.setenv("AIRFLOW_CONN_OMNI_PG_REHEARSAL", admin.replace("postgresql://", "postgres://", 1))
+    assert os.environ["AIRFLOW_CONN_OMNI_PG_REHEARSAL"]  # the devstack's scratch server
     dsn = os.environ[DSN_VAR]
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("SELECT to_regclass('users') IS NOT NULL")
