@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -488,3 +488,22 @@ def manifest_images(catalog: Catalog, manifest: dict[str, str],
         else:
             images.append(image)
     return images, problems
+
+
+# --- Four eyes ------------------------------------------------------------------------------------------------------
+
+def approval_problem(environment: Environment, decision: Mapping[str, Any] | None) -> str | None:
+    """Where the environment requires an approval, the run must carry an approver's answer before anything changes.
+
+    Checked again by the first stage that changes something (backup), on approve_release's recorded decision rather than
+    on its task state: with FAB, whoever may clear a task may also mark it success, which would pass the gate with no
+    answer at all. Return what is missing, or None."""
+    if not environment.approval:
+        return None
+    if decision and decision.get("outcome") == "approved" and decision.get("approved_by"):
+        return None
+    if decision and decision.get("outcome") == "not_required":  # a dry run: nothing will change
+        return None
+    return (f"the {environment.name} environment requires an approver's answer before anything changes, and this run "
+            f"has none recorded (approve_release was marked done without an approval?): nothing was changed; "
+            f"trigger the release again and have an approver answer it")

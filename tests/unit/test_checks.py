@@ -568,3 +568,22 @@ def test_the_release_form_refuses_a_tag_with_a_final_newline():
     assert image_tag.resolve("1.1.0") == "1.1.0"
     with pytest.raises(ParamValidationError):
         image_tag.resolve("1.1.0\n")
+
+
+# --- Four eyes, on the record ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("decision", "refused"), [
+    (None, True),  # approve_release marked success by hand: it returned nothing
+    ({"outcome": "approved", "approved_by": None}, True),
+    ({"outcome": "rejected", "rejected_by": "bob"}, True),
+    ({"outcome": "approved", "approved_by": "identity-lead"}, False),
+    ({"outcome": "not_required"}, False),  # a dry run
+])
+def test_production_changes_nothing_without_an_approvers_answer_on_record(decision, refused):
+    problem = checks.approval_problem(CATALOG.environment("production"), decision)
+    assert (problem is not None) is refused
+    if refused:
+        assert "requires an approver's answer" in problem and "nothing was changed" in problem
+
+
+def test_staging_needs_no_approval():
+    assert checks.approval_problem(CATALOG.environment("staging"), None) is None

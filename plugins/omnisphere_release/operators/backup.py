@@ -8,7 +8,8 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from omnisphere_release.catalog import Service, load_catalog
-from omnisphere_release.contracts import ROLLBACK_ECS, ROLLBACK_SCHEMA, BackupOutput, ReleaseRun
+from omnisphere_release.checks import approval_problem
+from omnisphere_release.contracts import APPROVE_RELEASE, ROLLBACK_ECS, ROLLBACK_SCHEMA, BackupOutput, ReleaseRun
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.logs import Log
@@ -48,7 +49,13 @@ class PostgresBackupToS3Operator(ServiceStageOperator):
         plan = ReleaseRun(context).plan
         if plan is None or plan["dry_run"]:
             raise AirflowSkipException("Dry run: preflight printed the plan; nothing is backed up or changed.")
-        service = load_catalog().get(self.service, self.environment)
+        catalog = load_catalog()
+        service = catalog.get(self.service, self.environment)
+        # The first stage that changes anything checks the approval on its record, not on approve_release's state.
+        unapproved = approval_problem(catalog.environment(self.environment),
+                                      context["ti"].xcom_pull(task_ids=APPROVE_RELEASE))
+        if unapproved:
+            raise AirflowFailException(f"Refused: {unapproved}.")
         bucket = plan["backup_bucket"]
         key = f"{service.name}/{safe_key(context['run_id'])}/{service.name}.dump"
         self.log.info("Backing up %s (%s) to s3://%s/%s with pg_dump --format=custom ...", service.name,
