@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from omnisphere_release.catalog import Catalog, Service, load_catalog
 from omnisphere_release.checks import plain_text
 from omnisphere_release.contracts import DataMigrationOutcome
-from omnisphere_release.datamigrate import DataMigrationSpec, discover_specs
+from omnisphere_release.datamigrate import DataMigrationSpec, discover_specs, load_functions
 from omnisphere_release.hooks.postgres import data_engine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
 from omnisphere_release.operators.common import ServiceStageOperator, hold_service
@@ -53,6 +53,14 @@ class PostgresDataMigrateOperator(ServiceStageOperator):
             if not specs:
                 raise AirflowFailException(f"{service.name} has no data migration {self.wanted!r} in "
                                            f"{catalog.sql_dir / service.name / 'data'}")
+        if self.action != "pause":
+            # Every spec's Python functions (both directions) import and take (conn, last_key, upper_key) before the
+            # first batch of the first spec: a broken second spec must not leave the first one run and the task failed.
+            try:
+                for spec in specs:
+                    load_functions(spec)
+            except InvalidMigrationInput as exc:
+                raise AirflowFailException(f"Refused: {exc}") from None
         return specs
 
     def execute(self, context: Context) -> dict[str, list[DataMigrationOutcome]]:
