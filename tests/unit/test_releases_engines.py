@@ -197,3 +197,20 @@ def test_the_overview_says_what_runs_how_the_last_releases_went_and_what_waits_f
     released_line = service_history([records[0]], "", "/omnisphere")
     page = render_page(cal, {"auth-service": released_line}, service_overview(cal, {"auth-service": released_line}))
     assert f">auth@{'ab' * 6}…</code>" in page  # a digest reference, shortened; whole on hover
+
+
+def test_a_release_says_who_approved_or_rejected_it_and_when(catalog):
+    approved, rejected = report("released", []), report("rejected", [])
+    approved["approval"] = {"required": True, "outcome": "approved", "approved_by": "erin",
+                            "approved_at": "2026-11-29T00:55:00+00:00"}
+    rejected["approval"] = {"required": True, "outcome": "rejected", "approved_by": None, "rejected_by": "<frank>",
+                            "rejected_at": "2026-11-29T00:56:00+00:00"}
+    lines = service_history([record("success", approved, run_id="a", start=NOW),
+                             record("failed", rejected, run_id="r", start=NOW + timedelta(hours=1))], "", "/omnisphere")
+    assert (lines[1]["approved_by"], lines[1]["approved_at"]) == ("erin", "2026-11-29T00:55:00+00:00")
+    assert (lines[0]["approved_by"], lines[0]["rejected_by"]) == (None, "<frank>")
+    cal = build_calendar(catalog, now=NOW, weeks=1, services={"auth-service"}, show_release_all=False, queue={},
+                         waiting=[])
+    html = render_page(cal, {"auth-service": lines}, service_overview(cal, {"auth-service": lines}))
+    assert 'approved by erin <span class=muted><time datetime="2026-11-29T00:55:00+00:00">' in html
+    assert "rejected by &lt;frank&gt;" in html

@@ -114,6 +114,8 @@ def release_entry(record: RunRecord, ui_base: str, api_base: str) -> dict[str, A
         "triggered_by": report.get("triggered_by") or record.triggered_by,
         "approved_by": approval.get("approved_by"),
         "approved_at": approval.get("approved_at"),
+        "rejected_by": approval.get("rejected_by"),  # the approver who said no (the release changed nothing)
+        "rejected_at": approval.get("rejected_at"),
         "reason": report.get("reason") or record.conf.get("reason") or "",
         "failed_task": failed.task_id if failed else None,
         "bake": bake,

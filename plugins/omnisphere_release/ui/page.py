@@ -80,6 +80,10 @@ def _who(r: dict[str, Any]) -> str:
         approved = f"<br>approved by {_e(r['approved_by'])}"
         if r.get("approved_at"):
             approved += f" <span class=muted>{_time(r['approved_at'])}</span>"
+    if r.get("rejected_by"):
+        approved += f"<br><span class=bad>rejected by {_e(r['rejected_by'])}</span>"
+        if r.get("rejected_at"):
+            approved += f" <span class=muted>{_time(r['rejected_at'])}</span>"
     reason = f"<br><span class=muted>{_e(r['reason'])}</span>" if r.get("reason") else ""
     return f"{_e(r['triggered_by'] or 'unknown')}{approved}{reason}"
 
