@@ -48,6 +48,10 @@ def last_deployment() -> dict[str, Any]:
 
 
 def assert_steps(bake: dict[str, Any], percents: list[float], verdicts: list[str]) -> None:
+    from omnisphere_release.ui.bake import check_bake, render_chart
+
+    check_bake(bake)  # the Releases page's contract
+    assert render_chart(bake, title="steps").lstrip().startswith("<")  # the page can chart it, steps shaded
     assert [s["percent"] for s in bake["steps"]] == percents, bake["steps"]
     assert [s["verdict"] for s in bake["steps"]] == verdicts, bake["steps"]
     for step in bake["steps"]:

@@ -26,6 +26,12 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
+def _percent(value: Any) -> float | int:
+    """Return a traffic share as the chart labels it: 10, not 10.0 (ECS reports floats)."""
+    share = float(value)
+    return int(share) if share.is_integer() else share
+
+
 def bake_record(event: dict[str, Any], thresholds: MonitoringThresholds, started_at: float | None = None) -> dict[str, Any]:
     """Return the bake as the report and the Releases page read it, from the trigger's event.
 
@@ -62,7 +68,7 @@ def bake_record(event: dict[str, Any], thresholds: MonitoringThresholds, started
         "failed_at": None if passed else _iso(ended),
         "verdict": "passed" if passed else "failed",
         "reason": None if passed else str(event.get("reason") or event.get("message") or event.get("status")),
-        "steps": [{"percent": float(step["percent"]), "started_at": _iso(float(step["started_at"])),
+        "steps": [{"percent": _percent(step["percent"]), "started_at": _iso(float(step["started_at"])),
                    "ended_at": _iso(float(step["ended_at"] or ended)), "verdict": step["verdict"] or "failed"}
                   for step in event.get("steps") or []],
         "log_errors": None if log_errors is None else {"count": int(log_errors["count"]),
