@@ -642,3 +642,90 @@ def test_a_step_fails_on_the_thresholds_or_when_clearly_worse_than_the_old_task_
         assert breach is None
     else:
         assert breach is not None and breach.startswith(expected), breach
+
+
+# --- DeploymentStepsTrigger: a canary or linear deployment followed step by step ---------------------------------
+from omnisphere_release.triggers.monitoring import DeploymentStepsTrigger  # noqa: E402 - grouped with its tests
+
+NEW_TG, OLD_TG = "targetgroup/auth-green/fedcba9876543210", "targetgroup/auth/0123456789abcdef"
+
+
+def steps_trigger(**overrides: Any) -> DeploymentStepsTrigger:
+    """A canary 10 % -> 100 % with a 2 % error rate and an 800 ms p99 as thresholds, polled every 5 s."""
+    arguments: dict[str, Any] = {
+        "deployment_arn": DEPLOYMENT_ARN, "steps": [{"percent": 10.0, "bake_minutes": 1},
+                                                    {"percent": 100.0, "bake_minutes": 1}],
+        "production_target_group": OLD_TG, "new_target_group": NEW_TG, "max_error_rate": 0.02, "max_p99_ms": 800,
+        "missing_data_seconds": 60, "deadline": T0 + 3600, "poll_seconds": 5}
+    return DeploymentStepsTrigger(**{**arguments, **overrides})
+
+
+@pytest.fixture
+def stepped(monkeypatch: pytest.MonkeyPatch, clock: FakeClock, metrics: Any):
+    """Script the deployment (ECS) and the target groups' readings (CloudWatch) the steps trigger sees."""
+    def install(deployments: list[dict[str, Any]], windows: list[MetricsWindow]) -> tuple[FakeEcsHook, Any]:
+        ecs = FakeEcsHook(*deployments)
+        monkeypatch.setattr(monitoring_trigger_module, "EcsDeploymentHook", ecs)
+        return ecs, metrics(*windows)
+
+    return install
+
+
+def test_steps_trigger_serializes_every_argument():
+    given = {"deployment_arn": DEPLOYMENT_ARN, "steps": [{"percent": 25.0, "bake_minutes": 2}],
+             "production_target_group": OLD_TG, "new_target_group": NEW_TG, "max_error_rate": 0.02,
+             "max_p99_ms": 800, "missing_data_seconds": 60, "deadline": T0 + 900, "alarms": ["auth-5xx"],
+             "aws_conn_id": "aws_release", "region_name": "eu-west-1", "poll_seconds": 5.0,
+             "window_closes_at": T0 + 1800, "log_group": "/ecs/auth-service", "log_stream_prefix": "sha256-ab/auth/",
+             "log_patterns": ['"ERROR"'], "max_error_lines": 0}
+    assert_serialize_round_trips(DeploymentStepsTrigger(**given), given)
+
+
+def test_a_canary_passes_step_by_step_comparing_the_new_task_set_with_the_old_one(stepped, clock):
+    ecs, cw = stepped(
+        [deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0), deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0),
+         deployment("IN_PROGRESS", "BAKE_TIME", weight=100.0), deployment("IN_PROGRESS", "CLEAN_UP", weight=100.0)],
+        [healthy(100, 0, 0.05), healthy(900, 0, 0.05), healthy(100, 1, 0.05), healthy(900, 2, 0.05),
+         healthy(1000, 3, 0.06)])
+
+    event = first_event(steps_trigger())
+
+    assert event.payload["status"] == "success", event.payload
+    assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(10.0, "passed"), (100.0, "passed")]
+    assert event.payload["steps"][0]["ended_at"] == event.payload["steps"][1]["started_at"] == T0 + 10
+    # During 10 %: the new task set's group, then the old one's; at 100 %: the production group alone.
+    assert [read[0] for read in cw.reads] == [NEW_TG, OLD_TG, NEW_TG, OLD_TG, OLD_TG]
+
+
+def test_a_step_that_breaches_ends_the_analysis_naming_the_step_before_the_next_one(stepped):
+    _, cw = stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0)],
+                    [healthy(120, 30, 0.05), healthy(1080, 1, 0.05)])
+
+    event = first_event(steps_trigger())
+
+    assert event.payload["status"] == "breach"
+    assert event.payload["failed_step"] == 10.0
+    assert event.payload["reason"].startswith("step 10 %: new task set's 5xx error rate 25.00% (30 of 120 requests)")
+    assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(10.0, "failed")]
+
+
+def test_a_step_in_which_the_new_task_set_serves_nothing_fails_after_the_no_data_limit(stepped, clock):
+    stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0)] * 14, [QUIET, healthy()] * 14)
+
+    event = first_event(steps_trigger(missing_data_seconds=60))
+
+    assert event.payload["status"] == "breach"
+    assert "no requests seen on the new task set for 65s (limit 60s)" in event.payload["reason"]
+    assert clock.now == T0 + 65
+
+
+def test_a_deployment_ecs_ends_by_itself_ends_the_analysis_with_its_status(stepped):
+    stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0),
+             deployment("ROLLBACK_IN_PROGRESS", "BAKE_TIME", reason="circuit breaker", weight=0.0)],
+            [healthy(100, 0, 0.05), healthy(900, 0, 0.05)])
+
+    event = first_event(steps_trigger())
+
+    assert event.payload["status"] == "deployment_ended"
+    assert event.payload["deployment_status"] == "ROLLBACK_IN_PROGRESS"
+    assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(10.0, "stopped")]
