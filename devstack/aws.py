@@ -70,6 +70,8 @@ class LocalAws:
     port: int
     credentials: tuple[str, str]
     sample_ports: dict[str, int]  # service name -> port of its sample service
+    # service name -> port of its sample service's test listener (blue/green: green alone before the switch)
+    test_listener_ports: dict[str, int] = field(default_factory=dict)
     internal_port: int = 0  # the devstack's own calls go there: never faulted
     parts: list[Any] = field(default_factory=list)
 
@@ -210,6 +212,7 @@ def start(catalog: Any, host: str = "127.0.0.1", port: int = 0, first_sample_por
             sample.start()
             aws.parts.append(sample)
             aws.sample_ports[sample_key(service, environment)] = sample.port
+            aws.test_listener_ports[sample_key(service, environment)] = sample.test_port
             # The catalog names one target group per service: both environments' traffic counts in its metrics.
             samples.append((sample, service.monitoring.target_group))
         quick = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1})

@@ -63,12 +63,13 @@ def run(state_dir: Path) -> None:
         aws = local_aws.start(catalog, faults_file=faults_file)
         log.info("local AWS endpoint ready on 127.0.0.1:%d", aws.port)
         env = stack_env(state_dir, catalog, dsns, postgres.superuser_dsn(), aws.endpoint, aws.sample_ports,
-                        aws.credentials)
+                        aws.credentials, aws.test_listener_ports)
         write_env(state_dir / "env", env)
         (state_dir / "state.json").write_text(json.dumps({
             "pid": os.getpid(), "pgdata": str(postgres.data_dir), "ports": {
                 "postgres": postgres.port, "aws": aws.port, "aws-internal": aws.internal_port,
-                **{f"sample:{name}": port for name, port in aws.sample_ports.items()}},
+                **{f"sample:{name}": port for name, port in aws.sample_ports.items()},
+                **{f"test-listener:{name}": port for name, port in aws.test_listener_ports.items()}},
         }, indent=2))
         (state_dir / "ready").write_text(f"{time.monotonic() - started:.1f}\n")
         log.info("devstack ready in %.1fs; env in %s", time.monotonic() - started, state_dir / "env")
@@ -84,7 +85,8 @@ def run(state_dir: Path) -> None:
 
 
 def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: str, endpoint: str,
-              sample_ports: dict[str, int], aws_credentials: tuple[str, str]) -> dict[str, str]:
+              sample_ports: dict[str, int], aws_credentials: tuple[str, str],
+              test_listener_ports: dict[str, int] | None = None) -> dict[str, str]:
     """Return the environment that points Airflow, the tests and any script at this stack.
 
     ``dsns`` and ``sample_ports`` are keyed by :func:`devstack.aws.sample_key` (the service name plus its
@@ -121,7 +123,11 @@ def stack_env(state_dir: Path, catalog: Any, dsns: dict[str, str], admin_dsn: st
         suffix = service.env_suffix + environment.connection_suffix.upper()
         env[f"OMNI_PG_DSN_{suffix}"] = dsns[key]
         env[f"AIRFLOW_CONN_{service.postgres_conn_id.upper()}"] = dsns[key].replace("postgresql://", "postgres://", 1)
-        env[f"AIRFLOW_CONN_{service.http_conn_id.upper()}"] = f"http://127.0.0.1:{sample_ports[key]}"
+        # The extra (the URI's query) names the load balancer's test listener: where smoke_test tests green before a
+        # blue/green switch.
+        test_port = (test_listener_ports or {}).get(key)
+        query = f"?test_listener_port={test_port}" if test_port else ""
+        env[f"AIRFLOW_CONN_{service.http_conn_id.upper()}"] = f"http://127.0.0.1:{sample_ports[key]}{query}"
         env[f"OMNI_SAMPLE_URL_{suffix}"] = f"http://127.0.0.1:{sample_ports[key]}"
     return env
 

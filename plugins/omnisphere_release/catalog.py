@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CATALOG = PROJECT_ROOT / "include" / "services.yaml"
@@ -65,6 +65,17 @@ class DeployPolicy(_Record):
         if value and (percents != sorted(set(percents)) or percents[-1] != 100):
             raise ValueError(f"steps {percents} must rise strictly and end at 100, e.g. 10, 50, 100")
         return value
+
+    @model_validator(mode="after")
+    def _steps_ecs_can_run(self) -> DeployPolicy:
+        # The one rule for a canary's or linear's steps, shared with a run's steps param (ecs_deploy checks those):
+        # ECS's CANARY is [p, 100], its LINEAR equal shares with equal bakes.
+        from omnisphere_release.hooks.ecs import STEPPED, steps_problem
+
+        if self.steps and self.strategy in STEPPED and (
+                problem := steps_problem(self.strategy, [step.model_dump() for step in self.steps])):
+            raise ValueError(problem)
+        return self
 
 
 class SmokeTest(_Record):

@@ -122,6 +122,10 @@ class DeploymentOutput(TypedDict, total=False):
     deployment_arn: str
     task_definition: str
     configuration: dict[str, Any]
+    # Canary and linear in steps: {"percent", "bake_minutes"} each, watched one by one by monitoring_gate; [] else.
+    steps: list[dict[str, Any]]
+    # Blue/green held at ECS's test-traffic hook: the SSM parameter smoke_test answers it in; None else.
+    test_traffic_hook: str | None
     deployment_status: str
     summary: str
 

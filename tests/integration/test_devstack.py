@@ -100,7 +100,9 @@ def test_production_runs_beside_staging_with_databases_cluster_buckets_and_sampl
                                 capture_output=True, text=True, timeout=30, check=True)
         assert result.stdout.strip() == f"{name.lower()}_production"
         assert devstack[f"AIRFLOW_CONN_OMNI_PG_{name}_PRODUCTION"].startswith("postgres://")
-        assert devstack[f"AIRFLOW_CONN_OMNI_HTTP_{name}_PRODUCTION"] == devstack[f"OMNI_SAMPLE_URL_{name}_PRODUCTION"]
+        # The sample service's production listener, and its test listener in the extra (the URI's query).
+        assert devstack[f"AIRFLOW_CONN_OMNI_HTTP_{name}_PRODUCTION"].startswith(
+            devstack[f"OMNI_SAMPLE_URL_{name}_PRODUCTION"] + "?test_listener_port=")
     ecs = aws("ecs")
     services = ecs.describe_services(cluster=production.ecs_cluster, services=catalog.names)["services"]
     assert [s["serviceName"] for s in services] == catalog.names

@@ -42,6 +42,11 @@ from omnisphere_release.params import IMAGE_TAG_PATTERN, IMAGE_TAG_RULE, optiona
 
 STRATEGIES = ["rolling", "blue_green", "canary", "linear"]
 MAX_BAKE_MINUTES = 24 * 60
+# One traffic step of a run's steps param; the rule across steps (rising to 100, a shape ECS runs) is
+# hooks.ecs.steps_problem, checked by ecs_deploy before anything is deployed.
+STEP_SCHEMA = {"type": "object", "required": ["percent", "bake_minutes"], "additionalProperties": False,
+               "properties": {"percent": {"type": "integer", "minimum": 1, "maximum": 100},
+                              "bake_minutes": {"type": "number", "minimum": 0, "maximum": MAX_BAKE_MINUTES}}}
 # Every task is bounded: a stage that hangs (a lock never granted, a dump that stalls) fails and rolls back instead
 # of holding the service's one release slot for ever. Stages bound by the catalog get that bound, plus a margin.
 DATABASE_STAGE_TIMEOUT = timedelta(hours=3)  # pg_dump, migrations, restore: the longest expected, with room
@@ -74,6 +79,13 @@ def release_params(service: Service, catalog: Catalog) -> dict[str, Param]:
         "bake_minutes": Param(service.deploy.bake_minutes, type="number", minimum=0, maximum=MAX_BAKE_MINUTES,
                               title="Bake minutes",
                               description="How long the monitoring gate watches the new version."),
+        "steps": Param(None, type=["null", "array"], minItems=1, items=STEP_SCHEMA, title="Traffic steps",
+                       description="Canary and linear: the traffic steps of this run, each baked and analysed before "
+                                   "the next, e.g. [{\"percent\": 10, \"bake_minutes\": 5}, {\"percent\": 100, "
+                                   "\"bake_minutes\": 10}] (canary: [p, 100]; linear: equal shares, e.g. 25, 50, 75, "
+                                   "100). Empty: the catalog's deploy.steps"
+                                   + (f" ({', '.join(f'{s.percent} %' for s in service.deploy.steps)})"
+                                      if service.deploy.steps else "") + "."),
         "restore_policy": Param("when_needed", type="string", enum=["when_needed", "always"], title="Restore policy",
                                 description="Restore the backup on rollback only when the schema cannot be rolled "
                                             "back by its down files, or always."),
@@ -159,7 +171,8 @@ def build_release_dag(service: Service, catalog: Catalog, has_data_migrations: b
                         if has_data_migrations else None)
         integrity = PostgresIntegrityCheckOperator(task_id=stage.INTEGRITY_CHECK, service=name, retries=0)
         deploy = EcsDeployServiceOperator(task_id=stage.ECS_DEPLOY, service=name, strategy="{{ params.strategy }}",
-                                          bake_minutes="{{ params.bake_minutes }}", execution_timeout=deploy_timeout)
+                                          bake_minutes="{{ params.bake_minutes }}",
+                                          steps="{{ params.steps | tojson }}", execution_timeout=deploy_timeout)
         smoke = HttpSmokeTestOperator(task_id=stage.SMOKE_TEST, service=name, retries=0)
         # Bounded by the suite's own limit (catalog regression.timeout_minutes), plus a margin for starting it. A
         # retry reattaches to the suite its run started; a failed suite is final (AirflowFailException).
