@@ -197,19 +197,73 @@ class DurationEstimate:
     source: str
 
 
-def estimate_duration(service: Service, reports: Iterable[dict[str, Any]], samples: int = 5) -> DurationEstimate:
+DATABASE_STAGES = ("schema_up", "data_migrate")
+
+
+def estimate_duration(service: Service, reports: Iterable[dict[str, Any]], samples: int = 5,
+                      rehearsal: dict[str, Any] | None = None) -> DurationEstimate:
     """Estimate a release's duration: the median of the last successful releases (their reports, newest first),
-    else the catalog's ``deploy.estimated_minutes``."""
-    durations = []
+    else the catalog's ``deploy.estimated_minutes``. With a rehearsal of this release's migrations on a copy of the
+    environment (rehearsal_for), its measured database minutes replace what the database stages took before: the
+    history knows the deploy and the bake, the rehearsal knows these migrations on this data."""
+    durations, database = [], []
     for report in reports:
         if report.get("outcome") == "released":
-            durations.append(sum(s.get("seconds") or 0 for s in report.get("stages", [])) / 60)
+            stages = report.get("stages", [])
+            durations.append(sum(s.get("seconds") or 0 for s in stages) / 60)
+            database.append(sum(s.get("seconds") or 0 for s in stages if s.get("stage") in DATABASE_STAGES) / 60)
         if len(durations) >= samples:
             break
     if durations:
-        return DurationEstimate(statistics.median(durations),
-                                f"median of the last {len(durations)} successful release(s)")
-    return DurationEstimate(service.deploy.estimated_minutes, "the catalog's deploy.estimated_minutes")
+        estimate = DurationEstimate(statistics.median(durations),
+                                    f"median of the last {len(durations)} successful release(s)")
+    else:
+        estimate = DurationEstimate(service.deploy.estimated_minutes, "the catalog's deploy.estimated_minutes")
+    if not rehearsal:
+        return estimate
+    measured = float(rehearsal.get("release_minutes") or 0)
+    before = statistics.median(database) if database else 0.0
+    return DurationEstimate(max(estimate.minutes - before, 0) + measured,
+                            f"{estimate.source}, with the migrations and data migrations as rehearsed on a copy of "
+                            f"{rehearsal.get('environment')} by {rehearsal.get('run_id')}: {measured:.1f} min")
+
+
+def rehearsal_for(rehearsals: Iterable[dict[str, Any]], pending_versions: list[int]) -> dict[str, Any] | None:
+    """Return the newest passed rehearsal (newest first) that applied exactly these pending migrations, or None: a
+    rehearsal of other migrations says nothing of this release's."""
+    for rehearsal in rehearsals:
+        steps = (rehearsal.get("migrations") or {}).get("steps") or []
+        if rehearsal.get("outcome") == "passed" and [s.get("version") for s in steps] == list(pending_versions):
+            return rehearsal
+    return None
+
+
+TICKET = re.compile(r"\b[A-Z][A-Z0-9]+-\d+\b")
+
+
+def migration_description(sql_text: str) -> str:
+    """The first comment line of a migration file that is not a directive: what the migration is for."""
+    for line in sql_text.splitlines():
+        text = line.strip()
+        if text.startswith("--") and not text[2:].strip().lower().startswith("omni:"):
+            return text[2:].strip()
+        if text and not text.startswith("--"):
+            break
+    return ""
+
+
+def changes_of(migrations: Iterable[Any], data_specs: Iterable[Any], previous_image: str, target_image: str,
+               target_digest: str | None, reason: str) -> dict[str, Any]:
+    """What a release changes, for the report's "Changes" section: the migrations with their descriptions, the data
+    migrations, the image before -> after (by digest), and the reason or the ticket it names."""
+    return {
+        "migrations": [{"version": m.version, "name": m.name, "description": migration_description(m.up.sql)}
+                       for m in migrations],
+        "data_migrations": [{"name": s.name, "description": s.description} for s in data_specs],
+        "image": {"before": previous_image, "after": target_image, "after_digest": target_digest},
+        "reason": reason,
+        "tickets": sorted(set(TICKET.findall(reason or ""))),
+    }
 
 
 def window_room_problem(window: WindowDecision, needed: DurationEstimate, now: datetime) -> str | None:

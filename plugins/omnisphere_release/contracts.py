@@ -72,6 +72,8 @@ class ReleasePlan(TypedDict):
     window: WindowDecision
     fingerprint: dict[str, Any] | None  # checks.Fingerprint.as_dict(): digest and checksums, the evidence's key
     promotion: dict[str, Any] | None  # the promotion rule as applied: the evidence used, or the override
+    changes: dict[str, Any]  # checks.changes_of: what this release changes, for the report's "Changes" section
+    rehearsal: dict[str, Any] | None  # the rehearsal on a copy of the environment that the window estimate used
 
 
 class RefusedAnswer(TypedDict):

@@ -95,6 +95,8 @@ def build_report(*, dag_id: str, run_id: str, triggered_by: str | None, params: 
         # The promotion rule, where the environment has one: the evidence used, or the override (preflight).
         "environment": before.get("environment"),
         "promotion": before.get("promotion"),
+        "changes": before.get("changes"),
+        "rehearsal": before.get("rehearsal"),
         "regression_test": outputs.get(REGRESSION_TEST),
         "monitoring": outputs.get(MONITORING_GATE),
         # The monitoring gate's bake record (XCom key "bake"), pushed whatever its outcome; None if it never ran.
@@ -160,6 +162,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| before | {b.get('image')} | {_short(b.get('task_definition'))} | {version_label(b.get('schema_version'))} |",
         f"| target | {t.get('image')}{_digest(t.get('image_digest'))} | | {version_label(t.get('schema_version'))} |",
         f"| after | {a.get('image')} | {_short(a.get('task_definition'))} | {version_label(a.get('schema_version'))} |",
+        *_changes(report.get("changes"), report.get("rehearsal")),
         "",
         "## Stages",
         "",
@@ -249,3 +252,30 @@ def _describe(result: Any) -> str:
 def _digest(digest: str | None) -> str:
     """The digest the target tag pointed at in preflight: a tag can be pushed again, a digest cannot."""
     return f" `{digest}`" if digest else ""
+
+
+def _changes(changes: dict[str, Any] | None, rehearsal: dict[str, Any] | None) -> list[str]:
+    """The "Changes" section: what this release changes, for the change record (preflight's checks.changes_of)."""
+    if not changes:
+        return []
+    lines = ["", "## Changes", ""]
+    image = changes.get("image") or {}
+    lines.append(f"- Image: {_text(image.get('before'))} -> {_text(image.get('after'))}"
+                 + (f" (digest {_text(image.get('after_digest'))})" if image.get("after_digest") else ""))
+    for m in changes.get("migrations") or []:
+        lines.append(f"- Migration {m['version']} {_text(m['name'])}"
+                     + (f": {_text(m['description'])}" if m.get("description") else ""))
+    if not changes.get("migrations"):
+        lines.append("- No schema migration")
+    for d in changes.get("data_migrations") or []:
+        lines.append(f"- Data migration {_text(d['name'])}" + (f": {_text(d['description'])}" if d.get("description")
+                                                                else ""))
+    reason = _text(changes.get("reason")) or "(none given)"
+    tickets = ", ".join(_text(t) for t in changes.get("tickets") or [])
+    lines.append(f"- Reason: {reason}" + (f" (ticket {tickets})" if tickets else ""))
+    if rehearsal:
+        lock = rehearsal.get("heaviest_lock") or {}
+        lines.append(f"- Rehearsed on a copy of {_text(rehearsal.get('environment'))} by {_text(rehearsal.get('run_id'))}: "
+                     f"{rehearsal.get('release_minutes')} min of migrations"
+                     + (f", heaviest lock {_text(lock.get('mode'))} on {_text(lock.get('relation'))}" if lock else ""))
+    return lines

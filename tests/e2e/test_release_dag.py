@@ -105,9 +105,15 @@ def test_good_release_updates_image_and_schema_and_reports(release_env):
     assert report["migrations_applied"] == [4]
     assert report["backup"]["sha256"] and report["backup"]["uri"].startswith("s3://")
     assert report["monitoring"]["observations"]
+    # The change record: each migration with what it is for, the image by digest, the reason.
+    changes = report["changes"]
+    assert [(m["version"], m["description"][:25]) for m in changes["migrations"]] == [(4, "Remember the last sign-in")]
+    assert changes["image"]["after_digest"] == digest and changes["reason"] == NOW["reason"]
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     bucket, key = report["stored_at"].removeprefix("s3://").split("/", 1)
     assert b'"outcome": "released"' in s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    markdown = s3.get_object(Bucket=bucket, Key=key.replace(".json", ".md"))["Body"].read().decode()
+    assert "## Changes" in markdown and "Remember the last sign" in markdown.split("## Changes")[1]
 
 
 def test_a_tag_pushed_again_after_preflight_changes_nothing_that_is_deployed(release_env, monkeypatch):

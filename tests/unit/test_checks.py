@@ -587,3 +587,40 @@ def test_production_changes_nothing_without_an_approvers_answer_on_record(decisi
 
 def test_staging_needs_no_approval():
     assert checks.approval_problem(CATALOG.environment("staging"), None) is None
+
+
+# --- The rehearsal in the window estimate, and the report's Changes ---------------------------------------------
+def released(total_seconds: float, database_seconds: float) -> dict[str, Any]:
+    return {"outcome": "released", "stages": [{"stage": "schema_up", "seconds": database_seconds},
+                                              {"stage": "ecs_deploy", "seconds": total_seconds - database_seconds}]}
+
+
+def test_a_rehearsal_of_these_migrations_replaces_the_database_stages_of_the_estimate():
+    auth = CATALOG.get("auth-service")
+    history = [released(600, 60)] * 3  # 10 min, 1 of them migrating
+    rehearsal = {"outcome": "passed", "run_id": "manual__r", "environment": "production", "release_minutes": 45,
+                 "migrations": {"steps": [{"version": 4}]}}
+    assert checks.rehearsal_for([rehearsal], [4]) is rehearsal
+    estimate = checks.estimate_duration(auth, history, rehearsal=rehearsal)
+    assert estimate.minutes == pytest.approx(10 - 1 + 45)  # the big table's rewrite, measured on a copy
+    assert "rehearsed on a copy of production by manual__r: 45.0 min" in estimate.source
+
+
+@pytest.mark.parametrize("rehearsal", [
+    {"outcome": "failed", "migrations": {"steps": [{"version": 4}]}},  # a failed rehearsal measured nothing useful
+    {"outcome": "passed", "migrations": {"steps": [{"version": 4}, {"version": 5}]}},  # other migrations
+])
+def test_a_rehearsal_of_other_migrations_or_a_failed_one_is_not_used(rehearsal):
+    assert checks.rehearsal_for([rehearsal], [4]) is None
+
+
+def test_the_changes_name_each_migration_by_its_first_comment_and_the_ticket_of_the_reason():
+    from omnisphere_release.migrations import discover
+
+    pending = [m for m in discover(CATALOG.migrations_dir("auth-service")) if m.version == 4]
+    changes = checks.changes_of(pending, [], "repo/auth-service:1.0.0", "repo/auth-service:1.1.0", "sha256:ab",
+                                "OPS-42: last login for dormant accounts")
+    assert changes["migrations"] == [{"version": 4, "name": "users_last_login", "description":
+                                      "Remember the last sign-in, and find dormant accounts without locking the users "
+                                      "table for writes."}]
+    assert changes["tickets"] == ["OPS-42"] and changes["image"]["after_digest"] == "sha256:ab"

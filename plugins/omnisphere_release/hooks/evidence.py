@@ -58,6 +58,14 @@ class EvidenceStoreHook(RetryingS3Hook):
                 found.append({**record["evidence"], "stored_at": f"s3://{bucket}/{item['Key']}"})
         return found
 
+    def rehearsals(self, bucket: str, service: str, environment: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Return the newest rehearsal reports of ``service`` on a copy of ``environment`` (rehearse_<service> keeps
+        them under rehearsals/<service>/<environment>/), newest first."""
+        items = [item for item in self.iter_file_metadata(prefix=f"rehearsals/{service}/{environment}/",
+                                                          bucket_name=bucket) if item["Key"].endswith(".json")]
+        items.sort(key=lambda item: item["LastModified"], reverse=True)
+        return [json.loads(self.read_key(item["Key"], bucket)) for item in items[:limit]]
+
 
 def evidence_record(report: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
     """Return the evidence record of a release: its fingerprint (from preflight's plan), outcome and report."""

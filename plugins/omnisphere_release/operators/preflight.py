@@ -21,8 +21,10 @@ from airflow.sdk.exceptions import AirflowFailException
 from omnisphere_release import checks
 from omnisphere_release.catalog import Catalog, Environment, Service, load_catalog
 from omnisphere_release.contracts import ReleasePlan, ReleaseRun, WindowDecision
+from omnisphere_release.datamigrate import discover_specs
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.ecs import EcsDeploymentError
+from omnisphere_release.hooks.evidence import EvidenceStoreHook, evidence_bucket
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, schema_engine
 from omnisphere_release.hooks.reports import ReleaseReportStoreHook
 from omnisphere_release.migrations import InvalidMigrationInput, Plan
@@ -141,7 +143,8 @@ class ReleasePreflightOperator(BaseOperator):
             promotion, refusal = self._promotion(catalog, service, environment, fingerprint)
             problems += refusal
 
-        problems += self._checklist(service, window)
+        rehearsal = self._rehearsal(catalog, service, environment, pending)
+        problems += self._checklist(service, window, rehearsal)
 
         if problems or target is None:
             raise AirflowFailException(
@@ -172,6 +175,14 @@ class ReleasePreflightOperator(BaseOperator):
             "window": window,
             "fingerprint": fingerprint.as_dict() if fingerprint else None,
             "promotion": promotion,
+            "changes": checks.changes_of(plan.steps if plan else [], self._data_specs(catalog, service),
+                                         target.running_image, target.image, target.registry.digest,
+                                         checks.plain_text(self.reason)),
+            "rehearsal": ({"run_id": rehearsal.get("run_id"), "environment": rehearsal.get("environment"),
+                           "generated_at": rehearsal.get("generated_at"),
+                           "release_minutes": rehearsal.get("release_minutes"),
+                           "heaviest_lock": next(iter((rehearsal.get("migrations") or {}).get("locks") or []), None)}
+                          if rehearsal else None),
         }
         self.log.info(
             "Preflight passed for %s: %s -> %s, schema %s -> %s (%d pending), row counts of %d touched table(s) "
@@ -208,13 +219,43 @@ class ReleasePreflightOperator(BaseOperator):
         self.log.warning("!" * 100)
         return {**record, "overridden": True, "override_reason": reason}, []
 
-    def _checklist(self, service: Service, window: WindowDecision) -> list[str]:
+    def _rehearsal(self, catalog: Catalog, service: Service, environment: Environment,
+                   pending: list[int]) -> dict[str, Any] | None:
+        """The newest passed rehearsal of exactly these pending migrations on a copy of this environment, if any."""
+        if not pending:
+            return None
+        try:
+            found = checks.rehearsal_for(EvidenceStoreHook(aws_conn_id=service.aws_conn_id).rehearsals(
+                evidence_bucket(catalog), service.name, environment.name), pending)
+        except Exception as exc:  # noqa: BLE001 - no rehearsal is an estimate from history, never a refusal
+            self.log.warning("Could not read the rehearsals of %s: %s", service.name, exc)
+            return None
+        if found:
+            self.log.info("Rehearsed on a copy of %s by %s (%s): migrations and data migrations took %.1f min; "
+                          "heaviest lock: %s.", environment.name, found.get("run_id"), found.get("generated_at"),
+                          float(found.get("release_minutes") or 0),
+                          next((f"{lock['mode']} on {lock['relation']}" for lock in
+                                (found.get("migrations") or {}).get("locks") or []), "none"))
+        else:
+            self.log.info("No rehearsal of migrations %s on a copy of %s (rehearse_%s): the window estimate comes "
+                          "from earlier releases.", pending, environment.name, service.name)
+        return found
+
+    @staticmethod
+    def _data_specs(catalog: Catalog, service: Service) -> list[Any]:
+        try:
+            return discover_specs(catalog.sql_dir / service.name / "data")
+        except InvalidMigrationInput:
+            return []  # data_migrate refuses a broken spec itself, naming it
+
+    def _checklist(self, service: Service, window: WindowDecision,
+                   rehearsal: dict[str, Any] | None = None) -> list[str]:
         """The team's pre-migration checklist, checked by the run itself; return what is not satisfied."""
         self.log.info("Checklist: backup before any change: the backup stage; rollback plan: the migration plan above, "
                       "reversed; tested in staging first: the promotion rule above, where the environment has one.")
         problems: list[str] = []
         if window.get("window_end"):
-            needed = self._estimate(service)
+            needed = self._estimate(service, rehearsal)
             now = datetime.now(timezone.utc)
             left = (datetime.fromisoformat(str(window["window_end"])) - now).total_seconds() / 60
             self.log.info("Maintenance window closes at %s: %.0f min left; this release needs about %.1f min (%s).",
@@ -226,11 +267,11 @@ class ReleasePreflightOperator(BaseOperator):
             self.log.info("Outside the maintenance window by choice: %s", window.get("force_reason"))
         return problems
 
-    def _estimate(self, service: Service) -> checks.DurationEstimate:
+    def _estimate(self, service: Service, rehearsal: dict[str, Any] | None = None) -> checks.DurationEstimate:
         try:
             reports = ReleaseReportStoreHook(aws_conn_id=service.aws_conn_id).recent_reports(self.backup_bucket,
                                                                                              service.name)
         except Exception as exc:  # noqa: BLE001 - any failure to read history falls back to the catalog's estimate
             self.log.warning("Could not read earlier release reports for an estimate: %s", exc)
             reports = []
-        return checks.estimate_duration(service, reports)
+        return checks.estimate_duration(service, reports, rehearsal=rehearsal)
