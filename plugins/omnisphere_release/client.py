@@ -2,6 +2,7 @@
 
     omni-release trigger <service> --image-tag T [--strategy S] [--window now --force-reason R] [--wait]
     omni-release status|logs|report <dag_id>/<run_id>
+    omni-release approve|reject <dag_id>/<run_id> [--comment C]
     omni-release calendar [--weeks N] [--tz ZONE] [--json]
 
 The Airflow URL and credentials come from the environment, never the command line (CI logs and `ps` show it):
@@ -10,7 +11,12 @@ The Airflow URL and credentials come from the environment, never the command lin
 
 Exit codes: 0 released (or the run succeeded), 1 failed or rolled back, 2 bad input or refused (the API's message is
 shown; a 403 names the permission the user lacks), 3 timeout, 4 Airflow cannot be reached or refuses the credentials
-(a 401: a wrong password, an expired token).
+(a 401: a wrong password, an expired token), 5 rejected at approval or no approver answered in time (nothing was
+changed).
+
+A release in an environment that requires approval (``--environment production``) waits at approve_release: ``status``
+and ``trigger --wait`` show "awaiting approval" with the link to the request, and an approver (never the person who
+triggered it) answers with ``approve`` or ``reject``, as the user of the credentials above.
 
 httpx rather than apache-airflow-client: one small, typed dependency that CI images already tend to have, and the
 few endpoints used here are stable parts of API v2; the generated client pins its own urllib3 and pydantic versions.
@@ -34,6 +40,9 @@ from omnisphere_release.report import render_markdown
 from omnisphere_release.ui.calendar import render_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_REJECTED = 5  # the run failed at approve_release: rejected, timed out or nobody may approve; nothing changed
+APPROVAL_TASK = "approve_release"  # contracts.APPROVE_RELEASE; this module stays importable without Airflow
+APPROVAL_OUTCOMES = {"rejected", "approval_timed_out", "no_approver"}  # report.APPROVAL_OUTCOMES' values
 FINAL = {"success", "failed"}
 
 
@@ -142,6 +151,43 @@ class AirflowApi:
     def run_url(self, dag_id: str, run_id: str) -> str:
         return f"{self.url}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
 
+    def approval_url(self, dag_id: str, run_id: str) -> str:
+        """The approval request's page in the UI (the task's Required Actions)."""
+        return f"{self.run_url(dag_id, run_id)}/tasks/{APPROVAL_TASK}/required_actions"
+
+    def _approval_path(self, dag_id: str, run_id: str) -> str:
+        return f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{APPROVAL_TASK}/-1/hitlDetails"
+
+    def approval(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        """The run's approval request (subject, body, who may answer, the answer), or None when it has none."""
+        try:
+            return dict(self.request("GET", self._approval_path(dag_id, run_id)))
+        except ClientError as exc:
+            if exc.exit_code == EXIT_BAD_INPUT and "HTTP 404" in str(exc):
+                return None
+            raise
+
+    def answer(self, dag_id: str, run_id: str, option: str, comment: str) -> dict[str, Any]:
+        """Answer the run's approval request as the user of the credentials."""
+        path = self._approval_path(dag_id, run_id)
+        try:
+            response = self.http.patch(path, json={"chosen_options": [option], "params_input": {"comment": comment}})
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
+        if response.status_code == 403:  # Airflow's own words name the user ("... is not a respondent ...")
+            raise ClientError(f"Airflow refused your answer to {dag_id}/{run_id} (HTTP 403: {_api_message(response)}): "
+                              "only the service's approvers (include/services.yaml), never the person who triggered "
+                              "the release, may answer it", EXIT_BAD_INPUT)
+        if response.status_code in (404, 409):
+            raise ClientError(f"{dag_id}/{run_id} has no open approval request (HTTP {response.status_code}: "
+                              f"{_api_message(response)})", EXIT_BAD_INPUT)
+        if response.status_code == 401:
+            raise ClientError("Airflow refused the credentials (HTTP 401)", EXIT_UNREACHABLE)
+        if response.status_code == 400:
+            raise ClientError(f"Airflow refused the answer (HTTP 400): {_api_message(response)}", EXIT_BAD_INPUT)
+        response.raise_for_status()
+        return dict(response.json())
+
 
 def _api_message(response: httpx.Response) -> str:
     try:
@@ -181,6 +227,8 @@ def follow(api: AirflowApi, dag_id: str, run_id: str, timeout: float, poll: floa
             state = ti.get("state") or "none"
             if seen.get(label) != state and state != "none":
                 print(f"  {time.strftime('%H:%M:%S')} {label}: {state}", file=out, flush=True)
+                if label == APPROVAL_TASK and state == "awaiting_input":
+                    print_awaiting_approval(api, dag_id, run_id, out)
                 seen[label] = state
         state = api.run(dag_id, run_id)["state"]
         if state in FINAL:
@@ -189,6 +237,66 @@ def follow(api: AirflowApi, dag_id: str, run_id: str, timeout: float, poll: floa
             raise ClientError(f"{dag_id} run {run_id} still {state} after {timeout:.0f}s; it goes on in Airflow: "
                               f"{api.run_url(dag_id, run_id)}", EXIT_TIMEOUT)
         time.sleep(poll)
+
+
+def print_awaiting_approval(api: AirflowApi, dag_id: str, run_id: str, out: Any) -> None:
+    """Say that the run waits for an approver: where to answer, who may, and until when."""
+    request = api.approval(dag_id, run_id) or {}
+    who = ", ".join(u.get("name", "?") for u in request.get("assigned_users") or []) or "one of the service's approvers"
+    print(f"  awaiting approval by {who} (never the person who triggered it): {api.approval_url(dag_id, run_id)}",
+          file=out)
+    print(f"    {request.get('subject') or 'approve_release'}; answer there, or: omni-release approve|reject "
+          f"{dag_id}/{run_id} --comment '...'", file=out, flush=True)
+
+
+def final_exit_code(api: AirflowApi, dag_id: str, run_id: str, state: str) -> int:
+    """0 when the run succeeded; 5 when it failed at approval (nothing changed); 1 for any other failure."""
+    if state == "success":
+        return EXIT_OK
+    report = api.report(dag_id, run_id) or {}
+    return EXIT_REJECTED if report.get("outcome") in APPROVAL_OUTCOMES else EXIT_FAILED
+
+
+def answer_approval(api: AirflowApi, dag_id: str, run_id: str, option: str, comment: str, timeout: float,
+                    out: Any) -> int:
+    """Answer the approval request, then wait until approve_release took the answer (or refused it)."""
+    state = {ti["task_id"]: ti.get("state") for ti in api.task_instances(dag_id, run_id)}.get(APPROVAL_TASK)
+    if state != "awaiting_input":  # Airflow would record a late answer to a finished request, and do nothing with it
+        raise ClientError(f"{dag_id}/{run_id} is not waiting for an approver: approve_release is "
+                          f"{state or 'not started'} (see omni-release status {dag_id}/{run_id})", EXIT_BAD_INPUT)
+    request = api.approval(dag_id, run_id)
+    if request is None:
+        raise ClientError(f"{dag_id}/{run_id} has no approval request: it is not waiting for an approver (see "
+                          f"omni-release status {dag_id}/{run_id})", EXIT_BAD_INPUT)
+    if request.get("response_received"):
+        by = (request.get("responded_by_user") or {}).get("name", "someone")
+        raise ClientError(f"{dag_id}/{run_id} was already answered: {request.get('chosen_options')} by {by} at "
+                          f"{request.get('responded_at')}", EXIT_BAD_INPUT)
+    api.answer(dag_id, run_id, option, comment)
+    print(f"Answered {option} to {request.get('subject') or dag_id + '/' + run_id}", file=out, flush=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {ti["task_id"]: ti.get("state") for ti in api.task_instances(dag_id, run_id)}
+        state = states.get(APPROVAL_TASK)
+        if state == "success":
+            print(f"Approved: the release goes on ({api.run_url(dag_id, run_id)})", file=out)
+            return EXIT_OK
+        if state == "failed" and option == "Reject":
+            print(f"Rejected: the release ends here, with nothing changed ({api.run_url(dag_id, run_id)})", file=out)
+            return EXIT_OK
+        if state == "failed":
+            raise ClientError(f"approve_release failed after your answer: see its log at "
+                              f"{api.run_url(dag_id, run_id)}", EXIT_FAILED)
+        again = api.approval(dag_id, run_id) or {}
+        if state == "awaiting_input" and not again.get("response_received"):
+            # approve_release refused the answer and asked again: the person who triggered the release, or someone
+            # not among its approvers, answered (an auth manager that does not assign requests let them through).
+            raise ClientError(f"approve_release refused your answer and waits for an approver again: only the "
+                              f"service's approvers, never the person who triggered the release, may answer; see "
+                              f"the task's log: {api.approval_url(dag_id, run_id)}", EXIT_BAD_INPUT)
+        time.sleep(2)
+    print(f"The answer is recorded; approve_release has not taken it yet: {api.run_url(dag_id, run_id)}", file=out)
+    return EXIT_OK
 
 
 def print_outcome(api: AirflowApi, dag_id: str, run_id: str, out: Any) -> None:
@@ -226,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     trigger = commands.add_parser("trigger", help="start release_<service>")
     trigger.add_argument("service")
     trigger.add_argument("--image-tag", required=True)
+    trigger.add_argument("--environment", default=None,
+                         help="where to release: staging (the default) or production (needs evidence from staging and "
+                              "an approver); the catalog names the environments")
     trigger.add_argument("--strategy", choices=["rolling", "blue_green", "canary", "linear"])
     trigger.add_argument("--window", default=None, help="next (default), now, or an ISO 8601 start time")
     trigger.add_argument("--force-reason", default=None,
@@ -240,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("status", "logs", "report"):
         sub = commands.add_parser(name)
         sub.add_argument("run", help="<dag_id>/<run_id>")
+    for name, verb in (("approve", "approve"), ("reject", "reject")):
+        sub = commands.add_parser(name, help=f"{verb} a release waiting at approve_release, as the credentials' user")
+        sub.add_argument("run", help="<dag_id>/<run_id>")
+        sub.add_argument("--comment", default="", help="why; kept in the report")
+        sub.add_argument("--timeout", type=float, default=120,
+                         help="how long to wait for approve_release to take the answer (seconds)")
     calendar = commands.add_parser("calendar", help="the next maintenance windows and what will run in them")
     calendar.add_argument("--weeks", type=float, default=2)
     calendar.add_argument("--tz", default=None, help="an IANA time zone (default: this machine's)")
@@ -264,7 +381,7 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
         if args.command == "trigger":
             dag_id = f"release_{args.service}"
             conf: dict[str, Any] = {"image_tag": args.image_tag}
-            for key, value in (("strategy", args.strategy), ("window", args.window),
+            for key, value in (("environment", args.environment), ("strategy", args.strategy), ("window", args.window),
                                ("force_reason", args.force_reason), ("bake_minutes", args.bake_minutes),
                                ("reason", args.reason)):
                 if value is not None:
@@ -282,12 +399,19 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
             state = follow(api, dag_id, run_id, args.timeout, args.poll, out)
         else:
             dag_id, run_id = parse_run(args.run)
+            if args.command in ("approve", "reject"):
+                return answer_approval(api, dag_id, run_id, "Approve" if args.command == "approve" else "Reject",
+                                       args.comment, args.timeout, out)
             state = api.run(dag_id, run_id)["state"]
             if args.command == "status":
                 print(f"{dag_id}/{run_id}: {state}", file=out)
+                waiting = False
                 for ti in api.task_instances(dag_id, run_id):
                     print(f"  {ti['task_id']}: {ti.get('state')}", file=out)
-                return EXIT_OK if state == "success" else EXIT_FAILED if state == "failed" else EXIT_OK
+                    waiting = waiting or (ti["task_id"] == APPROVAL_TASK and ti.get("state") == "awaiting_input")
+                if waiting:
+                    print_awaiting_approval(api, dag_id, run_id, out)
+                return final_exit_code(api, dag_id, run_id, state) if state in FINAL else EXIT_OK
             if args.command == "logs":
                 for ti in api.task_instances(dag_id, run_id):
                     if ti.get("state") in ("success", "failed"):
@@ -296,7 +420,7 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
                 return EXIT_OK
         print(f"\n{dag_id}/{run_id}: {state.upper()}", file=out)
         print_outcome(api, dag_id, run_id, out)
-        return EXIT_OK if state == "success" else EXIT_FAILED
+        return final_exit_code(api, dag_id, run_id, state)
     except ClientError as exc:
         print(f"omni-release: {exc}", file=sys.stderr)
         return exc.exit_code
