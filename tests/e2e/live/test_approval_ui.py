@@ -2,12 +2,16 @@
 tests/e2e/live/conftest.py: the admin triggers a release in an environment that requires approval; it waits at
 approve_release, holding no worker slot; the admin, who triggered it, is refused (by the API and in the UI); a second
 user, the service's approver, reads the plan on the task's Required Actions page and approves it there; the release
-runs to success and its report says who approved and when.
+runs to success and its report says who approved and when. And from a shell: omni-release shows the waiting release
+with the link, refuses the admin's own answer, and an approver's rejection ends the run FAILED (exit 5), nothing
+changed.
 
 Screenshots of the request and of the refusal are kept as test artifacts in artifacts/ui/."""
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -120,3 +124,53 @@ def test_a_second_user_approves_from_the_ui_and_the_release_runs(browser, live_a
     assert approval["approved_at"] and approval["refused_answers"] == []  # the 403 never reached the task
     assert (report["audit"]["triggered_by"], report["audit"]["approved_by"]) == (info["username"], APPROVER)
     assert report["audit"]["force_reason"] == "UI test: four eyes"
+
+
+def test_omni_release_shows_the_wait_and_an_approver_rejects_from_a_shell(live_airflow, monkeypatch, capsys):
+    """CI triggers a release that needs an approver and follows it; the approver answers from a shell. A rejection
+    ends the run FAILED with nothing changed, and omni-release says so with exit code 5."""
+    import boto3
+
+    from omnisphere_release import client
+
+    info = live_airflow.info
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    running = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]["taskDefinition"]
+    tag = f"8.2.{int(time.time())}"
+    push_image("auth-service", tag)
+    monkeypatch.setenv("OMNI_AIRFLOW_URL", info["url"])
+    monkeypatch.delenv("OMNI_AIRFLOW_TOKEN", raising=False)
+    monkeypatch.setenv("OMNI_AIRFLOW_USERNAME", info["username"])
+    monkeypatch.setenv("OMNI_AIRFLOW_PASSWORD", info["password"])
+    out = io.StringIO()
+    assert client.main(["trigger", "auth-service", "--image-tag", tag, "--environment", APPROVAL_ENVIRONMENT,
+                        "--window", "now", "--force-reason", "CLI test: four eyes", "--bake-minutes", "0.1"],
+                       out=out) == client.EXIT_OK
+    run = out.getvalue().split("Triggered ", 1)[1].split()[0]
+    run_id = run.split("/", 1)[1]
+    wait_for_state(live_airflow, run_id, "awaiting_input")
+
+    out = io.StringIO()
+    assert client.main(["status", run], out=out) == client.EXIT_OK
+    assert f"awaiting approval by {APPROVER}" in out.getvalue()
+    assert f"{url_of(info)}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/{TASK_ID}/required_actions" \
+        in out.getvalue()
+    assert client.main(["approve", run, "--comment", "my own"], out=io.StringIO()) == client.EXIT_BAD_INPUT
+    assert "is not a respondent" in capsys.readouterr().err  # the admin triggered it
+
+    monkeypatch.setenv("OMNI_AIRFLOW_USERNAME", APPROVER)
+    monkeypatch.setenv("OMNI_AIRFLOW_PASSWORD", info["approver"]["password"])
+    out = io.StringIO()
+    assert client.main(["reject", run, "--comment", "CLI test: not tonight"], out=out) == client.EXIT_OK
+    assert "Rejected: the release ends here, with nothing changed" in out.getvalue()
+    assert wait_for_run(live_airflow, DAG_ID, run_id, timeout=300)["state"] == "failed"
+    assert client.main(["status", run], out=io.StringIO()) == client.EXIT_REJECTED
+    report = client_xcom(live_airflow, DAG_ID, run_id, "report")
+    assert (report["outcome"], report["approval"]["rejected_by"]) == ("rejected", APPROVER)
+    assert report["approval"]["comment"] == "CLI test: not tonight"
+    assert ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0][
+        "taskDefinition"] == running
+
+
+def url_of(info: dict) -> str:
+    return str(info["url"]).rstrip("/")
