@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
 from devstack import stack  # noqa: E402
+from devstack.dag_test import dag_processor  # noqa: E402
 
 SERVICES = ("auth-service", "billing-service", "notification-service")
 STEPS = 8
@@ -119,7 +120,8 @@ def main() -> int:
             with output_to(log_path):
                 migrate_cli([service, "down", "--reason", "make demo: leave 004 to the release"])
         release = bag.dags["release_auth-service"]
-        with output_to(log_path):
+        # The release's DAG callbacks (its team's news) run as the DAG processor runs them (devstack/dag_test.py).
+        with output_to(log_path), dag_processor(release):
             good = release.test(run_conf={"image_tag": "1.1.0", "bake_minutes": 0.1, "reason": "make demo",
                                           "window": "now", "force_reason": "make demo on the local stack"})
         say(f"6/{STEPS} Releasing auth-service 1.2.0-errors to staging: its 5xx rate breaks the monitoring gate...")
@@ -133,7 +135,7 @@ def main() -> int:
         Path(f"{feature}.down.sql").write_text("DROP TABLE feature_flags;\n")
         os.environ["OMNISPHERE_SQL_DIR"] = str(scratch / "sql")
         try:
-            with output_to(log_path):
+            with output_to(log_path), dag_processor(release):
                 bad = release.test(run_conf={"image_tag": "1.2.0-errors", "bake_minutes": 0.2,
                                              "reason": "make demo", "window": "now",
                                              "force_reason": "make demo on the local stack"})
@@ -145,10 +147,10 @@ def main() -> int:
         promote = {"environment": "production", "window": "next", "force_reason": None, "bake_minutes": 0.1,
                    "reason": "make demo: promote"}
         say(f"7/{STEPS} Promoting auth-service 1.2.0-errors to production: it never succeeded in staging...")
-        with output_to(log_path):
+        with output_to(log_path), dag_processor(release):
             refused = release.test(run_conf={"image_tag": "1.2.0-errors", **promote})
         say(f"8/{STEPS} Promoting auth-service 1.1.0 to production: the image staging released, by digest...")
-        with output_to(log_path):
+        with output_to(log_path), dag_processor(release):
             promoted = release.test(run_conf={"image_tag": "1.1.0", **promote})
         say("")
         say(f"schema_migrations run: {state(real).upper()} in {elapsed:.1f}s "

@@ -136,7 +136,7 @@ class AirflowApi:
             response = self.http.get(f"{self.url}/omnisphere/api/calendar", params={"weeks": weeks})
         except httpx.HTTPError as exc:
             raise ClientError(f"cannot reach Airflow at {self.url}: {exc}", EXIT_UNREACHABLE) from None
-        if response.status_code == 401:
+        if response.status_code == 401 or (response.status_code == 403 and "invalid jwt" in response.text.lower()):
             raise ClientError("Airflow refused the credentials for the calendar (HTTP 401)", EXIT_UNREACHABLE)
         if response.status_code == 403:
             raise ClientError(forbidden_message("GET", "/omnisphere/api/calendar", response), EXIT_BAD_INPUT)
@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="required with --window now or a time outside the service's maintenance windows")
     trigger.add_argument("--bake-minutes", type=float)
     trigger.add_argument("--reason", default=None)
-    trigger.add_argument("--staging-rehearsed", action="store_true")
+    trigger.add_argument("--evidence-override", metavar="REASON", default=None,
+                         help="release without the promotion evidence the environment requires, for this reason "
+                              "(on record; an approver must accept it where the environment requires one)")
     trigger.add_argument("--dry-run", action="store_true")
     trigger.add_argument("--wait", action="store_true", help="follow the run and print its report")
     trigger.add_argument("--timeout", type=float, default=3600)
@@ -386,8 +388,8 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
                                ("reason", args.reason)):
                 if value is not None:
                     conf[key] = value
-            if args.staging_rehearsed:
-                conf["staging_rehearsed"] = True
+            if args.evidence_override:
+                conf["evidence_override"] = args.evidence_override
             if args.dry_run:
                 conf["dry_run"] = True
             run = api.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})

@@ -107,8 +107,10 @@ def test_production_runs_beside_staging_with_databases_cluster_buckets_and_sampl
     services = ecs.describe_services(cluster=production.ecs_cluster, services=catalog.names)["services"]
     assert [s["serviceName"] for s in services] == catalog.names
     assert all(s["clusterArn"].endswith(f"/{production.ecs_cluster}") for s in services)
+    # Production's sample service serves what production's ECS service runs (another test may have released it).
+    running = ecs.describe_task_definition(taskDefinition=services[0]["taskDefinition"])["taskDefinition"]
     status, body = get_json(devstack["OMNI_SAMPLE_URL_AUTH_SERVICE_PRODUCTION"] + "/version")
-    assert status == 200 and body["version"] == "1.0.0"
+    assert status == 200 and body["image"] == running["containerDefinitions"][0]["image"]
     assert devstack["AIRFLOW_VAR_OMNI_BACKUP_BUCKET_PRODUCTION"] != devstack["AIRFLOW_VAR_OMNI_BACKUP_BUCKET"]
     for variable in ("AIRFLOW_VAR_OMNI_BACKUP_BUCKET_PRODUCTION", "AIRFLOW_VAR_OMNI_EVIDENCE_BUCKET"):
         assert aws("s3").get_bucket_encryption(Bucket=devstack[variable])

@@ -66,12 +66,13 @@ def environment_param(catalog: Catalog) -> Param:
 def release_params(service: Service, catalog: Catalog) -> dict[str, Param]:
     # Titles and descriptions are what the UI's trigger form shows; the keys are what the API and the CLI send.
     return {
-        "environment": environment_param(catalog),
         "image_tag": Param(type="string", pattern=IMAGE_TAG_PATTERN, title="Image tag",
                            description="The tag of the image to release, from the same repository as the running "
                                        f"image: {IMAGE_TAG_RULE}."),
         "strategy": Param(service.deploy.strategy, type="string", enum=STRATEGIES, title="Strategy",
                           description="ECS deployment strategy; rolling uses the circuit breaker."),
+        # After the strategy: the UI form shows the params in this order (and the UI test picks the first select).
+        "environment": environment_param(catalog),
         "migrate": Param(True, type="boolean", title="Apply migrations",
                          description="Apply pending schema migrations before deploying."),
         "target_version": Param(None, type=["null", "integer"], minimum=0, title="Target schema version",
