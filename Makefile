@@ -11,7 +11,7 @@ EXECUTOR ?= standalone
 # and kept in .airflow/fab-users.json, mode 0600) instead of the simple one (one admin who may do everything).
 AUTH ?= simple
 
-.PHONY: all venv lint test test-chaos test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
+.PHONY: all venv lint test test-long test-chaos test-fast test-ui compose-check demo devstack devstack-stop up down bench constraints clean
 
 all: venv
 
@@ -34,7 +34,12 @@ lint: venv
 # The chaos tests (a release under killed parts and injected faults on the Celery topology, ~10 min) have a target
 # of their own, so that make test stays well under 20 minutes; .ci/run runs both.
 test: lint
-	$(PY) -m pytest -q -n 2 --ignore=tests/chaos
+	$(PY) -m pytest -q -n 2 --ignore=tests/chaos -m "not long"
+
+# Scenarios of several whole releases each (promotion, progressive delivery, release news, release trains): ~10 min,
+# kept out of make test so that it stays under 20 minutes. CI runs it after make test.
+test-long: venv
+	$(PY) -m pytest -q -n 2 --ignore=tests/chaos -m long
 
 test-chaos: venv
 	$(PY) -m pytest -q -m chaos tests/chaos

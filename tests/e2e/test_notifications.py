@@ -24,7 +24,8 @@ import yaml
 from tests.e2e.helpers import RunOutcome, auth_service_at_version_3, push_image, run_dag
 from tests.e2e.test_approval import answers, approval_catalog  # noqa: F401 - answers is a fixture
 
-pytestmark = pytest.mark.e2e
+# Several whole releases each: in `make test-long` (CI runs it after `make test`), not in `make test`.
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 SERVICE = "auth-service"
 TEAM = "identity"
 NOW = {"bake_minutes": 0.1, "reason": "e2e notifications", "window": "now", "force_reason": "e2e test"}

@@ -17,7 +17,8 @@ from tests.e2e.helpers import catalog_copy
 from tests.e2e.test_release_dag import SERVICE, assert_rolled_back, release, release_env, snapshot
 from tests.e2e.test_verification import bake_of
 
-pytestmark = pytest.mark.e2e
+# Several whole releases each: in `make test-long` (CI runs it after `make test`), not in `make test`.
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 __all__ = ["release_env"]  # the fixture, imported for this module's tests
 
 PASSED_BEFORE_GATE = ("wait_for_window", "preflight", "backup", "schema_up", "integrity_check", "ecs_deploy",

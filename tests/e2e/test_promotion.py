@@ -25,7 +25,8 @@ from psycopg2 import sql
 from tests.e2e.helpers import RunOutcome, catalog_copy, push_image, run_dag
 from tests.pg import schema_dump
 
-pytestmark = pytest.mark.e2e
+# Several whole releases each: in `make test-long` (CI runs it after `make test`), not in `make test`.
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 SERVICE = "auth-service"
 PRODUCTION_CLUSTER = "omnisphere-production"
 

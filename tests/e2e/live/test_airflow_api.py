@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[3]
 
 
+@pytest.mark.long  # a scheduled train of three releases: in `make test-long`
 def test_scheduled_release_all_releases_the_queued_manifest_and_stops_at_the_first_failure(live_airflow):
     """Queue a manifest for the next release_all window (every minute here); the scheduled run takes it and releases
     auth-service and billing-service at the same time (neither depends on the other in the live catalog);

@@ -14,7 +14,8 @@ import pytest
 from tests.e2e.helpers import push_image
 from tests.e2e.live.helpers import client_xcom, task_states, wait_for_run
 
-pytestmark = pytest.mark.e2e
+# Several whole releases each: in `make test-long` (CI runs it after `make test`), not in `make test`.
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 
 def child_run(client: httpx.Client, release_all_run_id: str, service: str) -> dict:
