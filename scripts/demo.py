@@ -164,7 +164,8 @@ def main() -> int:
             tasks = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
             say(f"release_auth-service, {title}: run {state(run).upper()}")
             say("    stages:   " + ", ".join(f"{t} {tasks.get(t, '-')}" for t in (
-                "preflight", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test", "monitoring_gate",
+                "preflight", "approve_release", "backup", "schema_up", "integrity_check", "ecs_deploy", "smoke_test",
+                "regression_test", "monitoring_gate",
                 "finalize")))
             if state(run) != "success":
                 say("    rollback: " + ", ".join(f"{t} {tasks.get(t, '-')}" for t in (
