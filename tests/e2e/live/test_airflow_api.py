@@ -131,7 +131,7 @@ def test_cli_failed_release_exits_1_with_the_report_and_the_failed_task_log(live
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED and ROLLED BACK" in result.stdout
     assert "---- log of failed task smoke_test" in result.stdout
-    assert "Smoke test of notification-service failed" in result.stdout  # the cause, from the task log via the API
+    assert "FAILED: status 503, expected 200" in result.stdout  # the cause, from the task log via the API
     assert "GET /health -> 503" in result.stdout
     run = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("Triggered "))
     logs = omni_release(live_airflow, "logs", run)
