@@ -254,7 +254,15 @@ def final_exit_code(api: AirflowApi, dag_id: str, run_id: str, state: str) -> in
     if state == "success":
         return EXIT_OK
     report = api.report(dag_id, run_id) or {}
-    return EXIT_REJECTED if report.get("outcome") in APPROVAL_OUTCOMES else EXIT_FAILED
+    if report:
+        return EXIT_REJECTED if report.get("outcome") in APPROVAL_OUTCOMES else EXIT_FAILED
+    # No report to read (its task failed, or the API could not give it): the task states say as much.
+    try:
+        states = {ti.get("task_id"): ti.get("state") for ti in api.task_instances(dag_id, run_id)}
+    except ClientError:
+        return EXIT_FAILED
+    ended_at_approval = states.get("approve_release") == "failed" and states.get("backup") in ("upstream_failed", None)
+    return EXIT_REJECTED if ended_at_approval else EXIT_FAILED
 
 
 def answer_approval(api: AirflowApi, dag_id: str, run_id: str, option: str, comment: str, timeout: float,
