@@ -1,5 +1,8 @@
 """Access through the live API with production's FAB auth manager: the roles synced from the catalog decide who may
-trigger which DAG, who may force a production window, and what omni-release says when refused."""
+trigger which DAG, who may force a production window, and what omni-release says when refused.
+
+It is a module of its own (not under tests/e2e/live/): it needs no live_airflow, so it may run on the other xdist
+worker, beside the live Airflow's tests."""
 
 from __future__ import annotations
 
