@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import attrs
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from asgiref.sync import sync_to_async
 
@@ -38,7 +39,59 @@ def merge_minutes(readings: dict[str, dict[str, Any]], minutes: tuple[MinuteRead
             readings[reading.minute] = reading.to_dict()
 
 
-class MonitoringBakeTrigger(BaseTrigger):
+def copied_list(values: Iterable[str] | None) -> list[str]:
+    """None reads as none at all; a copy, so that the caller changing its list later cannot change a deferred wait."""
+    return list(values or [])
+
+
+def copied_steps(steps: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A copy of each step, for the same reason."""
+    return [dict(step) for step in steps]
+
+
+# Each field of the triggers below is at once a constructor argument (with its default and its conversion) and a
+# serialized kwarg of the same name: declared once, so that the trigger the operator defers with is the one the
+# triggerer rebuilds from the stored row, and a new field cannot be left out of serialize(). The same attrs.define
+# arguments on each class (written out, as mypy's attrs plugin reads only a literal attrs.define): keyword-only,
+# because a trigger's own fields and the shared ones do not come in one order; eq and repr stay BaseTrigger's
+# (identity, and the serialized form); no slots, as BaseTrigger's instances keep a __dict__.
+@attrs.define(kw_only=True, eq=False, repr=False, slots=False)
+class WatchTrigger(BaseTrigger):
+    """What the bake and the stepped bake share: thresholds, alarms, AWS connection, polling, maintenance window and
+    the new task set's log check. A subclass declares its own fields, decorated the same way, and implements ``run``.
+    """
+
+    max_error_rate: float
+    max_p99_ms: float
+    missing_data_seconds: float
+    alarms: list[str] = attrs.field(factory=list, converter=copied_list)
+    aws_conn_id: str | None = "aws_default"
+    region_name: str | None = None
+    poll_seconds: float = 10.0
+    window_closes_at: float | None = None
+    log_group: str | None = None
+    log_stream_prefix: str | None = None
+    log_patterns: list[str] = attrs.field(factory=list, converter=copied_list)
+    max_error_lines: int = 0
+
+    def __attrs_pre_init__(self) -> None:
+        super().__init__()  # BaseTrigger's own state (trigger_id, task_instance...), before the fields are set
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {field.name: getattr(self, field.name) for field in attrs.fields(type(self))})
+
+    @property
+    def checks_logs(self) -> bool:
+        return bool(self.log_group and self.log_stream_prefix and self.log_patterns)
+
+    def _log_breach(self, scan: LogScan) -> str | None:
+        return log_breach(scan, self.max_error_lines, self.log_group or "", self.log_stream_prefix or "",
+                          self.log_patterns)
+
+
+@attrs.define(kw_only=True, eq=False, repr=False, slots=False)
+class MonitoringBakeTrigger(WatchTrigger):
     """Every ``poll_seconds`` until ``bake_until`` (epoch seconds), read the metrics of the last ``window_seconds``.
 
     Fails on an error rate or p99 latency above the thresholds, on a firing alarm, and, unless ``allow_missing_data``,
@@ -56,47 +109,11 @@ class MonitoringBakeTrigger(BaseTrigger):
     Every event carries the per-minute ``readings`` and the ``log_errors`` seen so far, whatever the outcome.
     """
 
-    def __init__(self, target_group: str, started_at: float, bake_until: float, max_error_rate: float,
-                 max_p99_ms: float, missing_data_seconds: float, alarms: list[str] | None = None,
-                 aws_conn_id: str | None = "aws_default", region_name: str | None = None,
-                 poll_seconds: float = 10.0, window_seconds: float = 120.0, allow_missing_data: bool = False,
-                 window_closes_at: float | None = None, log_group: str | None = None,
-                 log_stream_prefix: str | None = None, log_patterns: list[str] | None = None,
-                 max_error_lines: int = 0) -> None:
-        super().__init__()
-        self.target_group = target_group
-        self.started_at = started_at
-        self.bake_until = bake_until
-        self.max_error_rate = max_error_rate
-        self.max_p99_ms = max_p99_ms
-        self.missing_data_seconds = missing_data_seconds
-        self.alarms = list(alarms or [])
-        self.aws_conn_id = aws_conn_id
-        self.region_name = region_name
-        self.poll_seconds = poll_seconds
-        self.window_seconds = window_seconds
-        self.allow_missing_data = allow_missing_data
-        self.window_closes_at = window_closes_at
-        self.log_group = log_group
-        self.log_stream_prefix = log_stream_prefix
-        self.log_patterns = list(log_patterns or [])
-        self.max_error_lines = max_error_lines
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}", {
-            "target_group": self.target_group, "started_at": self.started_at, "bake_until": self.bake_until,
-            "max_error_rate": self.max_error_rate, "max_p99_ms": self.max_p99_ms,
-            "missing_data_seconds": self.missing_data_seconds, "alarms": self.alarms,
-            "aws_conn_id": self.aws_conn_id, "region_name": self.region_name, "poll_seconds": self.poll_seconds,
-            "window_seconds": self.window_seconds, "allow_missing_data": self.allow_missing_data,
-            "window_closes_at": self.window_closes_at, "log_group": self.log_group,
-            "log_stream_prefix": self.log_stream_prefix, "log_patterns": self.log_patterns,
-            "max_error_lines": self.max_error_lines,
-        })
-
-    @property
-    def checks_logs(self) -> bool:
-        return bool(self.log_group and self.log_stream_prefix and self.log_patterns)
+    target_group: str
+    started_at: float
+    bake_until: float
+    window_seconds: float = 120.0
+    allow_missing_data: bool = False
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = await sync_to_async(ServiceMetricsHook.from_connection)(self.aws_conn_id, self.region_name)
@@ -190,10 +207,6 @@ class MonitoringBakeTrigger(BaseTrigger):
                 return
             await asyncio.sleep(min(self.poll_seconds, max(0.1, self.bake_until - now)))
 
-    def _log_breach(self, scan: LogScan) -> str | None:
-        return log_breach(scan, self.max_error_lines, self.log_group or "", self.log_stream_prefix or "",
-                          self.log_patterns)
-
     def _breach(self, window: Any) -> str | None:
         if window.alarms_firing:
             return f"alarm(s) firing: {', '.join(window.alarms_firing)}"
@@ -241,7 +254,8 @@ def step_breach(new: Any, old: Any, max_error_rate: float, max_p99_ms: float) ->
     return None
 
 
-class DeploymentStepsTrigger(BaseTrigger):
+@attrs.define(kw_only=True, eq=False, repr=False, slots=False)
+class DeploymentStepsTrigger(WatchTrigger):
     """Follow a canary or linear ECS deployment step by step, and analyse each step while ECS bakes it.
 
     A step begins when ECS reports a new share of production traffic on the new revision
@@ -258,48 +272,17 @@ class DeploymentStepsTrigger(BaseTrigger):
     ``breach`` event names the step (``failed_step``) so that the gate can stop the deployment with ROLLBACK.
     """
 
-    def __init__(self, deployment_arn: str, steps: list[dict[str, Any]], production_target_group: str,
-                 new_target_group: str, max_error_rate: float, max_p99_ms: float, missing_data_seconds: float,
-                 deadline: float, alarms: list[str] | None = None, aws_conn_id: str | None = "aws_default",
-                 region_name: str | None = None, poll_seconds: float = 10.0, window_closes_at: float | None = None,
-                 log_group: str | None = None, log_stream_prefix: str | None = None,
-                 log_patterns: list[str] | None = None, max_error_lines: int = 0) -> None:
-        super().__init__()
-        self.deployment_arn = deployment_arn
-        self.steps = [dict(step) for step in steps]
-        self.production_target_group = production_target_group
-        self.new_target_group = new_target_group
-        self.max_error_rate = max_error_rate
-        self.max_p99_ms = max_p99_ms
-        self.missing_data_seconds = missing_data_seconds
-        self.deadline = deadline
-        self.alarms = list(alarms or [])
-        self.aws_conn_id = aws_conn_id
-        self.region_name = region_name
-        self.poll_seconds = poll_seconds
-        self.window_closes_at = window_closes_at
-        self.log_group = log_group
-        self.log_stream_prefix = log_stream_prefix
-        self.log_patterns = list(log_patterns or [])
-        self.max_error_lines = max_error_lines
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (f"{type(self).__module__}.{type(self).__qualname__}", {
-            "deployment_arn": self.deployment_arn, "steps": self.steps,
-            "production_target_group": self.production_target_group, "new_target_group": self.new_target_group,
-            "max_error_rate": self.max_error_rate, "max_p99_ms": self.max_p99_ms,
-            "missing_data_seconds": self.missing_data_seconds, "deadline": self.deadline, "alarms": self.alarms,
-            "aws_conn_id": self.aws_conn_id, "region_name": self.region_name, "poll_seconds": self.poll_seconds,
-            "window_closes_at": self.window_closes_at, "log_group": self.log_group,
-            "log_stream_prefix": self.log_stream_prefix, "log_patterns": self.log_patterns,
-            "max_error_lines": self.max_error_lines,
-        })
+    deployment_arn: str
+    steps: list[dict[str, Any]] = attrs.field(converter=copied_steps)
+    production_target_group: str
+    new_target_group: str
+    deadline: float
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         ecs = await sync_to_async(EcsDeploymentHook)(self.aws_conn_id, self.region_name)
         metrics = await sync_to_async(ServiceMetricsHook.from_connection)(self.aws_conn_id, self.region_name)
         logs = (await sync_to_async(ServiceLogsHook.from_connection)(self.aws_conn_id, self.region_name)
-                if self.log_group and self.log_stream_prefix and self.log_patterns else None)
+                if self.checks_logs else None)
         started_at = time.time()
         steps: list[dict[str, Any]] = []  # the steps reached, the last one open
         readings: dict[str, dict[str, Any]] = {}
@@ -383,8 +366,7 @@ class DeploymentStepsTrigger(BaseTrigger):
             observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} {line}")
             self.log.info("%s", line)
             breach = step_breach(new, old, self.max_error_rate, self.max_p99_ms) or (
-                log_breach(scan, self.max_error_lines, self.log_group or "", self.log_stream_prefix or "",
-                           self.log_patterns) if scan is not None else None)
+                self._log_breach(scan) if scan is not None else None)
             if new.has_data:
                 last_data = now
             elif now - last_data > self.missing_data_seconds:
