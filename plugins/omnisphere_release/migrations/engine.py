@@ -5,7 +5,9 @@ The engine knows nothing of Airflow: the schema_migrations DAG, the release DAGs
 Versions are the numbers of the files, and 0 is one of them (golang-migrate's ``0_initial``): a database where nothing
 is applied is at :data:`NOTHING_APPLIED`, shown as ``none``. A database that other tools built is adopted with
 :meth:`MigrationEngine.baseline` (or :meth:`MigrationEngine.adopt`, from golang-migrate's own table): the versions it
-already has are recorded as applied without running them.
+already has are recorded as applied without running them. Those versions are a floor for ``down``: their down files
+never ran against this database, so reverting them is refused unless a person says why it is safe
+(``below_baseline``); a release's rollback, which reverts only what it applied, never meets the floor.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ NOTHING_APPLIED = -1
 #: golang-migrate's table: one row (version bigint, dirty boolean), or none when nothing is applied.
 GOLANG_MIGRATE_TABLE = "schema_migrations"
 BASELINE_ACTION = "baselined"
+#: The log's action for a version reverted below the baseline on purpose (the reason says why that was safe).
+BELOW_BASELINE_ACTION = "reverted_below_baseline_accepted"
+# The log's actions that mark a version applied: the last of them says whether this engine ran its up file.
+_APPLIED_ACTIONS = ("applied", "resolved_applied", BASELINE_ACTION)
 
 
 def version_label(version: int | None) -> str:
@@ -115,6 +121,9 @@ class Plan:
     findings: list[Finding] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
     gaps: list[str] = field(default_factory=list)  # numbers the steps skip: allowed, shown so nobody wonders
+    # down: the steps' versions that baseline/adopt recorded without running them, reverted anyway for this reason.
+    below_baseline: list[int] = field(default_factory=list)
+    below_baseline_reason: str | None = None
 
     @property
     def blocking(self) -> list[Finding]:
@@ -142,6 +151,9 @@ class Plan:
             lines.append(f"  lint {finding.severity}: {finding.describe()}")
         for item in self.drift:
             lines.append(f"  drift acknowledged: {item}")
+        if self.below_baseline:
+            lines.append(f"  below the baseline, accepted: {', '.join(map(str, self.below_baseline))} were recorded "
+                         f"by baseline/adopt without running them ({self.below_baseline_reason})")
         return "\n".join(lines)
 
 
@@ -270,12 +282,13 @@ class MigrationEngine:
             return {version: f"{action} by {by} at {at:%Y-%m-%d %H:%M:%S %Z}" + (f" ({reason})" if reason else "")
                     for version, action, by, reason, at in cur.fetchall()}
 
-    def plan(self, direction: str, target: int | None = None, run_lint: bool = True) -> Plan:
+    def plan(self, direction: str, target: int | None = None, run_lint: bool = True,
+             below_baseline: str | None = None) -> Plan:
         """Return what ``migrate`` would do; raise InvalidMigrationInput when it would be refused."""
         migrations = discover(self.migrations_dir)
         with self._connection() as conn:
             return self._plan(conn, migrations, self._read_history(conn), direction, target, run_lint,
-                              drift_reason=None)
+                              drift_reason=None, below_baseline=below_baseline)
 
     def migrate(
         self,
@@ -285,14 +298,19 @@ class MigrationEngine:
         reason: str | None = None,
         acknowledge_drift: str | None = None,
         run_lint: bool = True,
+        below_baseline: str | None = None,
     ) -> RunResult:
-        """Apply (``up``) or revert (``down``) migrations to ``target``; with ``dry_run``, only plan."""
+        """Apply (``up``) or revert (``down``) migrations to ``target``; with ``dry_run``, only plan.
+
+        ``below_baseline`` (a reason) lets ``down`` revert versions that baseline/adopt recorded without running
+        them, which is refused otherwise; the reason is kept in the migration log for each of them.
+        """
         started = time.monotonic()
         migrations = discover(self.migrations_dir)  # every file is validated before the database is touched
         with self._connection() as conn:
             if dry_run:
                 plan = self._plan(conn, migrations, self._read_history(conn), direction, target, run_lint,
-                                  acknowledge_drift)
+                                  acknowledge_drift, below_baseline)
                 self.log.info("%s", plan.render())
                 self._refuse_blocking_findings(plan)
                 return RunResult(self.service, direction, plan.current_version, plan.current_version, True, plan)
@@ -300,7 +318,8 @@ class MigrationEngine:
             try:
                 self._ensure_history(conn)
                 history = self._read_history(conn)
-                plan = self._plan(conn, migrations, history, direction, target, run_lint, acknowledge_drift)
+                plan = self._plan(conn, migrations, history, direction, target, run_lint, acknowledge_drift,
+                                  below_baseline)
                 self._refuse_blocking_findings(plan)
                 for finding in plan.findings:
                     if finding.severity == "ignored":
@@ -309,6 +328,8 @@ class MigrationEngine:
                         self.log.info("Lint advice: %s", finding.describe())
                 if plan.drift:
                     self._acknowledge_drift(conn, migrations, history, acknowledge_drift or "")
+                if plan.below_baseline:
+                    self._accept_below_baseline(conn, plan)
                 result = RunResult(self.service, direction, plan.current_version, plan.current_version, False, plan)
                 if not plan.steps:
                     self.log.info("%s: nothing to %s; schema is at version %s", self.service, direction,
@@ -510,7 +531,8 @@ class MigrationEngine:
 
     # ---- planning ----------------------------------------------------------------------------------------------------
     def _plan(self, conn: Any, migrations: list[Migration], history: dict[int, AppliedVersion], direction: str,
-              target: int | None, run_lint: bool, drift_reason: str | None) -> Plan:
+              target: int | None, run_lint: bool, drift_reason: str | None,
+              below_baseline: str | None = None) -> Plan:
         if direction not in {"up", "down"}:
             raise InvalidMigrationInput(f"direction must be 'up' or 'down', not {direction!r}")
         self._refuse_dirty(history, migrations)
@@ -530,6 +552,7 @@ class MigrationEngine:
                 f"{self.service}: {early[0].up.path} (version {early[0].version}) is older than the applied "
                 f"version {current}; out-of-order migrations are refused: renumber it above {current}")
         known = ", ".join(str(v) for v in sorted(by_version)) or "none"
+        below: list[int] = []  # down: versions below the baseline, reverted for a reason
         if direction == "up":
             if target is None:
                 target = pending[-1].version if pending else current
@@ -562,6 +585,7 @@ class MigrationEngine:
                     f"{self.service}: applied version {missing[0]} has no file in {self.migrations_dir}; "
                     f"its down file is needed to revert it")
             steps = [by_version[v] for v in reversed(applied) if v > target]
+            below = self._refuse_below_baseline(conn, steps, target, below_baseline)
             irreversible = [m for m in steps if not m.reversible]
             if irreversible:
                 m = irreversible[0]
@@ -576,8 +600,65 @@ class MigrationEngine:
             if to_lint:
                 findings = lint(to_lint, blocking_rules=self.settings.blocking_rules,
                                 relation_rows=lambda name: self._relation_rows(conn, name))
-        return Plan(self.service, direction, current, target, steps, findings, drift if drift_reason else [],
+        plan = Plan(self.service, direction, current, target, steps, findings, drift if drift_reason else [],
                     _gaps(current, steps) if direction == "up" else [])
+        if direction == "down" and below:
+            plan.below_baseline, plan.below_baseline_reason = below, (below_baseline or "").strip()
+        return plan
+
+    def _refuse_below_baseline(self, conn: Any, steps: list[Migration], target: int,
+                               reason: str | None) -> list[int]:
+        """Refuse a down whose steps include versions baseline/adopt recorded without running them, unless a
+        ``reason`` says why reverting them is safe; return those versions (empty: none, the usual case).
+
+        Their down files never ran against this database: another tool built what they would drop, maybe otherwise
+        than the up files say. A version this engine applied again after such a revert is its own again.
+        """
+        baselined = self._baselined(conn, [m.version for m in steps])
+        if not baselined:
+            return []
+        below = [m.version for m in steps if m.version in baselined]
+        if (reason or "").strip():
+            return below
+        floor = max(below)
+        by, why, at = baselined[floor]
+        labels = ", ".join(m.label for m in steps if m.version in baselined)
+        asked = "down --all" if target == NOTHING_APPLIED else f"down --to {target}"
+        lowest = (f"The lowest it can go is version {floor} (`down --to {floor}`), reverting only what this engine "
+                  f"applied above the baseline" if steps[0].version > floor else
+                  "Nothing above the baseline was applied by this engine, so there is nothing `down` may revert")
+        raise InvalidMigrationInput(
+            f"{self.service}: {asked} refused, nothing was changed: it would revert {labels}, at or below the "
+            f"baseline {floor} ({why}; recorded by {by} at {at:%Y-%m-%d %H:%M:%S %Z}). Those versions were recorded "
+            f"as applied without running them: their down files never ran against this database, which another tool "
+            f"built. {lowest}. To go below it, restore the backup taken before the change you want undone; or, if "
+            f"you have checked that these down files undo exactly what the other tool applied, say so on record: "
+            f"`omni-migrate {self.service} {asked} --below-baseline 'how you checked' --reason '...'`.")
+
+    def _baselined(self, conn: Any, versions: list[int]) -> dict[int, tuple[str, str, Any]]:
+        """Return, of ``versions``, those whose up file this engine never ran: the last log entry that marked them
+        applied is baseline/adopt's. Each with who recorded it, the recorded reason (its source first), and when."""
+        if not versions:
+            return {}
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", [LOG_TABLE])
+            if not cur.fetchone()[0]:
+                return {}
+            cur.execute(sql.SQL("SELECT DISTINCT ON (version) version, action, by, reason, at FROM {} "
+                                "WHERE version = ANY(%s) AND action = ANY(%s) ORDER BY version, id DESC")
+                        .format(sql.Identifier(LOG_TABLE)), [versions, list(_APPLIED_ACTIONS)])
+            return {version: (by, reason or "no reason recorded", at)
+                    for version, action, by, reason, at in cur.fetchall() if action == BASELINE_ACTION}
+
+    def _accept_below_baseline(self, conn: Any, plan: Plan) -> None:
+        """Record, before any of them is reverted, that versions below the baseline are reverted on purpose."""
+        names = {m.version: m.name for m in plan.steps}
+        with conn, conn.cursor() as cur:
+            for version in plan.below_baseline:
+                self._log_row(cur, version, names[version], BELOW_BASELINE_ACTION, plan.below_baseline_reason, None)
+        self.log.warning("%s: reverting version(s) %s below the baseline, recorded by baseline/adopt without running "
+                         "them, as asked: %s. Their down files never ran here before; check the schema afterwards.",
+                         self.service, ", ".join(map(str, plan.below_baseline)), plan.below_baseline_reason)
 
     def _refuse_dirty(self, history: dict[int, AppliedVersion], migrations: list[Migration]) -> None:
         dirty = [h for h in history.values() if h.state == "dirty"]
