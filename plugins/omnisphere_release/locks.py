@@ -9,17 +9,31 @@ A lease cannot outlive its run: whoever finds the service held asks (through ``i
 is still going, and takes the lease over if not. So a crashed worker or a killed run never blocks the service for
 good, and nothing needs to release the lease on every path (the release's report does, early, as a courtesy).
 
+The command lines (``omni-migrate``, the data migration CLI) take the same lease for their changes (:func:`cli_lease`).
+Their holder is a process, not an Airflow run: it is recorded as ``cli:<user>@<host>:<pid>:<backend pid>`` and keeps
+the PostgreSQL session that took the lease open until it ends. Whether such a holder is over is decided here, for
+every contender, by whether that session still exists (:func:`cli_holder_is_over`): Airflow knows nothing of it (it
+would answer "no such run", which must not free a live command's lease), and a killed command's session ends with it,
+so a dead command never blocks the service either.
+
 The row lives in the service database, beside the migration engine's bookkeeping, because every such operation can
 reach that database, and a PostgreSQL row lock makes the take-over atomic. Importable without Airflow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import getpass
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 
 LOCK_TABLE = "omnisphere_operation_lock"
@@ -36,11 +50,20 @@ CREATE TABLE IF NOT EXISTS {LOCK_TABLE} (
     acquired_at  timestamptz NOT NULL DEFAULT now()
 );
 """
+#: The command lines that take a lease, recorded as the holder's dag_id (no DAG of the project has these ids).
+CLI_TOOLS = ("omni-migrate", "omni-datamigrate")
+# cli:<user>@<host>:<process id>:<PostgreSQL backend pid>; the user and host are for people, the backend for the rule.
+_CLI_RUN_ID = re.compile(r"cli:(?P<who>.+):(?P<pid>\d+):(?P<backend>\d+)")
+# The lease session's server-side TCP keepalives: a command whose host vanished (no FIN ever arrives) loses its
+# session, and so its lease, within about a minute instead of the kernel's default two hours. Ignored on unix sockets.
+_CLI_SESSION_SETTINGS = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"}
+
+log = logging.getLogger("omnisphere_release.locks")
 
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds (or asks for) a service: an Airflow run, and what it is doing to the service."""
+    """Who holds (or asks for) a service: an Airflow run or a command line, and what it is doing to the service."""
 
     dag_id: str
     run_id: str
@@ -51,17 +74,44 @@ class Holder:
     def same_run(self, other: Holder) -> bool:
         return (self.dag_id, self.run_id) == (other.dag_id, other.run_id)
 
+    @property
+    def is_cli(self) -> bool:
+        """Say whether a command line holds it (:func:`cli_lease`), not an Airflow run."""
+        return self._cli_parts() is not None
+
+    @property
+    def backend_pid(self) -> int | None:
+        """Return the PostgreSQL backend whose session holds a command line's lease (None: an Airflow run)."""
+        parts = self._cli_parts()
+        return int(parts["backend"]) if parts else None
+
     def describe(self) -> str:
         since = f" since {self.acquired_at.isoformat(timespec='seconds')}" if self.acquired_at else ""
+        parts = self._cli_parts()
+        if parts:
+            return (f"{self.operation} ({self.dag_id} {self.task_id} run by {parts['who']}, process {parts['pid']}, "
+                    f"PostgreSQL session {parts['backend']}{since})")
         return f"{self.operation} (run {self.run_id} of {self.dag_id}, task {self.task_id}{since})"
+
+    def what_ends_it(self) -> str:
+        """Say how this holder's lease ends, for the person who was refused."""
+        parts = self._cli_parts()
+        if parts:
+            return (f"Wait for that command to end, or stop it (process {parts['pid']} on {parts['who']}); its lease "
+                    f"ends with its PostgreSQL session (if its host is gone: "
+                    f"SELECT pg_terminate_backend({parts['backend']}) on the service database).")
+        return "Wait for that run to end, or fail it in Airflow if it is stuck; its lease ends with it."
+
+    def _cli_parts(self) -> re.Match[str] | None:
+        return _CLI_RUN_ID.fullmatch(self.run_id) if self.dag_id in CLI_TOOLS else None
 
 
 class ServiceBusy(RuntimeError):
-    """Another run that is still going holds the service."""
+    """Another run (or command line) that is still going holds the service."""
 
-    def __init__(self, service: str, holder: Holder) -> None:
-        super().__init__(f"{service} is held by {holder.describe()}: one operation per service at a time. Wait for "
-                         f"that run to end, or fail it in Airflow if it is stuck; its lease ends with it.")
+    def __init__(self, service: str, holder: Holder, note: str = "") -> None:
+        super().__init__(f"{service} is held by {holder.describe()}: one operation per service at a time. "
+                         f"{holder.what_ends_it()}" + (f" {note}" if note else ""))
         self.service = service
         self.holder = holder
 
@@ -85,46 +135,58 @@ class ServiceLock:
     def acquire(self, me: Holder, is_over: Callable[[Holder], bool]) -> Taken:
         """Take the service for ``me``'s run, or raise ServiceBusy naming the run that holds it.
 
-        ``is_over(holder)`` says whether the holder's run has ended (its lease is then taken over).
+        ``is_over(holder)`` says whether the holder's Airflow run has ended (its lease is then taken over); a command
+        line's lease is judged here, by its PostgreSQL session (:func:`cli_holder_is_over`), never by ``is_over``.
         """
         conn = self.connect()
         try:
-            _create_table(conn)
-            with conn, conn.cursor() as cur:
-                cur.execute(sql.SQL("INSERT INTO {} (service, dag_id, run_id, task_id, operation) VALUES "
-                                    "(%s, %s, %s, %s, %s) ON CONFLICT (service) DO NOTHING RETURNING acquired_at")
-                            .format(sql.Identifier(LOCK_TABLE)),
-                            [self.service, me.dag_id, me.run_id, me.task_id, me.operation])
-                row = cur.fetchone()
-                if row:
-                    return Taken(Holder(me.dag_id, me.run_id, me.task_id, me.operation, row[0]))
-                # Held: lock the row while deciding, so that two contenders cannot both take a finished lease over.
-                cur.execute(sql.SQL("SELECT dag_id, run_id, task_id, operation, acquired_at FROM {} WHERE service = %s "
-                                    "FOR UPDATE").format(sql.Identifier(LOCK_TABLE)), [self.service])
-                holder = Holder(*cur.fetchone())
-                if holder.same_run(me):
-                    return Taken(holder, already_held=True)
-                if not is_over(holder):
-                    raise ServiceBusy(self.service, holder)
-                cur.execute(sql.SQL("UPDATE {} SET dag_id = %s, run_id = %s, task_id = %s, operation = %s, "
-                                    "acquired_at = now() WHERE service = %s RETURNING acquired_at")
-                            .format(sql.Identifier(LOCK_TABLE)),
-                            [me.dag_id, me.run_id, me.task_id, me.operation, self.service])
-                return Taken(Holder(me.dag_id, me.run_id, me.task_id, me.operation, cur.fetchone()[0]), holder)
+            return self.acquire_on(conn, me, is_over)
         finally:
             conn.close()
+
+    def acquire_on(self, conn: Any, me: Holder, is_over: Callable[[Holder], bool]) -> Taken:
+        """:meth:`acquire` on a connection the caller keeps open (a command line's lease lives as long as it)."""
+        _create_table(conn)
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("INSERT INTO {} (service, dag_id, run_id, task_id, operation) VALUES "
+                                "(%s, %s, %s, %s, %s) ON CONFLICT (service) DO NOTHING RETURNING acquired_at")
+                        .format(sql.Identifier(LOCK_TABLE)),
+                        [self.service, me.dag_id, me.run_id, me.task_id, me.operation])
+            row = cur.fetchone()
+            if row:
+                return Taken(Holder(me.dag_id, me.run_id, me.task_id, me.operation, row[0]))
+            # Held: lock the row while deciding, so that two contenders cannot both take a finished lease over.
+            cur.execute(sql.SQL("SELECT dag_id, run_id, task_id, operation, acquired_at FROM {} WHERE service = %s "
+                                "FOR UPDATE").format(sql.Identifier(LOCK_TABLE)), [self.service])
+            holder = Holder(*cur.fetchone())
+            if holder.same_run(me):
+                return Taken(holder, already_held=True)
+            over = cli_holder_is_over(conn, holder)
+            if over is None:
+                over = is_over(holder)
+            if not over:
+                raise ServiceBusy(self.service, holder)
+            cur.execute(sql.SQL("UPDATE {} SET dag_id = %s, run_id = %s, task_id = %s, operation = %s, "
+                                "acquired_at = now() WHERE service = %s RETURNING acquired_at")
+                        .format(sql.Identifier(LOCK_TABLE)),
+                        [me.dag_id, me.run_id, me.task_id, me.operation, self.service])
+            return Taken(Holder(me.dag_id, me.run_id, me.task_id, me.operation, cur.fetchone()[0]), holder)
 
     def release(self, me: Holder) -> bool:
         """Give the service up if ``me``'s run holds it; return whether it did."""
         conn = self.connect()
         try:
-            _create_table(conn)
-            with conn, conn.cursor() as cur:
-                cur.execute(sql.SQL("DELETE FROM {} WHERE service = %s AND dag_id = %s AND run_id = %s")
-                            .format(sql.Identifier(LOCK_TABLE)), [self.service, me.dag_id, me.run_id])
-                return bool(cur.rowcount)
+            return self.release_on(conn, me)
         finally:
             conn.close()
+
+    def release_on(self, conn: Any, me: Holder) -> bool:
+        """:meth:`release` on a connection the caller keeps open."""
+        _create_table(conn)
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("DELETE FROM {} WHERE service = %s AND dag_id = %s AND run_id = %s")
+                        .format(sql.Identifier(LOCK_TABLE)), [self.service, me.dag_id, me.run_id])
+            return bool(cur.rowcount)
 
     def holder(self) -> Holder | None:
         """Return who holds the service now, finished or not (None: nobody)."""
@@ -138,6 +200,119 @@ class ServiceLock:
                 return Holder(*row) if row else None
         finally:
             conn.close()
+
+
+def cli_holder_is_over(conn: Any, holder: Holder) -> bool | None:
+    """Say whether a command line's lease is over: its PostgreSQL session is gone. None: not a command line's lease.
+
+    The session is the backend recorded in the holder's run id, started no later than the lease was taken: the
+    server reuses backend pids, and a new session that got the dead command's pid must not keep its lease alive.
+    Asked on ``conn``, a connection to the same server (pg_stat_activity lists the sessions of every database).
+    """
+    backend = holder.backend_pid
+    if backend is None:
+        return None
+    with conn.cursor() as cur:
+        cur.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s AND (%s::timestamptz IS NULL "
+                    "OR backend_start <= %s::timestamptz))", [backend, holder.acquired_at, holder.acquired_at])
+        return not cur.fetchone()[0]
+
+
+def cli_holder(tool: str, action: str, operation: str, backend_pid: int) -> Holder:
+    """Return the holder a command line records: ``tool`` (one of CLI_TOOLS) doing ``action`` to the service."""
+    if tool not in CLI_TOOLS:
+        raise ValueError(f"tool must be one of {', '.join(CLI_TOOLS)}, not {tool!r}")
+    return Holder(tool, f"cli:{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}:{backend_pid}", action,
+                  operation)
+
+
+@contextmanager
+def cli_lease(service: str, connect: Callable[[], Any], tool: str, action: str, operation: str,
+              airflow_run_is_over: Callable[[Holder], bool | None] | None = None) -> Generator[Taken]:
+    """Hold ``service``'s lease for a command line while the ``with`` block runs; release it at the end, also on
+    an error or Ctrl-C. Raise ServiceBusy, having changed nothing, when a run or another command holds it.
+
+    The lease is taken on a connection of its own, kept open for the whole block: its PostgreSQL session is what
+    tells the others that this command is still going (a killed command loses it, and so its lease).
+    ``airflow_run_is_over(holder)`` asks Airflow about an Airflow holder (None: cannot tell); without it, or when it
+    cannot tell, an Airflow holder is taken to be still going.
+    """
+    conn = connect()
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT set_config('application_name', %s, false)", [f"{tool} lease {service}"[:63]])
+            for name, value in _CLI_SESSION_SETTINGS.items():
+                cur.execute("SELECT set_config(%s, %s, false)", [name, value])
+            cur.execute("SELECT pg_backend_pid()")
+            me = cli_holder(tool, action, operation, cur.fetchone()[0])
+        lease = ServiceLock(service, connect)
+        unanswered: list[str] = []
+
+        def is_over(holder: Holder) -> bool:
+            answer = airflow_run_is_over(holder) if airflow_run_is_over else None
+            if answer is None:
+                unanswered.append(holder.run_id)
+            return bool(answer)
+
+        try:
+            taken = lease.acquire_on(conn, me, is_over)
+        except ServiceBusy as exc:
+            if not unanswered:
+                raise
+            raise ServiceBusy(service, exc.holder, note=(
+                "This command could not ask Airflow whether that run has ended, so it treats it as going: set "
+                "OMNI_AIRFLOW_URL and OMNI_AIRFLOW_TOKEN (or _USERNAME and _PASSWORD), as for omni-release, to let "
+                "it ask; a run that has ended leaves its lease to the next operation.")) from None
+        if taken.previous:
+            log.info("%s: took over the lease of %s, which has ended.", service, taken.previous.describe())
+        log.info("%s is held by this command (%s) for: %s. No release, rollback or migration of it starts until "
+                 "this command ends.", service, me.run_id, operation)
+        try:
+            yield taken
+        finally:
+            _release_cli_lease(lease, conn, me)
+    finally:
+        conn.close()
+
+
+def airflow_run_is_over_from_env(holder: Holder) -> bool | None:
+    """Ask Airflow's REST API whether an Airflow holder's run has ended, with omni-release's settings
+    (``OMNI_AIRFLOW_URL`` and its credentials); None when they are not set or Airflow cannot answer.
+
+    Only a run Airflow reports as success or failed is over: a run it cannot find is "cannot tell", since a wrong
+    URL answers 404 too, and a live release's lease must never be taken on a guess.
+    """
+    url = os.environ.get("OMNI_AIRFLOW_URL")
+    if not url:
+        return None
+    import httpx
+
+    from omnisphere_release.client import FINAL, AirflowApi, ClientError  # imports Airflow: only when needed
+
+    try:
+        api = AirflowApi(url, os.environ.get("OMNI_AIRFLOW_TOKEN"), os.environ.get("OMNI_AIRFLOW_USERNAME"),
+                         os.environ.get("OMNI_AIRFLOW_PASSWORD"), timeout=15.0)
+        state = str(api.run(holder.dag_id, holder.run_id).get("state"))
+    except (ClientError, httpx.HTTPError, ValueError) as exc:  # ValueError: an answer that is not JSON
+        log.warning("Could not ask Airflow at %s whether %s has ended: %s", url, holder.describe(), exc)
+        return None
+    log.info("Airflow says run %s of %s is %s.", holder.run_id, holder.dag_id, state)
+    return state in FINAL
+
+
+def _release_cli_lease(lease: ServiceLock, conn: Any, me: Holder) -> None:
+    """Give the lease up on its own session, or on a new one if that session broke (it is over then anyway)."""
+    try:
+        conn.rollback()  # an interrupted statement may have left the session in a failed transaction
+        lease.release_on(conn, me)
+    except psycopg2.Error:
+        try:
+            lease.release(me)
+        except psycopg2.Error as exc:
+            log.warning("%s: could not delete this command's lease row (%s); its session is gone, so the next "
+                        "operation takes it over.", lease.service, str(exc).strip())
+            return
+    log.info("%s is free again for other operations.", lease.service)
 
 
 def _create_table(conn: Any) -> None:

@@ -2,6 +2,9 @@
 
 The database comes from ``OMNI_PG_DSN_<SERVICE>``. ``run`` and ``revert`` change data and need --reason, kept in the
 checkpoint; ``pause`` (a request to the running migration) and ``status`` need none.
+``run`` and ``revert`` also take the service's lease (one operation per service at a time, as every Airflow release,
+rollback and migration does) and give it up when they end, also on an error or Ctrl-C: refused, exit 2, while an
+Airflow run or another command holds the service (see ``omnisphere_release.locks.cli_lease``).
 Exit codes: 0 done (or paused on request), 1 failed, 2 bad input or refused (nothing changed).
 """
 
@@ -18,6 +21,7 @@ import psycopg2
 from omnisphere_release.catalog import CatalogError, load_catalog
 from omnisphere_release.datamigrate.engine import DataMigrationEngine
 from omnisphere_release.datamigrate.spec import load_spec
+from omnisphere_release.locks import ServiceBusy, airflow_run_is_over_from_env, cli_lease
 from omnisphere_release.migrations.errors import InvalidMigrationInput, MigrationError
 
 CHANGING_ACTIONS = {"run", "revert"}
@@ -54,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             engine.request_pause()
             print(f"{args.name}: pause requested; it stops after its current batch")
         else:
-            result = engine.run("forward" if args.action == "run" else "revert", max_batches=args.max_batches)
+            operation = f"data migration {args.name} {args.action} of {service.name}: {reason}"[:200]
+            try:
+                with cli_lease(service.name, lambda: psycopg2.connect(dsn), "omni-datamigrate", args.action,
+                               operation, airflow_run_is_over_from_env):
+                    result = engine.run("forward" if args.action == "run" else "revert",
+                                        max_batches=args.max_batches)
+            except ServiceBusy as exc:
+                raise InvalidMigrationInput(f"{exc} Nothing was changed.") from None
             print(f"{result.name} {result.direction}: {result.state}, {result.rows} rows in {result.batches} "
                   f"batches" + (f" of {result.smallest_batch} to {result.largest_batch} keys" if result.batches else "")
                   + f", {result.seconds:.1f}s")
@@ -63,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (MigrationError, psycopg2.Error) as exc:
         print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the batches that committed stay, recorded in the checkpoint, and the service's lease was "
+              "given up; the same command again goes on from there, `status` shows where it stopped", file=sys.stderr)
         return 1
     return 0
 

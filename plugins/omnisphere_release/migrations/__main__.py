@@ -18,11 +18,21 @@ actions:
 A change (up, down, resolve, baseline, adopt) needs --reason, kept in the migration log; plan, status, new and
 --dry-run need none. baseline, adopt and new take one service, not all.
 
+A change also takes the service's lease (one operation per service at a time, as every Airflow release, rollback and
+migration does) and gives it up when it ends, also on an error or Ctrl-C; with `all`, each service's in turn. It is
+refused, exit 2, while an Airflow run or another command holds the service (the message names it). The lease is held
+by this command's PostgreSQL session: a killed command's lease ends with it. An Airflow run's lease that has ended
+is taken over when this command can ask Airflow (OMNI_AIRFLOW_URL and credentials, as for omni-release).
+
+A down below the baseline (versions that baseline/adopt recorded without running them) is refused: their down files
+never ran against this database. --below-baseline REASON reverts them anyway, on record.
+
 exit codes:
   0  done (also: nothing to do)
   1  failed while running: the failed migration was rolled back, or its version is dirty (see status)
   2  bad input or refused, nothing changed: unknown service, bad target, blocking lint finding, drift, a history that
-     disagrees with baseline/adopt, a dirty golang-migrate version, a missing --reason
+     disagrees with baseline/adopt, a dirty golang-migrate version, a missing --reason, a down below the
+     baseline, the service held by a release or another command
 """
 
 from __future__ import annotations
@@ -33,10 +43,13 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 
 from omnisphere_release.catalog import CatalogError, load_catalog
+from omnisphere_release.locks import ServiceBusy, airflow_run_is_over_from_env, cli_lease
 from omnisphere_release.migrations.engine import GOLANG_MIGRATE_TABLE, NOTHING_APPLIED, EngineSettings, MigrationEngine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, MigrationError
 from omnisphere_release.migrations.files import new_migration
@@ -70,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="adopt: golang-migrate's table (its x-migrations-table), default %(default)s")
     parser.add_argument("--as", dest="outcome", choices=["applied", "reverted"], help="resolve: what it really is")
     parser.add_argument("--no-lint", action="store_true", help="skip squawk (not recommended)")
+    parser.add_argument("--below-baseline", metavar="REASON",
+                        help="down, plan --direction down: also revert versions baseline/adopt recorded without "
+                             "running them, recording REASON (say how you know their down files undo what the other "
+                             "tool applied); refused without it")
     return parser
 
 
@@ -89,6 +106,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     downward = args.action == "down" or (args.action == "plan" and args.direction == "down")
     if args.all_versions and (not downward or args.target is not None):
         raise InvalidMigrationInput("--all goes with down alone, without --to: it reverts every applied version")
+    if args.below_baseline is not None and (not downward or not args.below_baseline.strip()):
+        raise InvalidMigrationInput("--below-baseline goes with down (or plan --direction down) and needs a reason: "
+                                    "how you know the down files undo what the other tool applied")
 
 
 def changes_schema(args: argparse.Namespace) -> bool:
@@ -96,19 +116,47 @@ def changes_schema(args: argparse.Namespace) -> bool:
     return args.action not in READ_ONLY_ACTIONS and not (args.dry_run and args.action in DRY_RUN_ACTIONS)
 
 
-def engine_for(service, catalog) -> MigrationEngine:
+def connect_to(service) -> Callable[[], Any]:
+    """Return how to connect to ``service``'s database, from ``OMNI_PG_DSN_<SERVICE>``."""
     variable = f"OMNI_PG_DSN_{service.env_suffix}"
     dsn = os.environ.get(variable)
     if not dsn:
         raise InvalidMigrationInput(f"{variable} is not set: export the DSN of {service.name}'s database "
                                     f"(locally: . .devstack/env)")
+    return lambda: psycopg2.connect(dsn, connect_timeout=10)
+
+
+def engine_for(service, catalog) -> MigrationEngine:
     return MigrationEngine(
         service=service.name,
         migrations_dir=catalog.migrations_dir(service.name),
-        connect=lambda: psycopg2.connect(dsn, connect_timeout=10),
+        connect=connect_to(service),
         settings=EngineSettings.from_catalog(service.migrations),
         applied_by=f"cli:{getpass.getuser()}@{socket.gethostname()}",
     )
+
+
+def run_action(args: argparse.Namespace, engine: MigrationEngine, direction: str, target: int | None) -> int:
+    """Run one service's part of the command; return its exit code."""
+    if args.action == "status":
+        print(engine.status().render())
+    elif args.action == "resolve":
+        engine.resolve(args.version, args.outcome, args.reason)
+    elif args.action == "baseline":
+        print(engine.baseline(args.version, args.reason or "", dry_run=args.dry_run).summary())
+    elif args.action == "adopt":
+        print(engine.adopt(args.reason or "", table=args.table, dry_run=args.dry_run).summary())
+    elif args.action == "plan":
+        plan = engine.plan(direction, target, run_lint=not args.no_lint, below_baseline=args.below_baseline)
+        print(plan.render())
+        if plan.blocking:
+            return EXIT_BAD_INPUT
+    else:
+        result = engine.migrate(direction, target, dry_run=args.dry_run, reason=args.reason,
+                                acknowledge_drift=args.acknowledge_drift, run_lint=not args.no_lint,
+                                below_baseline=args.below_baseline)
+        print(result.summary())
+    return EXIT_DONE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,30 +178,35 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidMigrationInput(f"{args.action} changes the schema: give --reason '...' (why; it is kept in "
                                         f"the migration log){dry_run_hint}. Nothing was changed.")
         target = NOTHING_APPLIED if args.all_versions else args.target
+        done: list[str] = []
         for service in services:
             engine = engine_for(service, catalog)
-            if args.action == "status":
-                print(engine.status().render())
-            elif args.action == "resolve":
-                engine.resolve(args.version, args.outcome, args.reason)
-            elif args.action == "baseline":
-                print(engine.baseline(args.version, args.reason or "", dry_run=args.dry_run).summary())
-            elif args.action == "adopt":
-                print(engine.adopt(args.reason or "", table=args.table, dry_run=args.dry_run).summary())
-            elif args.action == "plan":
-                plan = engine.plan(direction, target, run_lint=not args.no_lint)
-                print(plan.render())
-                if plan.blocking:
-                    return EXIT_BAD_INPUT
+            if not changes_schema(args):
+                code = run_action(args, engine, direction, target)
             else:
-                result = engine.migrate(direction, target, dry_run=args.dry_run, reason=args.reason,
-                                        acknowledge_drift=args.acknowledge_drift, run_lint=not args.no_lint)
-                print(result.summary())
+                # The lease around this service's work alone: with `all`, a service is free again as soon as its
+                # part is done, and a held service stops the command before anything of it changes.
+                operation = f"omni-migrate {service.name} {args.action}: {args.reason.strip()}"[:200]
+                try:
+                    with cli_lease(service.name, connect_to(service), "omni-migrate", args.action, operation,
+                                   airflow_run_is_over_from_env):
+                        code = run_action(args, engine, direction, target)
+                except ServiceBusy as exc:
+                    finished = f" ({', '.join(done)} done before it)" if done else ""
+                    raise InvalidMigrationInput(f"{exc} Nothing of {service.name} was changed{finished}.") from None
+            if code != EXIT_DONE:
+                return code
+            done.append(service.name)
     except (CatalogError, InvalidMigrationInput) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (MigrationError, psycopg2.Error) as exc:
         print(f"failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: each migration that committed stays, the one running was rolled back (or, if it ran "
+              "outside a transaction, is marked dirty), and the service's lease was given up; `status` shows where "
+              "it stopped", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_DONE
 
