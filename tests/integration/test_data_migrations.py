@@ -24,14 +24,17 @@ REPO = Path(__file__).resolve().parents[2]
 ROWS = 6000
 
 
-def prepare(dsn: str, rows: int = ROWS) -> None:
+def prepare(dsn: str, rows: int = ROWS, step: int = 3) -> None:
+    """Make ``events`` with keys step, 2 * step, ...: sparse for the engine at step 3 (batches walk the index), dense
+    at step 1 (batches are key ranges); analysed, as the planner's estimate decides which."""
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE events (id bigint PRIMARY KEY, account bigint NOT NULL, kind text NOT NULL)")
         cur.execute("CREATE TABLE events_v2 (id bigint PRIMARY KEY, account bigint NOT NULL, kind text NOT NULL, "
                     "kind_code int NOT NULL)")
         # gaps in the keys, as a real table has after deletes
-        cur.execute("INSERT INTO events SELECT g * 3, g %% 97, (ARRAY['a','b','c'])[1 + g %% 3] "
-                    "FROM generate_series(1, %s) g", [rows])
+        cur.execute("INSERT INTO events SELECT g * %s, g %% 97, (ARRAY['a','b','c'])[1 + g %% 3] "
+                    "FROM generate_series(1, %s) g", [step, rows])
+        cur.execute("ANALYZE events")
 
 
 def spec_file(folder: Path, **overrides) -> Path:
@@ -84,6 +87,30 @@ def test_run_copies_every_row_once_and_verifies(scratch_database, tmp_path, capl
     assert again.state == "already_done" and checksum(scratch_database)[0] == ROWS
 
 
+def test_dense_keys_make_batches_of_key_ranges_that_jump_a_hole_at_once(scratch_database, tmp_path, caplog):
+    prepare(scratch_database, step=1)
+    with psycopg2.connect(scratch_database) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM events WHERE id BETWEEN 2051 AND 2550")  # a hole, as a bulk delete leaves
+        cur.execute("ANALYZE events")
+    caplog.set_level(logging.INFO)
+    result = engine(scratch_database, spec_file(tmp_path)).run()
+    # Batches of 100 key values from each batch's first key: 20 before the hole, 2001-2100 (50 rows), then 35 from
+    # 2551, none inside the hole. Walking the index would make 55 batches of 100 rows; ranges of 100 key values
+    # from the last key, without the jump, 60.
+    assert (result.state, result.rows, result.batches) == ("done", ROWS - 500, 56)
+    assert checksum(scratch_database) == expected_checksum(scratch_database)
+    assert any("a range of that many key values (dense keys)" in r.message for r in caplog.records)
+
+
+def test_sparse_keys_make_batches_of_that_many_keys_found_in_the_index(scratch_database, tmp_path, caplog):
+    prepare(scratch_database, step=3)
+    caplog.set_level(logging.INFO)
+    result = engine(scratch_database, spec_file(tmp_path)).run()
+    # 100 rows per batch though the keys are 3 apart; batches of 100 key values would hold 33 or 34 rows each.
+    assert (result.state, result.rows, result.batches) == ("done", ROWS, ROWS // 100)
+    assert any("that many keys found by walking the index (sparse keys)" in r.message for r in caplog.records)
+
+
 def hold_row(dsn: str, key: int):
     """Insert the row ``key`` into events_v2 in a transaction left open: the batch that copies that key waits for it,
     inside its own transaction, until the test rolls the returned connection back (or closes it)."""
@@ -99,7 +126,8 @@ def batches_committed(pg_sessions, at_least: int) -> tuple:
                                 "AND direction = 'forward' AND batches >= %s", [at_least])
 
 
-def test_sigkill_at_random_points_never_loses_or_duplicates_a_row(scratch_database, pg_sessions, tmp_path):
+@pytest.mark.parametrize("step", [3, 1], ids=["sparse keys", "dense keys"])
+def test_sigkill_at_random_points_never_loses_or_duplicates_a_row(scratch_database, pg_sessions, tmp_path, step):
     """Ten trials: kill the process mid-run, then resume; the result equals an uninterrupted run.
 
     Where each kill lands is seen in the database, never guessed from time. Even trials kill right after the
@@ -107,7 +135,7 @@ def test_sigkill_at_random_points_never_loses_or_duplicates_a_row(scratch_databa
     statement, its commit). Odd trials kill inside batch N+1's INSERT, with part of the batch written: the test's own
     open transaction inserted one of its rows first, so the batch waits for it (seen in pg_locks) until the kill.
     """
-    prepare(scratch_database)
+    prepare(scratch_database, step=step)
     # the longest lock wait a spec allows, so that a batch waiting for the test's row does not time out first
     path = spec_file(tmp_path, throttle={"pause_ms": 25}, lock_timeout_ms=10_000)
     expected = expected_checksum(scratch_database)
@@ -123,8 +151,8 @@ def test_sigkill_at_random_points_never_loses_or_duplicates_a_row(scratch_databa
             cur.execute("TRUNCATE events_v2")
             cur.execute("DROP TABLE IF EXISTS omnisphere_data_migrations")
         held = None
-        if trial % 2:  # a row of batch committed + 1 (keys are 3, 6, 9, ...: batch b holds 3 * ((b-1)*100 + 1..100))
-            held = hold_row(scratch_database, 3 * (committed * batch_size + rng.randint(1, batch_size)))
+        if trial % 2:  # a row of batch committed + 1 (keys are step, 2 step, ...: batch b holds step * ((b-1)*100 + 1..100))
+            held = hold_row(scratch_database, step * (committed * batch_size + rng.randint(1, batch_size)))
         process = subprocess.Popen([sys.executable, "-c", script, scratch_database, str(path), str(REPO / "plugins")])
         try:
             if held:
