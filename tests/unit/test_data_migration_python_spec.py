@@ -153,3 +153,15 @@ def test_bad_python_fields_are_refused_when_the_spec_is_read(tmp_path, change, m
     with pytest.raises(DataSpecError, match=message) as refused:
         load_spec(path)
     assert str(path) in str(refused.value)
+
+
+def test_the_checksum_covers_the_function_s_source_so_promotion_sees_a_code_change(include, tmp_path):
+    """Promotion evidence compares spec checksums: a staging release proves nothing about a function changed since."""
+    path = write(tmp_path, {**GOOD, "python": f"{include}.batches:copy", "revert": None,
+                            "revert_python": f"{include}.batches:one_argument"})
+    before = load_spec(path).checksum
+    assert load_spec(path).checksum == before  # stable while nothing changes
+    module = tmp_path / include / "batches.py"
+    module.write_text(MODULE.replace("return 0\n", "return 1\n", 1))
+    assert load_spec(path).checksum != before
+    assert f"{include}.batches" not in sys.modules  # found and read, never imported

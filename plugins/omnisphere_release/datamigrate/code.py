@@ -31,6 +31,26 @@ def code_root() -> Path:
     return sql_dir().parent
 
 
+def source_file(target: str) -> Path | None:
+    """Return the file of the module that ``target`` (module:function) names, found as the import will find it (on
+    sys.path, then in the include folder, which :func:`load_function` appends) but without importing anything: a DAG
+    file reads the specs at parse time, and migration code must not run in the DAG processor."""
+    parts = target.partition(":")[0].split(".")
+    for root in [*(Path(p) for p in sys.path if p), code_root()]:
+        base = root.joinpath(*parts)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def source_digest(target: str) -> bytes:
+    """Return what a spec's checksum adds for its function: the target and its module's source. The module is the
+    code that changes data; what it imports (a library in the image) is the image's, and its digest covers that."""
+    path = source_file(target)
+    return b"\0" + target.encode() + b"\0" + (path.read_bytes() if path else b"(module not found)")
+
+
 def load_functions(spec: DataMigrationSpec) -> dict[str, BatchFunction]:
     """Import every function ``spec`` names (``python``, ``revert_python``), keyed by field; refuse any bad one.
 

@@ -165,13 +165,25 @@ def load_spec(path: Path) -> DataMigrationSpec:
         lock_timeout_ms=int(number("lock_timeout_ms", raw.get("lock_timeout_ms", 2000), 100, 10_000)),
         statement_timeout_ms=int(number("statement_timeout_ms", raw.get("statement_timeout_ms", 30_000), 1000,
                                         3_600_000)),
-        checksum=hashlib.sha256(path.read_bytes()).hexdigest(),
+        checksum=checksum(path, python, revert_python),
         python=python,
         revert_python=revert_python,
         batch_seconds=batch_seconds,
         min_batch_size=smallest,
         max_batch_size=largest,
     )
+
+
+def checksum(path: Path, *functions: str | None) -> str:
+    """Return the spec's sha256: of its file, and of the source of each function it names, so that promotion evidence,
+    a rehearsal and the checkpoint all see a change of the Python code as a change of the migration."""
+    from omnisphere_release.datamigrate.code import source_digest  # code.py imports this module
+
+    digest = hashlib.sha256(path.read_bytes())
+    for target in functions:
+        if target:
+            digest.update(source_digest(target))
+    return digest.hexdigest()
 
 
 def one_of(path: Path, raw: dict, sql_field: str, python_field: str, required: bool) -> tuple[str | None, str | None]:
