@@ -261,8 +261,8 @@ def cli_lease(service: str, connect: Callable[[], Any], tool: str, action: str, 
                 raise
             raise ServiceBusy(service, exc.holder, note=(
                 "This command could not ask Airflow whether that run has ended, so it treats it as going: set "
-                "OMNI_AIRFLOW_URL and OMNI_AIRFLOW_TOKEN (or _USERNAME and _PASSWORD), as for omni-release, to let "
-                "it ask; a run that has ended leaves its lease to the next operation.")) from None
+                "OMNI_AIRFLOW_URL and OMNI_AIRFLOW_TOKEN (or _USERNAME and _PASSWORD), as for omni-release, or run "
+                "it where Airflow is configured (AIRFLOW_HOME), to let it ask.")) from None
         if taken.previous:
             log.info("%s: took over the lease of %s, which has ended.", service, taken.previous.describe())
         log.info("%s is held by this command (%s) for: %s. No release, rollback or migration of it starts until "
@@ -276,28 +276,62 @@ def cli_lease(service: str, connect: Callable[[], Any], tool: str, action: str, 
 
 
 def airflow_run_is_over_from_env(holder: Holder) -> bool | None:
-    """Ask Airflow's REST API whether an Airflow holder's run has ended, with omni-release's settings
-    (``OMNI_AIRFLOW_URL`` and its credentials); None when they are not set or Airflow cannot answer.
+    """Ask Airflow whether an Airflow holder's run has ended, for a command line; None when it cannot tell.
 
+    Through the REST API with omni-release's settings (``OMNI_AIRFLOW_URL`` and its credentials) when they are set;
+    else, on a machine configured as an Airflow host (``AIRFLOW_HOME`` or ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``
+    set, as ``. .devstack/env`` does), through Airflow's metadata database, as ``airflow dags list-runs`` does.
     Only a run Airflow reports as success or failed is over: a run it cannot find is "cannot tell", since a wrong
-    URL answers 404 too, and a live release's lease must never be taken on a guess.
+    URL or another Airflow's database cannot find it either, and a live release's lease must never go on a guess.
     """
-    url = os.environ.get("OMNI_AIRFLOW_URL")
-    if not url:
+    if os.environ.get("OMNI_AIRFLOW_URL"):
+        state = _run_state_from_api(holder, os.environ["OMNI_AIRFLOW_URL"])
+    elif os.environ.get("AIRFLOW_HOME") or os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
+        state = _run_state_from_metadata(holder)
+    else:
         return None
+    if state is None:
+        return None
+    log.info("Airflow says run %s of %s is %s.", holder.run_id, holder.dag_id, state)
+    return state in FINISHED_RUN_STATES
+
+
+#: The states of an Airflow run that has ended (DagRunState's values).
+FINISHED_RUN_STATES = ("success", "failed")
+
+
+def _run_state_from_api(holder: Holder, url: str) -> str | None:
     import httpx
 
-    from omnisphere_release.client import FINAL, AirflowApi, ClientError  # imports Airflow: only when needed
+    from omnisphere_release.client import AirflowApi, ClientError  # imports Airflow: only when needed
 
     try:
         api = AirflowApi(url, os.environ.get("OMNI_AIRFLOW_TOKEN"), os.environ.get("OMNI_AIRFLOW_USERNAME"),
                          os.environ.get("OMNI_AIRFLOW_PASSWORD"), timeout=15.0)
-        state = str(api.run(holder.dag_id, holder.run_id).get("state"))
+        return str(api.run(holder.dag_id, holder.run_id).get("state"))
     except (ClientError, httpx.HTTPError, ValueError) as exc:  # ValueError: an answer that is not JSON
         log.warning("Could not ask Airflow at %s whether %s has ended: %s", url, holder.describe(), exc)
         return None
-    log.info("Airflow says run %s of %s is %s.", holder.run_id, holder.dag_id, state)
-    return state in FINAL
+
+
+def _run_state_from_metadata(holder: Holder) -> str | None:
+    try:
+        from airflow.models.dagrun import DagRun
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            state = session.scalar(select(DagRun.state).where(DagRun.dag_id == holder.dag_id,
+                                                              DagRun.run_id == holder.run_id))
+    except Exception as exc:  # noqa: BLE001 - whatever Airflow's configuration or database says, it cannot tell
+        log.warning("Could not read Airflow's metadata database to tell whether %s has ended: %s", holder.describe(),
+                    exc)
+        return None
+    if state is None:
+        log.warning("Airflow's metadata database has no run %s of %s: cannot tell whether it has ended.",
+                    holder.run_id, holder.dag_id)
+        return None
+    return str(getattr(state, "value", state))
 
 
 def _release_cli_lease(lease: ServiceLock, conn: Any, me: Holder) -> None:

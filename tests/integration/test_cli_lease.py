@@ -81,7 +81,8 @@ def test_down_is_refused_while_an_airflow_run_holds_the_service_and_changes_noth
     assert "Nothing of auth-service was changed" in err
     assert schema(service_db) == before
     assert query(service_db, "SELECT count(*) FROM omnisphere_schema_log") == log_rows
-    assert lock_of(service_db).holder().run_id == RELEASE.run_id  # the release keeps its lease
+    held = lock_of(service_db).holder()
+    assert held is not None and held.same_run(RELEASE)  # the release keeps its lease
 
 
 def test_every_change_action_is_refused_while_held_and_reads_are_not(service_db, capsys):
@@ -161,7 +162,7 @@ def dead_cli_lease(dsn: str) -> Holder:
     conn = psycopg2.connect(dsn)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
-        backend = cur.fetchone()[0]
+        (backend,) = cur.fetchall()[0]
     taken = lock_of(dsn).acquire_on(conn, cli_holder("omni-migrate", "up", "a killed command", backend),
                                     is_over=lambda _: False)
     conn.close()
@@ -193,7 +194,7 @@ def test_a_reused_backend_pid_does_not_keep_a_dead_commands_lease(service_db):
     try:
         with other.cursor() as cur:
             cur.execute("SELECT pg_backend_pid()")
-            backend = cur.fetchone()[0]
+            (backend,) = cur.fetchall()[0]
         holder = cli_holder("omni-migrate", "up", "x", backend)
         with psycopg2.connect(service_db) as conn:
             started = query(service_db, "SELECT backend_start FROM pg_stat_activity WHERE pid = %s", [backend])[0][0]
@@ -214,7 +215,12 @@ def test_an_ended_airflow_run_is_taken_over_when_airflow_says_so(service_db, mon
 
     lock_of(service_db).acquire(RELEASE, is_over=lambda _: False)
     asked: list[str] = []
-    monkeypatch.setattr(cli, "airflow_run_is_over_from_env", lambda h: asked.append(h.run_id) or True)
+
+    def ended(holder: Holder) -> bool:
+        asked.append(holder.run_id)
+        return True
+
+    monkeypatch.setattr(cli, "airflow_run_is_over_from_env", ended)
     assert migrate([SERVICE, "down", "--reason", "test: the release ended"]) == 0
     assert asked == [RELEASE.run_id] and lock_of(service_db).holder() is None
 
@@ -254,3 +260,24 @@ def test_data_migration_run_is_refused_while_held_and_holds_the_lease_while_it_r
     assert datamigrate(argv) == 0, capsys.readouterr().err
     assert seen[0] is not None and seen[0].dag_id == "omni-datamigrate" and seen[0].task_id == "run"
     assert billing.holder() is None
+
+
+def test_on_an_airflow_host_a_command_takes_over_the_lease_of_a_run_that_ended(devstack, airflow_db, sql_dir,
+                                                                               tmp_path, monkeypatch, capsys):
+    """A schema_migrations run keeps its lease after it ends (only a release gives it up early); a command on a
+    machine where Airflow is configured (AIRFLOW_HOME) reads the run's state in Airflow's metadata database."""
+    from tests.e2e.helpers import auth_service_at_version_3, run_dag
+
+    auth_service_at_version_3(tmp_path, monkeypatch)
+    monkeypatch.delenv("OMNI_AIRFLOW_URL", raising=False)
+    assert os.environ.get("AIRFLOW_HOME")  # the test session's Airflow, whose metadata database dag.test writes
+    outcome = run_dag("schema_migrations", {"service": SERVICE, "dry_run": False, "reason": "test: hold it"})
+    assert outcome.state == "success", outcome.tasks
+    dsn = os.environ["OMNI_PG_DSN_AUTH_SERVICE"]
+    held = lock_of(dsn).holder()
+    assert held is not None and (held.dag_id, held.run_id) == ("schema_migrations", outcome.run_id)
+    capsys.readouterr()
+
+    assert migrate([SERVICE, "down", "--to", "3", "--reason", "test: after that run"]) == 0, capsys.readouterr().err
+    assert "Reverted 1 migration(s)" in capsys.readouterr().out
+    assert lock_of(dsn).holder() is None
