@@ -22,7 +22,8 @@ A change also takes the service's lease (one operation per service at a time, as
 migration does) and gives it up when it ends, also on an error or Ctrl-C; with `all`, each service's in turn. It is
 refused, exit 2, while an Airflow run or another command holds the service (the message names it). The lease is held
 by this command's PostgreSQL session: a killed command's lease ends with it. An Airflow run's lease that has ended
-is taken over when this command can ask Airflow (OMNI_AIRFLOW_URL and credentials, as for omni-release).
+is taken over when this command can ask Airflow: OMNI_AIRFLOW_URL and credentials, as for omni-release, or on an
+Airflow host (AIRFLOW_HOME set, as `. .devstack/env` does) its metadata database.
 
 A down below the baseline (versions that baseline/adopt recorded without running them) is refused: their down files
 never ran against this database. --below-baseline REASON reverts them anyway, on record.
