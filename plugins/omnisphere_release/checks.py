@@ -546,6 +546,23 @@ def manifest_images(catalog: Catalog, manifest: dict[str, str],
 
 # --- Four eyes ------------------------------------------------------------------------------------------------------
 
+def changed_since_plan(plan: Mapping[str, Any], running_task_definition: str, schema_version: int,
+                       deployment_in_progress: bool) -> str | None:
+    """Say how the service differs from what preflight's plan saw, or None when it is as the plan saw it.
+
+    A release gives its service up while it waits for an approver (approve_release), so that an emergency rollback
+    or a hotfix never waits for a person's answer; what was approved is then checked again before anything changes.
+    """
+    differences = []
+    if running_task_definition != plan["previous_task_definition"]:
+        differences.append(f"it ran {plan['previous_task_definition']} and runs {running_task_definition} now")
+    if schema_version != plan["schema_version"]:
+        differences.append(f"its schema was at version {plan['schema_version']} and is at {schema_version} now")
+    if deployment_in_progress:
+        differences.append("an ECS deployment of it is in progress")
+    return "; ".join(differences) or None
+
+
 def approval_problem(environment: Environment, decision: Mapping[str, Any] | None) -> str | None:
     """Where the environment requires an approval, the run must carry an approver's answer before anything changes.
 

@@ -92,7 +92,8 @@ class ApprovalDecision(TypedDict, total=False):
 
     required: bool
     environment: str
-    outcome: str  # "not_required", "approved", "rejected", "timed_out", "no_approver"
+    outcome: str  # "not_required", "approved", "rejected", "timed_out", "no_approver", "plan_changed" (approved, but
+    # the service changed while the request waited, or another operation holds it now)
     triggered_by: str | None
     approvers: list[str]  # who may answer: the service's approvers, less the person who triggered the run
     approved_by: str | None

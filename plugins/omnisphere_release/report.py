@@ -29,7 +29,7 @@ OUTCOME_TEXT = {
     "released": "RELEASED: every stage passed",
     "rolled_back": "FAILED and ROLLED BACK: the service and the schema are as before the release",
     "rollback_incomplete": "FAILED, ROLLBACK INCOMPLETE: a person must act (see the rollback section)",
-    "refused": "REFUSED in preflight: nothing was changed",
+    "refused": "REFUSED: nothing was changed",
     "rejected": "REJECTED at approval: nothing was changed",
     "approval_timed_out": "APPROVAL TIMED OUT: no approver answered in time; nothing was changed",
     "no_approver": "REFUSED at approval: nobody may approve it (see the catalog's approvers); nothing was changed",
@@ -209,7 +209,10 @@ def _approval(approval: Any) -> str:
                       for r in approval.get("refused_answers") or [])
     comment = f" ({_text(approval['comment'])})" if approval.get("comment") else ""
     if approval.get("approved_by"):
-        return f"approved by {_text(approval['approved_by'])} at {approval.get('approved_at')}{comment}{refused}"
+        changed = ", but the service had changed while it waited: refused" if approval.get("outcome") == \
+            "plan_changed" else ""
+        return f"approved by {_text(approval['approved_by'])} at {approval.get('approved_at')}{comment}{refused}" \
+               f"{changed}"
     if approval.get("rejected_by"):
         return f"REJECTED by {_text(approval['rejected_by'])} at {approval.get('rejected_at')}{comment}{refused}"
     if approval.get("outcome") == "timed_out":

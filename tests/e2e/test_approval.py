@@ -16,6 +16,7 @@ resume the task), and the timeout is the scheduler's own sweep, called when the 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import types
@@ -133,7 +134,7 @@ def answers() -> Iterator[Callable[..., None]]:
     threads: list[threading.Thread] = []
     errors: list[BaseException] = []
 
-    def start(*steps: tuple[str, str, str] | str) -> None:
+    def start(*steps: tuple[str, str, str] | str | Callable[[], None]) -> None:
         # Import in this thread what both threads use: two threads importing Airflow's models at once deadlock.
         import airflow.dag_processing.dagbag  # noqa: F401
         import airflow.jobs.scheduler_job_runner  # noqa: F401
@@ -147,7 +148,11 @@ def answers() -> Iterator[Callable[..., None]]:
         def run() -> None:
             try:
                 for step in steps:
-                    expire(since) if step == "timeout" else respond(*step, since=since)  # type: ignore[misc]
+                    if callable(step):  # something a person does meanwhile, once the request waits
+                        wait_for(lambda: waiting_request(since), f"{TASK_ID} to wait for an answer")
+                        step()
+                    else:
+                        expire(since) if step == "timeout" else respond(*step, since=since)  # type: ignore[misc]
             except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
                 errors.append(exc)
                 fail_waiting_request()  # else dag.test() would wait for an answer for ever
@@ -214,6 +219,53 @@ def test_the_triggering_user_and_a_non_approver_are_refused_and_an_approver_rele
     audit = report["audit"]
     assert (audit["triggered_by"], audit["approved_by"]) == ("dag_test", APPROVER)
     assert (audit["window_forced_by"], audit["force_reason"]) == ("dag_test", "e2e test")
+
+
+def hotfix_while_waiting(seen: dict) -> Callable[[], None]:
+    """While the release waits for its approver: see that nothing holds the service, and deploy a hotfix (a new
+    revision of the running task definition) as an on-call engineer would; keep what was seen in ``seen``."""
+    def hotfix() -> None:
+        import boto3
+        import psycopg2
+
+        from omnisphere_release.locks import ServiceLock
+
+        seen["holder"] = ServiceLock("auth-service", lambda: psycopg2.connect(
+            os.environ["OMNI_PG_DSN_AUTH_SERVICE"])).holder()
+        ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        live = ecs.describe_services(cluster="omnisphere", services=["auth-service"])["services"][0]
+        current = ecs.describe_task_definition(taskDefinition=live["taskDefinition"])["taskDefinition"]
+        same = {k: current[k] for k in ("cpu", "memory", "networkMode", "requiresCompatibilities") if current.get(k)}
+        arn = ecs.register_task_definition(family=current["family"], containerDefinitions=current[
+            "containerDefinitions"], **same)["taskDefinition"]["taskDefinitionArn"]
+        ecs.update_service(cluster="omnisphere", service="auth-service", taskDefinition=arn)
+        seen["hotfix"] = arn
+
+    return hotfix
+
+
+def test_the_service_is_free_while_the_release_waits_and_a_hotfix_meanwhile_refuses_the_approved_plan(
+        approval_env, answers, capfd):
+    """An emergency rollback or a hotfix must not wait for an approver's answer; the approver approved the plan that
+    preflight saw, so a service changed meanwhile refuses the release when approved, and nothing undoes the hotfix."""
+    seen: dict = {}
+    answers(hotfix_while_waiting(seen), (APPROVER, "Approve", "plan read"))
+    outcome = release()
+    assert seen["holder"] is None  # the waiting release held nothing
+    report = assert_nothing_changed(outcome, approval_env["before"] | {"task_definition": seen["hotfix"]}, "refused")
+    assert report["approval"]["outcome"] == "plan_changed" and report["approval"]["approved_by"] == APPROVER
+    log = capfd.readouterr().out
+    assert "auth-service changed while this release waited for its approval (it ran " \
+           f"{approval_env['before']['task_definition']} and runs {seen['hotfix']} now" in log
+    wait_for(lambda: not deploying("auth-service"), "the hotfix's deployment to finish", timeout=120)
+
+
+def deploying(service: str) -> bool:
+    import boto3
+
+    ecs = boto3.client("ecs", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    live = ecs.describe_services(cluster="omnisphere", services=[service])["services"][0]
+    return any(d.get("rolloutState") == "IN_PROGRESS" for d in live.get("deployments", []))
 
 
 def test_no_answer_by_the_deadline_ends_the_release_failed_with_nothing_changed(approval_env, answers):

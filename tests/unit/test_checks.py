@@ -624,3 +624,15 @@ def test_the_changes_name_each_migration_by_its_first_comment_and_the_ticket_of_
                                       "Remember the last sign-in, and find dormant accounts without locking the users "
                                       "table for writes."}]
     assert changes["tickets"] == ["OPS-42"] and changes["image"]["after_digest"] == "sha256:ab"
+
+
+def test_an_approved_plan_holds_only_while_the_service_is_as_preflight_saw_it():
+    from omnisphere_release.checks import changed_since_plan
+
+    plan = {"previous_task_definition": "arn:td/auth-service:7", "schema_version": 3}
+    assert changed_since_plan(plan, "arn:td/auth-service:7", 3, deployment_in_progress=False) is None
+    hotfix = changed_since_plan(plan, "arn:td/auth-service:8", 3, deployment_in_progress=True)
+    assert hotfix == "it ran arn:td/auth-service:7 and runs arn:td/auth-service:8 now; an ECS deployment of it is in " \
+                     "progress"
+    assert changed_since_plan(plan, "arn:td/auth-service:7", 4, deployment_in_progress=False) == \
+        "its schema was at version 3 and is at 4 now"

@@ -45,7 +45,7 @@ class FakeTaskInstance:
 
 
 def context_with(pushed: dict[tuple[str, str], Any] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"ti": FakeTaskInstance(dict(pushed or {})), **extra}
+    return {"ti": FakeTaskInstance(dict(pushed or {})), "run_id": "manual__test", **extra}
 
 
 class FakeEcsHook:
@@ -55,6 +55,7 @@ class FakeEcsHook:
         self.steps = list(steps)
         self.deployment = deployment
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.revision_of_run: str | None = RELEASED  # what ecs_deploy of the run under test registered
 
     def __call__(self, *args: Any, **kwargs: Any) -> FakeEcsHook:
         return self
@@ -72,7 +73,8 @@ class FakeEcsHook:
         return self.deployment
 
     def find_revision_of_run(self, family: str, run_tag: str) -> str | None:
-        return RELEASED
+        self.calls.append(("find_revision_of_run", (family, run_tag), {}))
+        return self.revision_of_run
 
     def describe_service(self, cluster: str, service: str) -> dict[str, Any]:
         return {"taskDefinition": RELEASED, "currentServiceDeployment": DEPLOYMENT_ARN}
@@ -126,7 +128,8 @@ def test_rollback_ecs_defers_while_ecs_rolls_back_instead_of_sleeping(ecs):
     assert context["ti"].pushed[("this task", "way_back")] == {
         "task_definition": PREVIOUS, "actions": ["stopped in-flight deployment with ROLLBACK"],
         "deadline": trigger.deadline}
-    assert hook.calls == [("return_to", (AUTH.ecs.cluster, AUTH.ecs.service, PREVIOUS), {"redeployed": False})]
+    assert hook.calls == [("find_revision_of_run", ("auth-service", "adhoc_airflow/manual__test"), {}),
+                          ("return_to", (AUTH.ecs.cluster, AUTH.ecs.service, PREVIOUS), {"redeployed": False})]
 
 
 def test_rollback_ecs_takes_the_next_step_when_the_deployment_settled_and_ends_on_target(ecs):
@@ -157,6 +160,14 @@ def test_rollback_ecs_with_nothing_to_do_finishes_without_deferring(ecs):
     ecs(ReturnStep(None, None))
 
     assert rollback_ecs().execute(context_with(PLAN)) == {"action": "none", "task_definition": PREVIOUS}
+
+
+def test_rollback_ecs_leaves_alone_what_its_run_did_not_deploy(ecs):
+    """A run refused when approved, after a hotfix went first while it waited, must not "roll back" the hotfix."""
+    hook = ecs(ReturnStep("redeployed the previous revision", REDEPLOY_ARN))
+    hook.revision_of_run = None
+    assert rollback_ecs().execute(context_with(PLAN)) == {"action": "none", "deployed": False}
+    assert hook.calls == [("find_revision_of_run", ("auth-service", "adhoc_airflow/manual__test"), {})]
 
 
 def test_rollback_ecs_without_a_plan_does_nothing(ecs):

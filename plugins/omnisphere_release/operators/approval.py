@@ -25,11 +25,14 @@ from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 from airflow.sdk.execution_time.hitl import HITLUser, upsert_hitl_detail
 
-from omnisphere_release.catalog import Environment, Service, load_catalog
-from omnisphere_release.checks import plain_text, promotion_summary
+from omnisphere_release.catalog import Catalog, Environment, Service, load_catalog
+from omnisphere_release.checks import changed_since_plan, plain_text, promotion_summary
 from omnisphere_release.contracts import ApprovalDecision, RefusedAnswer, ReleasePlan, ReleaseRun
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
+from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.migrations.engine import version_label
 from omnisphere_release.migrations.files import Migration, discover
+from omnisphere_release.operators.common import hold_service, release_service
 
 COMMENT = "comment"
 # Shown until execute() writes the real request; the UI never shows it (the request is created in execute()).
@@ -120,6 +123,9 @@ class ReleaseApprovalOperator(ApprovalOperator):
                       "Required Actions page", context["ti"].dag_id, context["ti"].run_id)
         waiting = {"deadline": deadline.isoformat(), "approvers": approvers, "triggered_by": triggered_by,
                    "link": link, "refused": []}
+        # Free the service while a person decides (hours, perhaps): an emergency rollback or a hotfix must not wait for
+        # this answer. An approval takes it again and holds only if the service is still as the plan saw it.
+        release_service(context, service, self.log)
         try:
             super().execute(context)
         except TaskAwaitingInput as parked:
@@ -177,9 +183,45 @@ class ReleaseApprovalOperator(ApprovalOperator):
                 f"{what[1:]} ends here; nothing was changed: backup and every later stage do not run, the run ends "
                 "failed.")
         decision.update({"outcome": "approved", "approved_by": responder, "approved_at": at_text, "comment": comment})
-        self.log.info("Approved by %s at %s%s; %s was triggered by %s. Next: backup.", responder, at_text,
+        self.log.info("Approved by %s at %s%s; %s was triggered by %s.", responder, at_text,
                       f" ({comment})" if comment else "", what, triggered_by or "an unknown user")
+        self._hold_as_approved(context, service, catalog, decision)
+        self.log.info("Next: backup.")
         return decision
+
+    def _hold_as_approved(self, context: Context, service: Service, catalog: Catalog,
+                          decision: ApprovalDecision) -> None:
+        """Take the service back (it was free while the request waited) and refuse, changing nothing, if it is no
+        longer what the approved plan saw: the approver approved that plan, not another one.
+
+        Here rather than in backup: a refusal at backup would send the run down its rollback branch, which would
+        "undo" the very hotfix that changed the service."""
+        plan = ReleaseRun(context).plan
+        assert plan is not None  # execute() refused a run without one
+        try:
+            hold_service(context, service, f"release of {service.name} to {plan['image_tag']} (approved)", self.log)
+            live = EcsDeploymentHook(service.aws_conn_id).live_revision(service.ecs.cluster, service.ecs.service,
+                                                                         service.ecs.container)
+            status = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log).status()
+        except AirflowFailException as exc:  # another operation holds the service now
+            self._record(context, {**decision, "outcome": "plan_changed"})
+            raise AirflowFailException(f"Approved, but {exc}. Trigger the release again once it has ended, so that "
+                                       f"its plan is approved as the service is then.") from None
+        except EcsDeploymentError as exc:
+            self._record(context, {**decision, "outcome": "plan_changed"})
+            raise AirflowFailException(f"Approved, but whether {service.name} is still as the approved plan saw it "
+                                       f"cannot be read: {exc}. Nothing was changed; trigger the release again.") from None
+        changed = changed_since_plan(plan, live.arn, status.current_version,
+                                     any(d.get("rolloutState") == "IN_PROGRESS"
+                                         for d in live.service.get("deployments", [])))
+        if changed:
+            self._record(context, {**decision, "outcome": "plan_changed"})
+            raise AirflowFailException(f"Refused, nothing was changed: {service.name} changed while this release "
+                                       f"waited for its approval ({changed}). The approver approved a plan that no "
+                                       f"longer holds: trigger the release again, so that its plan is approved as "
+                                       f"the service is now.")
+        self.log.info("%s is as the approved plan saw it (%s, schema version %s), and held by this run again.",
+                      service.name, live.arn, version_label(status.current_version))
 
     def _timed_out(self, context: Context, decision: ApprovalDecision, what: str) -> ApprovalDecision:
         decision["outcome"] = "timed_out"

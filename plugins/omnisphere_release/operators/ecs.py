@@ -29,6 +29,15 @@ from omnisphere_release.operators.common import ServiceStageOperator
 from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 
 
+def run_tag_of(dag_id: str, run_id: str) -> str:
+    """The tag ecs_deploy puts on the revision it registers: how a retry, and the rollback, know this run's own."""
+    return f"{dag_id}/{run_id}"
+
+
+def family_of(task_definition_arn: str) -> str:
+    return task_definition_arn.rsplit("/", 1)[-1].split(":")[0]
+
+
 class EcsDeployServiceOperator(ServiceStageOperator):
     """Register a revision that differs from the current one only by the image, update the service with the chosen
     strategy, and wait (deferred, no worker slot held) until the deployment completes, fails or times out.
@@ -90,8 +99,8 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         before = ReleaseRun(context).plan
         assert before is not None, "ecs_deploy runs only after preflight succeeded"
         ecs = EcsDeploymentHook(service.aws_conn_id)
-        run_tag = f"{self.dag_id}/{context['run_id']}"
-        family = before["previous_task_definition"].rsplit("/", 1)[-1].split(":")[0]
+        run_tag = run_tag_of(self.dag_id, context["run_id"])
+        family = family_of(before["previous_task_definition"])
         configuration, stepped = self._configuration(service)
         try:
             revision = ecs.find_revision_of_run(family, run_tag)
@@ -288,4 +297,18 @@ class EcsRollbackServiceOperator(EcsReturnServiceOperator):
         if not plan:
             self.log.info("Nothing to roll back on ECS: preflight recorded no state, so this run changed nothing.")
             return {"action": "none"}
-        return self.return_service_to(context, load_catalog().get(self.service, self.environment), plan["previous_task_definition"])
+        service = load_catalog().get(self.service, self.environment)
+        # Only what this run deployed is undone: a run refused when approved, after a hotfix went first while it
+        # waited, must leave the hotfix running. ecs_deploy registers its revision (tagged with the run) before it
+        # updates the service, so a run without one deployed nothing, even if its worker died mid-deploy.
+        try:
+            mine = EcsDeploymentHook(service.aws_conn_id).find_revision_of_run(
+                family_of(plan["previous_task_definition"]), run_tag_of(self.dag_id, context["run_id"]))
+        except EcsDeploymentError as exc:
+            raise AirflowException(f"ECS rollback of {service.name}: cannot tell whether this run deployed anything: "
+                                   f"{exc}. Retrying if retries remain.") from None
+        if mine is None:
+            self.log.info("Nothing to roll back on ECS: this run registered no revision of %s, so it deployed nothing "
+                          "(what the service runs now is not this run's to undo). %s", service.name, self.next_step)
+            return {"action": "none", "deployed": False}
+        return self.return_service_to(context, service, plan["previous_task_definition"])

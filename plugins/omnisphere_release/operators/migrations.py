@@ -87,6 +87,7 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         service = catalog.get(self.service, self.environment)
         target = as_optional_int(self.target_version)
         dry_run = as_bool(self.plan_only)
+        # who applied each version: rollback_schema reverts only what its own run applied
         engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
         self.log.info("Migrating %s %s to %s%s (database %s)", service.name, self.direction,
                       "the latest version" if target is None and self.direction == "up" else
@@ -160,6 +161,18 @@ class PostgresRevertReleaseMigrationsOperator(ServiceStageOperator):
         catalog = load_catalog()
         service = catalog.get(self.service, self.environment)
         data_reverted = self._revert_data_migrations(service, catalog, run, context["run_id"])
+        # Only what this run applied is undone: versions above the plan's that others applied (while a release
+        # waited for its approver, the service was free) are not this run's to revert.
+        this_run = f"dag={self.dag_id} run={context['run_id']}"
+        status = schema_engine(service, catalog, this_run, self.log).status()
+        above = [h for h in [*status.applied, *status.dirty] if h.version > plan["schema_version"]]
+        if above and not any(h.applied_by == this_run for h in above):
+            self.log.info("Nothing to revert: %s is at version %s, and the versions above %s were applied by others "
+                          "(%s), not by this run. Next: restore_backup only if the policy says always.", service.name,
+                          status.current_version, plan["schema_version"],
+                          ", ".join(f"{h.version} by {h.applied_by}" for h in above))
+            return {"reverted": [], "schema_version": status.current_version, "data_reverted": data_reverted,
+                    "applied_by_others": [h.version for h in above]}
         result = revert_schema_to(service, catalog, plan["schema_version"],
                                   applied_by=f"dag={self.dag_id} run={context['run_id']} rollback",
                                   reason=f"rollback of {context['run_id']}", log=self.log,
