@@ -3,6 +3,7 @@ verify_rollback with the state before it. A change made behind the release's bac
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -44,9 +45,22 @@ def behind_the_release_s_back(monkeypatch, change):
 def test_a_schema_reverted_behind_the_release_s_back_fails_finalize_naming_who(auth_at_version_3, monkeypatch,
                                                                                  capfd):
     migrate = auth_at_version_3
-    behind_the_release_s_back(monkeypatch, lambda: migrate([SERVICE, "down", "--to", "3",
-                                                            "--reason", "on-call revert"]))
+    refused: list[int] = []
+
+    def revert_behind_the_back() -> None:
+        # omni-migrate itself is refused: the release holds the service's lease. Someone with the engine's library
+        # (or psql) is not, and that is what finalize must catch.
+        refused.append(migrate([SERVICE, "down", "--to", "3", "--reason", "on-call revert"]))
+        from omnisphere_release.catalog import load_catalog
+        from omnisphere_release.hooks.postgres import schema_engine
+
+        catalog = load_catalog()
+        schema_engine(catalog.get(SERVICE), catalog, "cli", logging.getLogger("on-call")).migrate(
+            "down", 3, reason="on-call revert")
+
+    behind_the_release_s_back(monkeypatch, revert_behind_the_back)
     outcome = release()
+    assert refused == [2]
     assert outcome.state == "failed", outcome.tasks
     assert outcome.task("monitoring_gate") == "success" and outcome.task("finalize") == "failed"
     assert outcome.outputs["report"]["outcome"] != "released"

@@ -176,7 +176,8 @@ def test_files_at_or_below_the_baseline_are_never_linted_again(scratch_database,
     engine = make_engine(scratch_database, folder)
     engine.baseline(3, "adopted")
     query(scratch_database, "INSERT INTO flags (key, name, description) VALUES ('dark-mode', 'Dark mode', '')")
-    assert engine.migrate("down", target=2, reason="redo 03").versions == [3]
+    assert engine.migrate("down", target=2, reason="redo 03",
+                          below_baseline="03's down file undoes what build_by_hand ran").versions == [3]
     plan = engine.plan("up")
     assert [m.version for m in plan.steps] == [3, 5]
     assert {f.version for f in plan.findings} == {5}  # 03 would block on flags: it is below the baseline
@@ -234,6 +235,9 @@ def test_cli_baseline_adopt_and_down_all(scratch_database, folder, monkeypatch, 
     assert cli(["auth-service", "status"]) == 0 and "version 2, 3 applied, 2 pending, baseline 2" in \
         capsys.readouterr().out
     assert cli(["auth-service", "down", "--all", "--to", "1", "--reason", "x"]) == 2
-    assert cli(["auth-service", "down", "--all", "--reason", "drop it all"]) == 0
+    assert cli(["auth-service", "down", "--all", "--reason", "drop it all"]) == 2  # all of it is below the baseline
+    assert "at or below the baseline 2 (baseline --version 2: checked by hand;" in capsys.readouterr().err
+    assert cli(["auth-service", "down", "--all", "--reason", "drop it all",
+                "--below-baseline", "the fixture's down files undo what build_by_hand ran"]) == 0
     assert "(version 2 -> none)" in capsys.readouterr().out
     assert history(scratch_database) == [] and query(scratch_database, "SELECT to_regclass('flags')") == [(None,)]
