@@ -20,7 +20,8 @@ import yaml
 from tests.e2e.helpers import push_image
 from tests.e2e.live.helpers import task_states, wait_for_run
 
-pytestmark = [pytest.mark.e2e,
+# The production topology under killed parts: ~2.5 min, in `make test-long` (the chaos tests run on it too).
+pytestmark = [pytest.mark.e2e, pytest.mark.long,
               pytest.mark.skipif(shutil.which("redis-server") is None,
                                  reason="redis-server is not installed (apt-get install -y redis-server)")]
 REPO = Path(__file__).resolve().parents[2]

@@ -379,6 +379,7 @@ def test_window_without_room_for_the_release_is_refused_before_schema_up(release
     assert snapshot()["version"] == BASE_VERSION
 
 
+@pytest.mark.long  # a bake that outlives its window (~85 s): in `make test-long`
 def test_window_closing_during_the_bake_fails_the_gate_and_rolls_back(release_env, monkeypatch, tmp_path):
     # A window that closes on the first whole minute more than 45 s from now: time enough to reach the monitoring
     # gate, not to bake for 3 minutes. The estimate is the catalog's (no earlier reports in a fresh bucket): small.

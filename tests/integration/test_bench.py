@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(("bench", "arguments", "says"), [
     ("dag_parse", ["--services", "3", "--rounds", "1"], "DAG parse, catalog of 3 services (12 DAGs)"),
     ("migrations", ["--migrations", "5", "--rounds", "1"], "5 migrations: engine"),
-    ("release", ["--rows", "2000", "--rounds", "1"], "whole release with trivial work"),
+    # a whole release through the devstack (~80 s): in `make test-long`
+    pytest.param("release", ["--rows", "2000", "--rounds", "1"], "whole release with trivial work",
+                 marks=pytest.mark.long),
     ("data_migration", ["--sizes", "2000", "--offset-budget", "5"], "2,000 rows: engine"),
     ("releases_page", ["--services", "2", "--releases", "5", "--minutes", "3", "--rounds", "1"],
      "wrote nothing to the metadata database: yes"),

@@ -106,6 +106,7 @@ def omni_release(live_airflow, *args: str, password: str | None = None) -> subpr
                           env=env, timeout=900)
 
 
+@pytest.mark.long  # a deferred wait for a window under the live scheduler (~85 s): in `make test-long`
 def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
     from datetime import datetime, timedelta, timezone
 
@@ -122,6 +123,7 @@ def test_cli_release_waits_for_its_window_deferred_then_succeeds(live_airflow):
     assert "RELEASED: every stage passed" in result.stdout
 
 
+@pytest.mark.long  # a whole failed release and its rollback under the live scheduler (~80 s): in `make test-long`
 def test_cli_failed_release_exits_1_with_the_report_and_the_failed_task_log(live_airflow):
     tag = f"6.1.{int(time.time())}-unhealthy"
     push_image("notification-service", tag)
