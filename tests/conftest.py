@@ -257,6 +257,10 @@ def devstack(secret_watch: SecretWatch) -> Iterator[dict[str, str]]:
                 os.environ[key] = value
         leftovers = stack.stop(state_dir)
         secret_watch.scan_logs("devstack log", *state_dir.glob("*.log"))
+        if keep := os.environ.get("OMNI_KEEP_LIVE_LOGS"):  # a folder to copy the devstack's logs to, for a post-mortem
+            (Path(keep) / state_dir.name).mkdir(parents=True, exist_ok=True)
+            for log in state_dir.glob("*.log"):
+                shutil.copy2(log, Path(keep) / state_dir.name / log.name)
         shutil.rmtree(state_dir, ignore_errors=True)
         assert not leftovers, f"devstack left behind: {leftovers}"
 

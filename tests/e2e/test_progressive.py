@@ -99,6 +99,24 @@ def test_a_clean_canary_passes_its_steps_and_ends_on_the_new_version(release_env
     assert "at 100 % GET /version x10 -> 200" in log and ", ok" in log
 
 
+def test_a_canary_ecs_completes_before_the_gate_looks_is_baked_at_100_percent_not_rolled_back(
+        release_env, tmp_path, monkeypatch, capfd):
+    # Steps without bakes: ECS is done before smoke_test and regression_test are, as the catalog's 2 and 5 minute
+    # steps were (2 s and 5 s in the devstack) under a live scheduler, where the gate took it for a failure and a
+    # clean canary rolled back.
+    with_steps(tmp_path, monkeypatch, [{"percent": 10, "bake_minutes": 0}, {"percent": 100, "bake_minutes": 0}])
+    outcome = release(strategy="canary")
+
+    assert_released(outcome, release_env["before"])
+    bake = bake_of(outcome)
+    assert bake is not None and bake["verdict"] == "passed", bake
+    assert_steps(bake, [100.0], ["passed"])  # the release's bake at 100 %, on the production target group
+    assert bake["readings"] and any(r["requests"] for r in bake["readings"])
+    log = "".join(capfd.readouterr())
+    assert "before this gate saw its last step: step(s) 10 %, 100 % baked without analysis" in log
+    assert "at 100 % GET /version x10 -> 200" in log and ", ok" in log
+
+
 def test_a_canary_that_errors_is_stopped_at_its_first_step_with_ecs_rollback(release_env, tmp_path, monkeypatch,
                                                                               capfd):
     with_steps(tmp_path, monkeypatch, [{"percent": 10, "bake_minutes": FIRST_STEP},

@@ -677,7 +677,7 @@ def test_steps_trigger_serializes_every_argument():
              "max_p99_ms": 800, "missing_data_seconds": 60, "deadline": T0 + 900, "alarms": ["auth-5xx"],
              "aws_conn_id": "aws_release", "region_name": "eu-west-1", "poll_seconds": 5.0,
              "window_closes_at": T0 + 1800, "log_group": "/ecs/auth-service", "log_stream_prefix": "sha256-ab/auth/",
-             "log_patterns": ['"ERROR"'], "max_error_lines": 0}
+             "log_patterns": ['"ERROR"'], "max_error_lines": 0, "late_bake_seconds": 300.0}
     assert_serialize_round_trips(DeploymentStepsTrigger(**given), given)
 
 
@@ -729,3 +729,53 @@ def test_a_deployment_ecs_ends_by_itself_ends_the_analysis_with_its_status(stepp
     assert event.payload["status"] == "deployment_ended"
     assert event.payload["deployment_status"] == "ROLLBACK_IN_PROGRESS"
     assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(10.0, "stopped")]
+
+
+# ECS bakes the steps on its own clock from ecs_deploy's end; smoke_test, regression_test and the scheduler's hand-offs
+# come before the gate. Under a live scheduler the catalog's short devstack steps were all over before the trigger's
+# first look, and it ended the gate with "ECS ended the deployment SUCCESSFUL during the steps": a clean canary
+# rolled back.
+def test_a_deployment_ecs_completed_before_the_gate_looked_is_baked_at_100_percent_not_rolled_back(stepped, clock):
+    done = deployment("SUCCESSFUL", "CLEAN_UP", reason="completed", weight=100.0)
+    _, cw = stepped([done] * 4, [healthy(1000, 1, 0.05)] * 4)
+
+    event = first_event(steps_trigger(late_bake_seconds=12))
+
+    assert event.payload["status"] == "success", event.payload
+    assert clock.now == T0 + 12  # the release's bake at 100 %, polled every 5 s, the last poll at its end
+    assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(100.0, "passed")]
+    assert [read[0] for read in cw.reads] == [OLD_TG] * 4  # the production target group: the new revision alone
+    assert "ECS completed the deployment before step(s) 10 %, 100 % were seen" in event.payload["observations"][0]
+
+
+def test_the_late_bake_at_100_percent_still_fails_on_a_breach(stepped, clock):
+    done = deployment("SUCCESSFUL", "CLEAN_UP", weight=100.0)
+    stepped([done] * 2, [healthy(1000, 1, 0.05), healthy(1000, 300, 0.05)])
+
+    event = first_event(steps_trigger(late_bake_seconds=60))
+
+    assert event.payload["status"] == "breach"
+    assert event.payload["failed_step"] == 100.0
+    assert event.payload["reason"].startswith("step 100 %: new task set's 5xx error rate 30.00%")
+    assert clock.now == T0 + 5
+
+
+def test_a_deployment_completed_between_two_polls_passes_the_step_seen_and_bakes_the_rest(stepped, clock):
+    stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0),
+             deployment("SUCCESSFUL", "CLEAN_UP", weight=100.0), deployment("SUCCESSFUL", "CLEAN_UP", weight=100.0)],
+            [healthy(100, 0, 0.05), healthy(900, 0, 0.05), healthy(1000, 1, 0.05), healthy(1000, 1, 0.05)])
+
+    event = first_event(steps_trigger(late_bake_seconds=5))
+
+    assert event.payload["status"] == "success", event.payload
+    assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(10.0, "passed"), (100.0, "passed")]
+    assert clock.now == T0 + 10
+
+
+def test_a_deployment_that_ends_otherwise_still_ends_the_analysis(stepped):
+    stepped([deployment("ROLLBACK_SUCCESSFUL", "CLEAN_UP", reason="stopped", weight=0.0)], [])
+
+    event = first_event(steps_trigger(late_bake_seconds=60))
+
+    assert event.payload["status"] == "deployment_ended"
+    assert event.payload["steps"] == []

@@ -115,7 +115,7 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
                                        service.ecs.container)
         steps = cast("dict[str, Any]", ReleaseRun(context).deployment).get("steps") or []
         if steps:
-            return self._follow_steps(context, service, steps, prefix, closes_at)
+            return self._follow_steps(context, service, steps, prefix, closes_at, bake)
         self.log.info("Baking %s for %.0fs: failing on 5xx rate > %.2f%%, p99 > %d ms, alarms %s, %s, or no data for "
                       "%.0fs (target group %s).", service.name, bake, m.max_error_rate * 100, m.max_p99_latency_ms,
                       list(m.alarms) or "none",
@@ -138,9 +138,13 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
         )
 
     def _follow_steps(self, context: Context, service: Service, steps: list[dict[str, Any]], prefix: str | None,
-                      closes_at: float | None) -> None:
+                      closes_at: float | None, bake: float) -> None:
         """Defer to DeploymentStepsTrigger: each traffic step of the canary or linear deployment analysed while ECS
-        bakes it, the new task set (the alternate target group) against the old one (the production one)."""
+        bakes it, the new task set (the alternate target group) against the old one (the production one).
+
+        ECS bakes the steps on its own clock, so one that the stages before the gate outlasted is over when the
+        trigger starts; a deployment ECS completed before the trigger saw its last step gets the release's ``bake``
+        at 100 % instead (a success of ECS is not a reason to roll back)."""
         m = service.monitoring
         deployment = ReleaseRun(context).deployment
         try:
@@ -155,7 +159,9 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
                 f"no alternate target group (loadBalancers[].advancedConfiguration.alternateTargetGroupArn), so the "
                 f"new task set's metrics cannot be told from the old one's. ECS's canary and linear need one: add it "
                 f"to the service. Next: the release rolls back.")
-        timeout = service.deploy.timeout_minutes * 60 + sum(float(s["bake_minutes"]) for s in steps) * 60
+        # The deployment's own limit and bakes, plus the release's bake in case ECS completed before the last step
+        # was seen (then the new revision is baked at 100 % for that long).
+        timeout = service.deploy.timeout_minutes * 60 + sum(float(s["bake_minutes"]) for s in steps) * 60 + bake
         self.log.info("Following %s's %s steps %s: at each, the new task set (%s) against the old one (%s) while "
                       "ECS bakes it; failing on a 5xx rate > %.2f%% or p99 > %d ms, or clearly worse than the old "
                       "task set, alarms %s, %s, or no request on the new task set for %.0fs. A failing step stops "
@@ -173,7 +179,7 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
                 alarms=list(m.alarms), aws_conn_id=service.aws_conn_id, poll_seconds=min(self.poll_seconds, 2.0),
                 window_closes_at=closes_at, log_group=m.logs.log_group if m.logs else None,
                 log_stream_prefix=prefix, log_patterns=list(m.logs.error_patterns) if m.logs else None,
-                max_error_lines=m.logs.max_error_lines if m.logs else 0),
+                max_error_lines=m.logs.max_error_lines if m.logs else 0, late_bake_seconds=bake),
             method_name="steps_complete",
             timeout=timedelta(seconds=timeout + m.missing_data_minutes * 60 + 600),
         )

@@ -270,6 +270,13 @@ class DeploymentStepsTrigger(WatchTrigger):
     ends by itself (circuit breaker, a stop) ends the analysis. Every event carries ``steps`` (one
     ``{"percent", "started_at", "ended_at", "verdict"}`` per step reached) and the new task set's ``readings``; a
     ``breach`` event names the step (``failed_step``) so that the gate can stop the deployment with ROLLBACK.
+
+    ECS bakes each step on its own clock, from when ecs_deploy saw the first share, while smoke_test, regression_test
+    and the scheduler's hand-offs come before this trigger: steps shorter than those are over before it looks. A step
+    it did not see is logged as baked unwatched. A deployment ECS completed (SUCCESSFUL) before the trigger saw its
+    last step is not a failure (rolling back a healthy release is one): all traffic is on the new revision, so it is
+    baked at 100 % on the production target group for ``late_bake_seconds`` (the release's bake), as a release
+    without steps would be, and judged on the thresholds, alarms and error lines alone.
     """
 
     deployment_arn: str
@@ -277,6 +284,13 @@ class DeploymentStepsTrigger(WatchTrigger):
     production_target_group: str
     new_target_group: str
     deadline: float
+    # The release's bake, given at 100 % to a deployment ECS completed before this trigger saw its last step.
+    late_bake_seconds: float = 0.0
+
+    def _unwatched(self, seen: list[dict[str, Any]]) -> str:
+        """Return the catalog's steps this trigger did not see, as the log names them ("10 %, 100 %")."""
+        percents = {float(step["percent"]) for step in seen}
+        return ", ".join(f"{float(s['percent']):g} %" for s in self.steps if float(s["percent"]) not in percents)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         ecs = await sync_to_async(EcsDeploymentHook)(self.aws_conn_id, self.region_name)
@@ -290,6 +304,7 @@ class DeploymentStepsTrigger(WatchTrigger):
         scan: LogScan | None = None
         failing_since: float | None = None
         last_data = started_at
+        late_until: float | None = None  # set when ECS completed before the last step was seen: the late bake's end
 
         def close(verdict: str, when: float) -> None:
             if steps and steps[-1]["verdict"] is None:
@@ -308,24 +323,47 @@ class DeploymentStepsTrigger(WatchTrigger):
             try:
                 deployment = await asyncio.to_thread(ecs.describe_deployment, self.deployment_arn)
                 status, weight = deployment["status"], traffic_weight(deployment)
-                if status not in IN_FLIGHT or status.startswith("ROLLBACK"):
-                    if status == "SUCCESSFUL" and steps and steps[-1]["percent"] >= 100:
-                        close("passed", now)
-                        yield event("success", last=summarize(deployment))
-                        return
+                ended = status not in IN_FLIGHT or status.startswith("ROLLBACK")
+                if ended and status != "SUCCESSFUL":
                     close("stopped", now)
                     yield event("deployment_ended", deployment_status=status,
                                 reason=f"ECS ended the deployment {status} during the steps: "
                                        f"{deployment.get('statusReason', '')}")
                     return
-                if weight > 0 and (not steps or weight != steps[-1]["percent"]):
+                if ended and late_until is None:
+                    if steps and steps[-1]["percent"] >= 100:
+                        close("passed", now)
+                        yield event("success", last=summarize(deployment))
+                        return
+                    # ECS completed before the last step was seen (the stages before the gate outlasted the
+                    # steps' bakes): all traffic is on the new revision, which is baked there now.
+                    unwatched = self._unwatched(steps)
                     close("passed", now)
+                    steps.append({"percent": 100.0, "started_at": now, "ended_at": None, "verdict": None})
+                    last_data, late_until = now, now + self.late_bake_seconds
+                    self.log.warning(
+                        "ECS completed deployment %s before this gate saw its last step: step(s) %s baked without "
+                        "analysis (the stages before monitoring_gate took longer than those steps' bakes; %s). Not a "
+                        "failure: all traffic is on the new revision, baked now at 100 %% on the production target "
+                        "group for %.0fs (the release's bake_minutes). To have each step analysed, give the first "
+                        "step a bake longer than smoke_test and regression_test take.", self.deployment_arn,
+                        unwatched, summarize(deployment), self.late_bake_seconds)
+                    observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} ECS completed the "
+                                        f"deployment before step(s) {unwatched} were seen; baking at 100 % for "
+                                        f"{self.late_bake_seconds:.0f}s")
+                if not ended and weight > 0 and (not steps or weight != steps[-1]["percent"]):
+                    close("passed", now)
+                    if not steps and self.steps and float(self.steps[0]["percent"]) < weight:
+                        self.log.warning("Step(s) before %.0f %% were baked by ECS before this gate began watching "
+                                         "(the stages before monitoring_gate took longer than their bakes): not "
+                                         "analysed. To have each step analysed, give the first step a bake longer "
+                                         "than smoke_test and regression_test take.", weight)
                     steps.append({"percent": weight, "started_at": now, "ended_at": None, "verdict": None})
                     last_data = now
                     self.log.info("Step %d: %.0f %% of production traffic on the new task set (%s); analysing it "
                                   "against the old one while ECS bakes it.", len(steps), weight,
                                   summarize(deployment))
-                if steps and weight >= 100 and deployment.get("lifecycleStage") == "CLEAN_UP":
+                if not ended and steps and weight >= 100 and deployment.get("lifecycleStage") == "CLEAN_UP":
                     close("passed", now)
                     yield event("success", last=summarize(deployment))
                     return
@@ -380,4 +418,9 @@ class DeploymentStepsTrigger(WatchTrigger):
                 close("failed", now)
                 yield event("breach", reason=f"step {step['percent']:.0f} %: {breach}", failed_step=step["percent"])
                 return
-            await asyncio.sleep(self.poll_seconds)
+            if late_until is not None and now >= late_until:
+                close("passed", now)
+                yield event("success", last=line)
+                return
+            await asyncio.sleep(self.poll_seconds if late_until is None
+                                else min(self.poll_seconds, max(0.1, late_until - now)))
