@@ -328,3 +328,61 @@ def test_the_gate_fails_saying_for_how_long_cloudwatch_could_not_be_read():
         gate.execute_complete(context_with(), {"status": "unreadable", "reason": reason, "observations": []})
 
     assert str(raised.value) == f"Monitoring gate failed: {reason}. Next: the release rolls back."
+
+
+# --- smoke_test's wait for the blue/green switch ---------------------------------------------------------------------
+
+
+class FakeSmokeHook:
+    """Stands in for SmokeTestHook: every probe round passes, and the rounds are counted."""
+
+    rounds = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def url_from_endpoint(self, endpoint: str) -> str:
+        return "http://auth-service.test/"
+
+    def probe_until_deadline(self, checks: Any, deadline_seconds: float, what: str, also: Any = None) -> list[Any]:
+        from omnisphere_release.hooks.http import ProbeResult
+
+        FakeSmokeHook.rounds += 1
+        return [ProbeResult(check.path, True, 200, 5.0) for check in checks]
+
+
+@pytest.fixture
+def blue_green(monkeypatch: pytest.MonkeyPatch):
+    """smoke_test of a blue/green deployment held at ECS's test-traffic hook; green's own test passes."""
+    from omnisphere_release.operators import smoke as smoke_operators
+
+    FakeSmokeHook.rounds = 0
+    monkeypatch.setattr(smoke_operators, "SmokeTestHook", FakeSmokeHook)
+    monkeypatch.setattr(smoke_operators.HttpSmokeTestOperator, "_test_green", lambda *args: None)
+    operator = smoke_operators.HttpSmokeTestOperator(task_id="smoke_test", service="auth-service")
+    pushed = {("preflight", "return_value"): {"target_image": "auth:2", "target_image_digest": "sha256:2",
+                                              "image_tag": "2"},
+              ("ecs_deploy", "return_value"): {"deployment_arn": DEPLOYMENT_ARN, "test_traffic_hook": "/hooks/x"}}
+    return operator, context_with(pushed)
+
+
+def test_smoke_test_waits_for_the_switch_to_green_deferred_not_on_a_worker(blue_green):
+    operator, context = blue_green
+    before = time.time()
+    deferral = deferred(lambda: operator.execute(context))
+    trigger = deferral.trigger
+    assert isinstance(trigger, EcsServiceDeploymentTrigger) and deferral.method_name == "after_switch"
+    assert trigger.deployment_arn == DEPLOYMENT_ARN and trigger.done_on_traffic_shift and not trigger.settle
+    assert before + 120 <= trigger.deadline <= time.time() + 120  # absolute: a restarted triggerer does not extend it
+    assert FakeSmokeHook.rounds == 0  # production is probed only once it is on green
+
+
+def test_after_the_switch_production_is_smoke_tested_and_a_failed_switch_rolls_back(blue_green):
+    operator, context = blue_green
+    assert operator.after_switch(context, {"status": "success", "summary": "all traffic on green"})["endpoints"]
+    assert FakeSmokeHook.rounds == 1
+    with pytest.raises(AirflowFailException, match="ECS did not switch production to green of auth-service"):
+        operator.after_switch(context, {"status": "failed", "summary": "ROLLBACK_SUCCESSFUL"})
+    with pytest.raises(AirflowException, match="Retrying if retries remain") as raised:
+        operator.after_switch(context, {"status": "error", "message": "cannot read the deployment for 300s"})
+    assert not isinstance(raised.value, AirflowFailException)  # unreadable is not a failed switch

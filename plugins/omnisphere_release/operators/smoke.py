@@ -5,6 +5,7 @@ production switch."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any, cast
 
 from airflow.sdk import Context
@@ -12,16 +13,17 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import Service, load_catalog
 from omnisphere_release.contracts import ReleasePlan, ReleaseRun
-from omnisphere_release.hooks.ecs import IN_FLIGHT, EcsDeploymentError, EcsDeploymentHook, summarize
+from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.hooks.http import ProbeResult, SmokeTestHook
 from omnisphere_release.operators.common import ServiceStageOperator
-from omnisphere_release.triggers.ecs import all_traffic_shifted
+from omnisphere_release.triggers.ecs import EcsServiceDeploymentTrigger
 
 VERSION_PATH = "/version"
 # GETs of /version per round: behind a load balancer, enough that a leftover task with a share of a few tens of
 # percent answers at least one of them (one in three: 1 - (2/3)^10, 98 %; one in two: 99.9 %).
 VERSION_SAMPLES = 10
-# How long the switch to green may take once ECS's test-traffic hook answered SUCCEEDED (ECS moves at once).
+# How long the switch to green may take once ECS's test-traffic hook answered SUCCEEDED (ECS moves at once);
+# waited for deferred.
 SWITCH_WAIT_SECONDS = 120.0
 
 
@@ -70,6 +72,35 @@ class HttpSmokeTestOperator(ServiceStageOperator):
     is left to the monitoring gate at 100 %, as both versions answer until then."""
 
     def execute(self, context: Context) -> dict[str, Any]:
+        service, http, plan, has_version = self._prepare(context, announce=True)
+        hook_parameter = cast("dict[str, Any]", ReleaseRun(context).deployment).get("test_traffic_hook")
+        if hook_parameter:
+            self._test_green(service, plan, str(hook_parameter), has_version)
+            # ECS switches production to green as soon as its hook answered SUCCEEDED: wait for it deferred, holding
+            # no worker slot, with the trigger ecs_deploy waits with (a failed read is tried again, within a budget).
+            self.log.info("Waiting, deferred, up to %.0fs for ECS to switch production to green.", SWITCH_WAIT_SECONDS)
+            self.defer(trigger=EcsServiceDeploymentTrigger(
+                deployment_arn=ReleaseRun(context).deployment["deployment_arn"],
+                deadline=time.time() + SWITCH_WAIT_SECONDS, aws_conn_id=service.aws_conn_id,
+                done_on_traffic_shift=True, poll_seconds=1.0),
+                method_name="after_switch", timeout=timedelta(seconds=SWITCH_WAIT_SECONDS + 300))
+        return self._probe_production(service, http, plan, has_version)
+
+    def after_switch(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Go on once ECS switched production to green: the production smoke test, as after any deployment."""
+        service, http, plan, has_version = self._prepare(context, announce=False)
+        status = event.get("status")
+        if status == "error":  # unreadable for the trigger's whole budget: says nothing about the deployment
+            raise AirflowException(f"Smoke test of {service.name}: {event.get('message')}. Retrying if retries "
+                                   f"remain.")
+        if status != "success":
+            raise AirflowFailException(f"ECS did not switch production to green of {service.name} after its hook "
+                                       f"answered SUCCEEDED: {event.get('summary')}. Next: the release rolls back.")
+        self.log.info("Production traffic is on green: %s", event.get("summary"))
+        return self._probe_production(service, http, plan, has_version)
+
+    def _prepare(self, context: Context, announce: bool) -> tuple[Service, SmokeTestHook, ReleasePlan, bool]:
+        """Return the service, its HTTP hook, the plan, and whether every sampled /version must be the release."""
         service = load_catalog().get(self.service, self.environment)
         http = SmokeTestHook(service.http_conn_id)
         plan = ReleaseRun(context).plan
@@ -81,19 +112,18 @@ class HttpSmokeTestOperator(ServiceStageOperator):
         # cannot be the new one yet. Its steps are judged by the monitoring gate's comparison of the two task sets,
         # and the gate applies this rule once all traffic is on the new one.
         stepped = bool(cast("dict[str, Any]", ReleaseRun(context).deployment).get("steps"))
-        wanted = plan.get("target_image_digest") or plan["target_image"]
-        self.log.info("Smoke-testing %s: %d endpoint(s) at %s, deadline %.0fs; %s.", service.name,
-                      len(service.smoke_tests), http.url_from_endpoint(""), service.smoke_deadline_seconds,
-                      f"{VERSION_PATH} is checked by monitoring_gate at 100 % (the deployment shifts traffic in "
-                      f"steps, so both versions answer until then)" if has_version and stepped else
-                      f"{VERSION_SAMPLES} GETs of {VERSION_PATH} must each answer {wanted}" if has_version else
-                      f"no {VERSION_PATH} smoke test in the catalog: which version answers is not checked")
-        has_version = has_version and not stepped
-        hook_parameter = cast("dict[str, Any]", ReleaseRun(context).deployment).get("test_traffic_hook")
-        if hook_parameter:
-            self._test_green(service, plan, str(hook_parameter), has_version)
-            self._wait_for_switch(service, ReleaseRun(context).deployment["deployment_arn"])
+        if announce:
+            wanted = plan.get("target_image_digest") or plan["target_image"]
+            self.log.info("Smoke-testing %s: %d endpoint(s) at %s, deadline %.0fs; %s.", service.name,
+                          len(service.smoke_tests), http.url_from_endpoint(""), service.smoke_deadline_seconds,
+                          f"{VERSION_PATH} is checked by monitoring_gate at 100 % (the deployment shifts traffic in "
+                          f"steps, so both versions answer until then)" if has_version and stepped else
+                          f"{VERSION_SAMPLES} GETs of {VERSION_PATH} must each answer {wanted}" if has_version else
+                          f"no {VERSION_PATH} smoke test in the catalog: which version answers is not checked")
+        return service, http, plan, has_version and not stepped
 
+    def _probe_production(self, service: Service, http: SmokeTestHook, plan: ReleasePlan,
+                          has_version: bool) -> dict[str, Any]:
         def versions() -> list[ProbeResult]:
             return [version_round(http, plan)]
 
@@ -101,6 +131,7 @@ class HttpSmokeTestOperator(ServiceStageOperator):
                                             also=versions if has_version else None)
         failed = [r for r in results if not r.ok]
         if failed:
+            wanted = plan.get("target_image_digest") or plan["target_image"]
             raise AirflowFailException(
                 f"Smoke test of {service.name} (release {plan['image_tag']}, {wanted}) failed after "
                 f"{service.smoke_deadline_seconds:.0f}s: " + "; ".join(r.describe() for r in failed)
@@ -142,22 +173,3 @@ class HttpSmokeTestOperator(ServiceStageOperator):
                   "production request reached green. Next: rollback_ecs waits for the rollback.")
         self.log.info("Green of %s passed on the test listener; answered ECS's hook SUCCEEDED: production switches "
                       "to green now.", service.name)
-
-    def _wait_for_switch(self, service: Service, arn: str) -> None:
-        """Wait (seconds: ECS switches as soon as its hook answered) until production traffic is on green."""
-        ecs = EcsDeploymentHook(service.aws_conn_id)
-        deadline = time.monotonic() + SWITCH_WAIT_SECONDS
-        while True:
-            try:
-                deployment = ecs.describe_deployment(arn)
-            except EcsDeploymentError as exc:
-                raise AirflowException(f"Smoke test of {service.name}: {exc}. Retrying if retries remain.") from None
-            status = deployment["status"]
-            if status == "SUCCESSFUL" or (status == "IN_PROGRESS" and all_traffic_shifted(deployment)):
-                self.log.info("Production traffic is on green: %s", summarize(deployment))
-                return
-            if status not in IN_FLIGHT or status.startswith("ROLLBACK") or time.monotonic() > deadline:
-                raise AirflowFailException(f"ECS did not switch production to green of {service.name} after its "
-                                           f"hook answered SUCCEEDED: {summarize(deployment)}. Next: the release "
-                                           f"rolls back.")
-            time.sleep(1.0)
