@@ -19,16 +19,11 @@ from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput,
 from omnisphere_release.migrations.__main__ import main as cli
 from omnisphere_release.migrations.engine import BELOW_BASELINE_ACTION
 from omnisphere_release.migrations.files import discover
+from tests.integration.test_adopt import query
 
 pytestmark = pytest.mark.integration
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "golang_migrate_set"
 SERVICE = "auth-service"
-
-
-def query(dsn: str, sql: str, params=None):
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall() if cur.description else None
 
 
 def state(dsn: str) -> dict[str, list[tuple]]:

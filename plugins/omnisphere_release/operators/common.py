@@ -10,10 +10,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from omnisphere_release.catalog import Environment, Service
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
-from omnisphere_release.locks import Holder, ServiceBusy, ServiceLock, Taken
+from omnisphere_release.locks import FINISHED_RUN_STATES, Holder, ServiceBusy, ServiceLock, Taken
 from omnisphere_release.logs import Log
 
-FINISHED_RUN_STATES = ("success", "failed")
 # The run's environment (param ``environment``), given to every operator through the DAG's default_args; a DAG
 # without that param renders "", as an operator built without it has: the catalog's default environment.
 ENVIRONMENT_TEMPLATE = "{{ params.get('environment') or '' }}"
