@@ -225,8 +225,10 @@ def test_a_green_that_errors_under_production_traffic_is_rolled_back_during_ecs_
     """-errors answers its health endpoints and /version well (the smoke tests on the test listener pass) and fails
     a quarter of its application traffic: only production traffic shows it, during ECS's bake after the switch, where
     the gate fails and rollback_ecs stops the deployment with ROLLBACK (blue still runs: ECS switches back at once)."""
-    # ECS's bake after the switch: 20 "minutes" (20 s here); the gate fails at its first reading with 5xx.
-    outcome = release("-errors", strategy="blue_green", bake_minutes=20)
+    # ECS's bake after the switch: 60 "minutes" (60 s here). It must outlast smoke_test's end and regression_test,
+    # which took 8 s alone and over 20 s under CI's load; the gate fails at its first reading, so the test never
+    # waits the bake out.
+    outcome = release("-errors", strategy="blue_green", bake_minutes=60)
 
     assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
     assert outcome.task("smoke_test") == "success", outcome.tasks
