@@ -131,6 +131,8 @@ class DeploymentOutput(TypedDict, total=False):
     test_traffic_hook: str | None
     deployment_status: str
     summary: str
+    # Canary and linear in steps: the first share of traffic on the new revision came after this (epoch seconds).
+    first_share_after: float
 
 
 class DataMigrationOutcome(TypedDict):

@@ -26,6 +26,9 @@ PASSED_BEFORE_GATE = ("wait_for_window", "preflight", "backup", "schema_up", "in
 # Long enough that the gate, which starts after ecs_deploy, smoke_test and regression_test (8 s alone here, over
 # 20 s under CI's load), still sees the first step.
 FIRST_STEP = 30
+# Over before the gate looks: 3 s at 50 % (one or two of the load generator's 2 s rounds, half of whose requests
+# reach the new task set: enough for a -errors image to show), then 100 %.
+SHORT_STEPS = [{"percent": 50, "bake_minutes": 3}, {"percent": 100, "bake_minutes": 0}]
 
 
 def with_steps(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, steps: list[dict[str, Any]]) -> None:
@@ -102,20 +105,36 @@ def test_a_clean_canary_passes_its_steps_and_ends_on_the_new_version(release_env
 
 def test_a_canary_ecs_completes_before_the_gate_looks_is_baked_at_100_percent_not_rolled_back(
         release_env, tmp_path, monkeypatch, capfd):
-    # Steps without bakes: ECS is done before smoke_test and regression_test are, as the catalog's 2 and 5 minute
-    # steps were (2 s and 5 s in the devstack) under a live scheduler, where the gate took it for a failure and a
-    # clean canary rolled back.
-    with_steps(tmp_path, monkeypatch, [{"percent": 10, "bake_minutes": 0}, {"percent": 100, "bake_minutes": 0}])
+    # Short steps: ECS is done before smoke_test and regression_test are (regression_test alone polls its task every
+    # 5 s), as the catalog's 2 and 5 minute steps were (2 s and 5 s in the devstack) under a live scheduler, where
+    # the gate took it for a failure and a clean canary rolled back.
+    with_steps(tmp_path, monkeypatch, SHORT_STEPS)
     outcome = release(strategy="canary")
 
     assert_released(outcome, release_env["before"])
     bake = bake_of(outcome)
     assert bake is not None and bake["verdict"] == "passed", bake
-    assert_steps(bake, [100.0], ["passed"])  # the release's bake at 100 %, on the production target group
+    # The 50 % step judged after the fact from just before ecs_deploy saw it, then the release's bake at 100 %.
+    assert_steps(bake, [50.0, 100.0], ["passed", "passed"])
     assert bake["readings"] and any(r["requests"] for r in bake["readings"])
     log = "".join(capfd.readouterr())
-    assert "before this gate saw its last step: step(s) 10 %, 100 % baked without analysis" in log
+    assert "step(s) before ECS completed, baked by ECS before this gate looked, judged after the fact since " in log
+    assert "before this gate saw its last step: step(s) 100 % baked without analysis while ECS baked them" in log
     assert "at 100 % GET /version x10 -> 200" in log and ", ok" in log
+
+
+def test_a_canary_that_erred_in_steps_ecs_baked_before_the_gate_looked_is_rolled_back(release_env, tmp_path,
+                                                                                      monkeypatch):
+    # ECS is done before smoke_test and regression_test are: the steps are judged on what CloudWatch kept of them.
+    with_steps(tmp_path, monkeypatch, SHORT_STEPS)
+    outcome = release("-errors", strategy="canary")
+
+    assert_rolled_back(outcome, release_env["before"], "monitoring_gate")
+    bake = bake_of(outcome)
+    assert bake is not None and bake["verdict"] == "failed", bake
+    assert_steps(bake, [50.0], ["failed"])
+    assert bake["reason"].startswith("step 50 % (judged after ECS baked it, from "), bake["reason"]
+    assert "new task set's 5xx error rate " in bake["reason"]
 
 
 def test_a_canary_that_errors_is_stopped_at_its_first_step_with_ecs_rollback(release_env, tmp_path, monkeypatch,

@@ -26,7 +26,7 @@ BAKE_KEYS = {"target_group", "started_at", "bake_until", "max_error_rate", "max_
 STEPS_KEYS = {"deployment_arn", "steps", "production_target_group", "new_target_group", "max_error_rate",
               "max_p99_ms", "missing_data_seconds", "deadline", "alarms", "aws_conn_id", "region_name",
               "poll_seconds", "window_closes_at", "log_group", "log_stream_prefix", "log_patterns", "max_error_lines",
-              "late_bake_seconds"}
+              "late_bake_seconds", "first_share_after"}
 
 # The required arguments of each trigger, and the row today's code writes for them (so every default is pinned).
 BAKE_REQUIRED: dict[str, Any] = {"target_group": "tg", "started_at": 1.0, "bake_until": 2.0, "max_error_rate": 0.01,
@@ -41,7 +41,7 @@ STEPS_REQUIRED: dict[str, Any] = {"deployment_arn": "arn", "steps": [{"percent":
 STEPS_DEFAULT_ROW: dict[str, Any] = {
     **STEPS_REQUIRED, "alarms": [], "aws_conn_id": "aws_default", "region_name": None, "poll_seconds": 10.0,
     "window_closes_at": None, "log_group": None, "log_stream_prefix": None, "log_patterns": [], "max_error_lines": 0,
-    "late_bake_seconds": 0.0}
+    "late_bake_seconds": 0.0, "first_share_after": None}
 
 # A value other than the default (and other than the required example above) for every argument.
 BAKE_GIVEN: dict[str, Any] = {
@@ -59,7 +59,7 @@ STEPS_GIVEN: dict[str, Any] = {
     "missing_data_seconds": 45.0, "deadline": 1_760_003_600.0, "alarms": ["auth-5xx"], "aws_conn_id": "aws_release",
     "region_name": "us-east-2", "poll_seconds": 5.0, "window_closes_at": 1_760_001_800.0,
     "log_group": "/ecs/auth-service", "log_stream_prefix": "sha256-ab/auth/", "log_patterns": ['"ERROR"'],
-    "max_error_lines": 7, "late_bake_seconds": 360.0}
+    "max_error_lines": 7, "late_bake_seconds": 360.0, "first_share_after": 1_759_999_950.0}
 
 CASES = [
     pytest.param(MonitoringBakeTrigger, BAKE, BAKE_KEYS, BAKE_REQUIRED, BAKE_DEFAULT_ROW, BAKE_GIVEN, id="bake"),
@@ -101,8 +101,10 @@ def test_a_row_written_with_the_defaults_is_read_back_unchanged(cls, classpath, 
 
 def test_a_steps_row_written_before_late_bake_seconds_existed_is_read_with_no_late_bake():
     """A trigger deferred by the previous version, resumed by a triggerer running this one."""
-    older = {key: value for key, value in STEPS_DEFAULT_ROW.items() if key != "late_bake_seconds"}
-    assert rebuild(STEPS, older).late_bake_seconds == 0.0
+    older = {key: value for key, value in STEPS_DEFAULT_ROW.items()
+             if key not in ("late_bake_seconds", "first_share_after")}
+    rebuilt = rebuild(STEPS, older)
+    assert (rebuilt.late_bake_seconds, rebuilt.first_share_after) == (0.0, None)
 
 
 def test_the_constructors_copy_what_they_are_given_and_read_none_as_empty():

@@ -147,6 +147,29 @@ def test_ecs_trigger_does_not_take_a_canarys_bake_for_the_end_of_the_traffic_shi
     assert len(hook.described) == 3
 
 
+def test_ecs_trigger_says_what_it_saw_come_after_its_last_read_that_did_not_see_it(ecs_hook, monkeypatch):
+    # The monitoring gate analyses a canary's first step from there: the share came after that read, by one poll at
+    # most. A read that failed saw nothing, so it is not that read.
+    ticks = iter(range(1000, 2000))
+    monkeypatch.setattr(ecs_trigger_module.time, "time", lambda: float(next(ticks)))
+    ecs_hook(deployment("IN_PROGRESS", "SCALE_UP"), ConnectionError("throttled"),
+             deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0))
+
+    event = first_event(ecs_trigger(deadline=5000, done_at_percent=10.0))
+
+    assert event.payload["status"] == "success"
+    assert event.payload["after"] == 1000.0  # the first read's time, not the failed second read's
+
+
+def test_ecs_trigger_that_sees_it_at_its_first_read_says_it_came_after_the_deployment_started(ecs_hook):
+    started = datetime(2026, 11, 26, 23, 0, tzinfo=timezone.utc)
+    ecs_hook({**deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0), "startedAt": started})
+
+    event = first_event(ecs_trigger(done_at_percent=10.0))
+
+    assert event.payload["after"] == started.timestamp()
+
+
 @pytest.mark.parametrize("stage", ["BAKE_TIME", "CLEAN_UP"])
 def test_ecs_trigger_waits_for_success_after_traffic_shift_by_default(ecs_hook, stage):
     hook = ecs_hook(deployment("IN_PROGRESS", stage, weight=100.0), deployment("IN_PROGRESS", stage, weight=100.0),
@@ -677,7 +700,8 @@ def test_steps_trigger_serializes_every_argument():
              "max_p99_ms": 800, "missing_data_seconds": 60, "deadline": T0 + 900, "alarms": ["auth-5xx"],
              "aws_conn_id": "aws_release", "region_name": "eu-west-1", "poll_seconds": 5.0,
              "window_closes_at": T0 + 1800, "log_group": "/ecs/auth-service", "log_stream_prefix": "sha256-ab/auth/",
-             "log_patterns": ['"ERROR"'], "max_error_lines": 0, "late_bake_seconds": 300.0}
+             "log_patterns": ['"ERROR"'], "max_error_lines": 0, "late_bake_seconds": 300.0,
+             "first_share_after": T0 - 30}
     assert_serialize_round_trips(DeploymentStepsTrigger(**given), given)
 
 
@@ -779,3 +803,69 @@ def test_a_deployment_that_ends_otherwise_still_ends_the_analysis(stepped):
 
     assert event.payload["status"] == "deployment_ended"
     assert event.payload["steps"] == []
+
+
+# The first step bakes from when ecs_deploy saw it; smoke_test and regression_test come before the gate. What users
+# saw in that time counts: the first step is read from then, and steps ECS baked before the first look are judged
+# after the fact on what CloudWatch kept, not waved through.
+def test_the_first_step_is_analysed_from_when_ecs_deploy_saw_it_not_from_the_gates_first_look(stepped, clock):
+    _, cw = stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=10.0)],
+                    [healthy(120, 30, 0.05), healthy(1080, 1, 0.05)])
+
+    event = first_event(steps_trigger(first_share_after=T0 - 40))
+
+    assert event.payload["status"] == "breach" and event.payload["failed_step"] == 10.0
+    assert event.payload["steps"][0]["started_at"] == T0 - 40
+    assert [(group, start) for group, start, _, _ in cw.reads] == [
+        (NEW_TG, datetime.fromtimestamp(T0 - 40, timezone.utc)), (OLD_TG, datetime.fromtimestamp(T0 - 40, timezone.utc))]
+
+
+def test_a_step_ecs_baked_before_the_gate_looked_is_judged_after_the_fact_and_fails_the_gate(stepped, clock):
+    # The canary erred at 10 % while regression_test ran; ECS has moved on to 100 % by the gate's first look.
+    _, cw = stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=100.0)], [healthy(400, 100, 0.05)])
+
+    event = first_event(steps_trigger(first_share_after=T0 - 90))
+
+    assert event.payload["status"] == "breach"
+    assert event.payload["failed_step"] == 10.0  # the gate stops the deployment with ROLLBACK at once
+    assert event.payload["reason"].startswith("step 10 % (judged after ECS baked it, from ")
+    assert "new task set's 5xx error rate 25.00% (100 of 400 requests)" in event.payload["reason"]
+    assert event.payload["steps"] == [{"percent": 10.0, "started_at": T0 - 90, "ended_at": T0, "verdict": "failed"}]
+    [(group, start, end, _)] = cw.reads  # the new task set's group, from the first share to the first look
+    assert (group, start) == (NEW_TG, datetime.fromtimestamp(T0 - 90, timezone.utc))
+    assert end == datetime.fromtimestamp(T0, timezone.utc) + timedelta(seconds=60)
+
+
+def test_steps_that_passed_before_the_gate_looked_are_recorded_and_the_rest_analysed_as_they_bake(stepped, clock):
+    stepped([deployment("IN_PROGRESS", "BAKE_TIME", weight=100.0), deployment("IN_PROGRESS", "CLEAN_UP", weight=100.0)],
+            [healthy(400, 1, 0.05), healthy(1000, 1, 0.05)])
+
+    event = first_event(steps_trigger(first_share_after=T0 - 90))
+
+    assert event.payload["status"] == "success", event.payload
+    assert [(s["percent"], s["verdict"], s["started_at"]) for s in event.payload["steps"]] == [
+        (10.0, "passed", T0 - 90), (100.0, "passed", T0)]
+    assert "judged after the fact" in event.payload["observations"][0]
+
+
+def test_a_deployment_completed_before_the_gate_looked_fails_on_what_its_missed_steps_showed(stepped, clock):
+    # Before, a completed deployment was baked at 100 % only: a canary that erred at 10 % and then completed passed.
+    done = deployment("SUCCESSFUL", "CLEAN_UP", weight=100.0)
+    stepped([done] * 3, [healthy(400, 100, 0.05)] + [healthy(1000, 1, 0.05)] * 2)
+
+    event = first_event(steps_trigger(first_share_after=T0 - 120, late_bake_seconds=30))
+
+    assert event.payload["status"] == "breach", event.payload
+    assert event.payload["failed_step"] == 10.0 and clock.now == T0  # at the first look, no late bake first
+
+
+def test_a_deployment_completed_before_the_gate_looked_is_judged_then_baked_at_100_percent(stepped, clock):
+    done = deployment("SUCCESSFUL", "CLEAN_UP", weight=100.0)
+    _, cw = stepped([done] * 4, [healthy(400, 1, 0.05)] + [healthy(1000, 1, 0.05)] * 3)
+
+    event = first_event(steps_trigger(first_share_after=T0 - 120, late_bake_seconds=10))
+
+    assert event.payload["status"] == "success", event.payload
+    assert [(s["percent"], s["verdict"]) for s in event.payload["steps"]] == [(10.0, "passed"), (100.0, "passed")]
+    assert [read[0] for read in cw.reads] == [NEW_TG, OLD_TG, OLD_TG, OLD_TG]
+    assert clock.now == T0 + 10

@@ -179,8 +179,13 @@ class EcsDeployServiceOperator(ServiceStageOperator):
                           event.get("deployment_status"), event.get("summary"),
                           ", then monitoring_gate watches each traffic step" if steps_of(
                               deployment.get("configuration") or {}) else "")
-            return {**deployment, "deployment_status": str(event.get("deployment_status")),
-                    "summary": str(event.get("summary"))}
+            output: DeploymentOutput = {**deployment, "deployment_status": str(event.get("deployment_status")),
+                                        "summary": str(event.get("summary"))}
+            if steps_of(deployment.get("configuration") or {}):
+                # ECS's first step bakes from just after the trigger's last read without it: monitoring_gate
+                # analyses it from there, not from its own start after smoke_test and regression_test.
+                output["first_share_after"] = float(event.get("after") or time.time())
+            return output
         if status == "timeout":
             raise AirflowFailException(f"ECS deployment {event['deployment_arn']} did not finish within the "
                                        f"catalog's deploy.timeout_minutes; last state: {event.get('summary')}. "

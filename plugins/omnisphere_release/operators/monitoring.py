@@ -142,9 +142,10 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
         """Defer to DeploymentStepsTrigger: each traffic step of the canary or linear deployment analysed while ECS
         bakes it, the new task set (the alternate target group) against the old one (the production one).
 
-        ECS bakes the steps on its own clock, so one that the stages before the gate outlasted is over when the
-        trigger starts; a deployment ECS completed before the trigger saw its last step gets the release's ``bake``
-        at 100 % instead (a success of ECS is not a reason to roll back)."""
+        ECS bakes the steps on its own clock, from when ecs_deploy saw the first share: the analysis starts there,
+        and steps the stages before the gate outlasted are judged after the fact on what CloudWatch kept. A
+        deployment ECS completed before the trigger saw its last step also gets the release's ``bake`` at 100 % (a
+        success of ECS is not a reason to roll back)."""
         m = service.monitoring
         deployment = ReleaseRun(context).deployment
         try:
@@ -179,7 +180,8 @@ class CloudWatchMonitoringGateOperator(ServiceStageOperator):
                 alarms=list(m.alarms), aws_conn_id=service.aws_conn_id, poll_seconds=min(self.poll_seconds, 2.0),
                 window_closes_at=closes_at, log_group=m.logs.log_group if m.logs else None,
                 log_stream_prefix=prefix, log_patterns=list(m.logs.error_patterns) if m.logs else None,
-                max_error_lines=m.logs.max_error_lines if m.logs else 0, late_bake_seconds=bake),
+                max_error_lines=m.logs.max_error_lines if m.logs else 0, late_bake_seconds=bake,
+                first_share_after=deployment.get("first_share_after")),
             method_name="steps_complete",
             timeout=timedelta(seconds=timeout + m.missing_data_minutes * 60 + 600),
         )

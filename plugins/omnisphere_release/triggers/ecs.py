@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -79,8 +80,10 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
         last = ""
         failing_since: float | None = None
         warned_at = 0.0
+        read_at: float | None = None  # the last read that gave the deployment: what is seen next came after it
         while True:
             try:
+                asked_at = time.time()
                 deployment = await asyncio.to_thread(hook.describe_deployment, self.deployment_arn)
             except Exception as exc:  # noqa: BLE001 - any failed read is tried again, within the budget
                 now = time.time()
@@ -119,8 +122,12 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
                     and traffic_weight(deployment) >= self.done_at_percent) or (
                     self.done_at_stage is not None and status == "IN_PROGRESS"
                     and deployment.get("lifecycleStage") == self.done_at_stage)):
+                # "after": the last read that did not see it (the deployment's start on a first read that did).
+                started = deployment.get("startedAt") or deployment.get("createdAt")
+                after = read_at if read_at is not None else (
+                    started.timestamp() if isinstance(started, datetime) else asked_at)
                 yield TriggerEvent({"status": "success", "deployment_status": status, "summary": line,
-                                    "deployment_arn": self.deployment_arn})
+                                    "deployment_arn": self.deployment_arn, "after": after})
                 return
             if not self.settle and (status not in IN_FLIGHT or status.startswith("ROLLBACK")):
                 yield TriggerEvent({"status": "failed", "deployment_status": status, "summary": line,
@@ -131,4 +138,5 @@ class EcsServiceDeploymentTrigger(BaseTrigger):
                 yield TriggerEvent({"status": "timeout", "deployment_status": status, "summary": line,
                                     "deployment_arn": self.deployment_arn})
                 return
+            read_at = asked_at
             await asyncio.sleep(self.poll_seconds)

@@ -271,12 +271,19 @@ class DeploymentStepsTrigger(WatchTrigger):
     ``{"percent", "started_at", "ended_at", "verdict"}`` per step reached) and the new task set's ``readings``; a
     ``breach`` event names the step (``failed_step``) so that the gate can stop the deployment with ROLLBACK.
 
-    ECS bakes each step on its own clock, from when ecs_deploy saw the first share, while smoke_test, regression_test
-    and the scheduler's hand-offs come before this trigger: steps shorter than those are over before it looks. A step
-    it did not see is logged as baked unwatched. A deployment ECS completed (SUCCESSFUL) before the trigger saw its
-    last step is not a failure (rolling back a healthy release is one): all traffic is on the new revision, so it is
-    baked at 100 % on the production target group for ``late_bake_seconds`` (the release's bake), as a release
-    without steps would be, and judged on the thresholds, alarms and error lines alone.
+    ECS bakes each step on its own clock, from its first share of traffic, while smoke_test, regression_test and
+    the scheduler's hand-offs come before this trigger. ``first_share_after`` is ecs_deploy's last look that did not
+    see that share yet (the share came after it, by one poll at most). So the first step's analysis begins there, not
+    when the trigger starts: what users saw before the gate looked counts. Steps ECS baked entirely before the
+    trigger looked are judged after the fact, on the new task set's target group from ``first_share_after`` to the
+    first look, against the thresholds and alarms (not against the old task set, whose share changed meanwhile),
+    and recorded as one step at the first one's share. CloudWatch keeps those minutes, so a canary that erred at 10 %
+    while the regression suite ran is failed, even though ECS went on to 100 %.
+
+    A deployment ECS completed (SUCCESSFUL) before the trigger saw its last step is not a failure by itself (rolling
+    back a healthy release is one): once its missed steps pass, all traffic is on the new revision, so it is baked at
+    100 % on the production target group for ``late_bake_seconds`` (the release's bake), as a release without steps
+    would be, and judged on the thresholds, alarms and error lines alone.
     """
 
     deployment_arn: str
@@ -286,6 +293,24 @@ class DeploymentStepsTrigger(WatchTrigger):
     deadline: float
     # The release's bake, given at 100 % to a deployment ECS completed before this trigger saw its last step.
     late_bake_seconds: float = 0.0
+    # ecs_deploy's last look before the first share of traffic on the new revision (epoch seconds); None from a row
+    # written before it existed (then the analysis begins at the trigger's first look, as it did).
+    first_share_after: float | None = None
+
+    async def _judge_missed_steps(self, metrics: ServiceMetricsHook, now: float) -> tuple[dict[str, Any], Any, str | None]:
+        """Judge the steps ECS baked before this trigger's first look: the new task set's target group from
+        ``first_share_after`` to now, on the thresholds and alarms. Return the step to record, the reading and the
+        breach (None when they pass)."""
+        assert self.first_share_after is not None
+        new = await asyncio.to_thread(metrics.read, self.new_target_group,
+                                      datetime.fromtimestamp(self.first_share_after, timezone.utc),
+                                      datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=60), self.alarms)
+        breach = step_breach(new, None, self.max_error_rate, self.max_p99_ms)
+        # A step nobody's request reached proves nothing either way: said so, not "passed".
+        verdict = "failed" if breach else "passed" if new.has_data else "no data"
+        step = {"percent": float(self.steps[0]["percent"]), "started_at": self.first_share_after, "ended_at": now,
+                "verdict": verdict}
+        return step, new, breach
 
     def _unwatched(self, seen: list[dict[str, Any]]) -> str:
         """Return the catalog's steps this trigger did not see, as the log names them ("10 %, 100 %")."""
@@ -330,6 +355,23 @@ class DeploymentStepsTrigger(WatchTrigger):
                                 reason=f"ECS ended the deployment {status} during the steps: "
                                        f"{deployment.get('statusReason', '')}")
                     return
+                if (not steps and self.first_share_after is not None and self.steps
+                        and (ended or weight > float(self.steps[0]["percent"]))):
+                    # ECS baked one step or more before this first look: judge them on what CloudWatch kept.
+                    missed, reading, breach = await self._judge_missed_steps(metrics, now)
+                    merge_minutes(readings, reading.minutes)
+                    steps.append(missed)
+                    shown = datetime.fromtimestamp(self.first_share_after, timezone.utc)
+                    line = (f"step(s) before {'ECS completed' if ended else f'{weight:g} %'}, baked by ECS before "
+                            f"this gate looked, judged after the fact since {shown:%H:%M:%S}: new {reading.describe()}")
+                    observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} {line}")
+                    self.log.warning("%s (the stages before monitoring_gate outlasted them; judged on the thresholds "
+                                     "and alarms, without comparing the old task set).", line)
+                    if breach:
+                        yield event("breach", failed_step=missed["percent"],
+                                    reason=f"step {missed['percent']:g} % (judged after ECS baked it, from "
+                                           f"{shown:%H:%M:%S} to the gate's first look): {breach}")
+                        return
                 if ended and late_until is None:
                     if steps and steps[-1]["percent"] >= 100:
                         close("passed", now)
@@ -343,11 +385,11 @@ class DeploymentStepsTrigger(WatchTrigger):
                     last_data, late_until = now, now + self.late_bake_seconds
                     self.log.warning(
                         "ECS completed deployment %s before this gate saw its last step: step(s) %s baked without "
-                        "analysis (the stages before monitoring_gate took longer than those steps' bakes; %s). Not a "
-                        "failure: all traffic is on the new revision, baked now at 100 %% on the production target "
-                        "group for %.0fs (the release's bake_minutes). To have each step analysed, give the first "
-                        "step a bake longer than smoke_test and regression_test take.", self.deployment_arn,
-                        unwatched, summarize(deployment), self.late_bake_seconds)
+                        "analysis while ECS baked them (the stages before monitoring_gate took longer than those "
+                        "steps' bakes; %s). Not a failure: all traffic is on the new revision, baked now at 100 %% "
+                        "on the production target group for %.0fs (the release's bake_minutes). To have each step "
+                        "analysed as it bakes, give the first step a bake longer than smoke_test and regression_test "
+                        "take.", self.deployment_arn, unwatched, summarize(deployment), self.late_bake_seconds)
                     observations.append(f"{datetime.fromtimestamp(now, timezone.utc):%H:%M:%S} ECS completed the "
                                         f"deployment before step(s) {unwatched} were seen; baking at 100 % for "
                                         f"{self.late_bake_seconds:.0f}s")
@@ -358,7 +400,9 @@ class DeploymentStepsTrigger(WatchTrigger):
                                          "(the stages before monitoring_gate took longer than their bakes): not "
                                          "analysed. To have each step analysed, give the first step a bake longer "
                                          "than smoke_test and regression_test take.", weight)
-                    steps.append({"percent": weight, "started_at": now, "ended_at": None, "verdict": None})
+                    # The first step began before this trigger, just after ecs_deploy's last look without it.
+                    began = (self.first_share_after if not steps and self.first_share_after is not None else now)
+                    steps.append({"percent": weight, "started_at": began, "ended_at": None, "verdict": None})
                     last_data = now
                     self.log.info("Step %d: %.0f %% of production traffic on the new task set (%s); analysing it "
                                   "against the old one while ECS bakes it.", len(steps), weight,
