@@ -37,7 +37,7 @@ test: lint
 	$(PY) -m pytest -q -n 2 --durations=30 --ignore=tests/chaos -m "not long"
 
 # Scenarios of several whole releases each (promotion, progressive delivery, release news, release trains, the
-# Celery topology under killed parts, the live window waits): ~15 min, kept out of make test so that it stays well
+# Celery topology under killed parts, the live window waits, the live approval UI): ~15 min, kept out of make test so that it stays well
 # under 20 minutes (it took 21 min with them). CI runs it after make test.
 test-long: venv
 	$(PY) -m pytest -q -n 2 --ignore=tests/chaos -m long

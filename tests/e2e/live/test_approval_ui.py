@@ -25,7 +25,8 @@ from tests.e2e.live.conftest import APPROVAL_ENVIRONMENT, APPROVER
 from tests.e2e.live.helpers import client_xcom, task_states, wait_for_run
 from tests.e2e.live.test_ui import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ui]
+# Two minutes of live approvals in a browser: in `make test-long` (CI runs it after `make test`), not in `make test`.
+pytestmark = [pytest.mark.e2e, pytest.mark.ui, pytest.mark.long]
 DAG_ID = "release_auth-service"
 TASK_ID = "approve_release"
 
