@@ -297,7 +297,8 @@ class DeploymentStepsTrigger(WatchTrigger):
     # written before it existed (then the analysis begins at the trigger's first look, as it did).
     first_share_after: float | None = None
 
-    async def _judge_missed_steps(self, metrics: ServiceMetricsHook, now: float) -> tuple[dict[str, Any], Any, str | None]:
+    async def _judge_missed_steps(self, metrics: ServiceMetricsHook,
+                                  now: float) -> tuple[dict[str, Any], Any, str | None]:
         """Judge the steps ECS baked before this trigger's first look: the new task set's target group from
         ``first_share_after`` to now, on the thresholds and alarms. Return the step to record, the reading and the
         breach (None when they pass)."""
