@@ -47,8 +47,9 @@ def assert_task_states(outcome: Any, failed_stage: str) -> None:
         assert outcome.task(task) == state, (task, outcome.tasks)
 
 
-def assert_bake_shape(bake: dict[str, Any]) -> None:
-    """The record the Releases page charts (issue #18): exactly these keys, a reading for every minute."""
+def assert_bake_shape(bake: dict[str, Any], traffic_seen: bool = True) -> None:
+    """The record the Releases page charts (issue #18): exactly these keys, a reading for every minute; with
+    ``traffic_seen``, some of the sample service's requests among them."""
     from omnisphere_release.ui.bake import check_bake
 
     check_bake(bake)
@@ -59,7 +60,8 @@ def assert_bake_shape(bake: dict[str, Any]) -> None:
     for reading in bake["readings"]:
         assert set(reading) == {"minute", "error_rate", "p99_ms", "requests"}
         assert reading["minute"].endswith(":00+00:00")
-    assert any(r["requests"] for r in bake["readings"]), bake["readings"]  # the sample service's traffic was seen
+    if traffic_seen:
+        assert any(r["requests"] for r in bake["readings"]), bake["readings"]
 
 
 def test_log_errors_fail_the_bake_and_the_release_rolls_back(release_env, capfd):
@@ -70,7 +72,9 @@ def test_log_errors_fail_the_bake_and_the_release_rolls_back(release_env, capfd)
     assert_task_states(outcome, "monitoring_gate")
     bake = bake_of(outcome)
     assert bake is not None
-    assert_bake_shape(bake)
+    # The error lines logged during smoke_test and regression_test fail the bake at its first reading, which may come
+    # before the load balancer's first datapoint of the bake (the devstack publishes every 2 s): CI saw 0 requests.
+    assert_bake_shape(bake, traffic_seen=False)
     assert bake["verdict"] == "failed" and bake["failed_at"] == bake["ended_at"]
     assert " error log line(s) in 2 stream(s) of the new task set (/ecs/auth-service, streams sha256-" in bake["reason"]
     assert "more than the 0 allowed (monitoring.logs.max_error_lines)" in bake["reason"]
