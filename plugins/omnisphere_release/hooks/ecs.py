@@ -206,6 +206,11 @@ class LiveRevision:
     def arn(self) -> str:
         return str(self.service["taskDefinition"])
 
+    @property
+    def deploying(self) -> bool:
+        """Whether an ECS deployment of the service is in progress (not a state for another one to start from)."""
+        return any(d.get("rolloutState") == "IN_PROGRESS" for d in self.service.get("deployments", []))
+
 
 @dataclass(frozen=True)
 class ReturnStep:

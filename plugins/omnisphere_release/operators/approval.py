@@ -211,9 +211,7 @@ class ReleaseApprovalOperator(ApprovalOperator):
             self._record(context, {**decision, "outcome": "plan_changed"})
             raise AirflowFailException(f"Approved, but whether {service.name} is still as the approved plan saw it "
                                        f"cannot be read: {exc}. Nothing was changed; trigger the release again.") from None
-        changed = changed_since_plan(plan, live.arn, status.current_version,
-                                     any(d.get("rolloutState") == "IN_PROGRESS"
-                                         for d in live.service.get("deployments", [])))
+        changed = changed_since_plan(plan, live.arn, status.current_version, live.deploying)
         if changed:
             self._record(context, {**decision, "outcome": "plan_changed"})
             raise AirflowFailException(f"Refused, nothing was changed: {service.name} changed while this release "

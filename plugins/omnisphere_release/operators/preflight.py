@@ -109,7 +109,7 @@ class ReleasePreflightOperator(BaseOperator):
         except EcsDeploymentError as exc:
             problems.append(str(exc))
         if target:
-            if any(d.get("rolloutState") == "IN_PROGRESS" for d in target.live.service.get("deployments", [])):
+            if target.live.deploying:
                 problems.append(f"ECS service {service.ecs.service} has a deployment in progress; wait for it to "
                                 f"finish")
             if target.already_running and not pending:
