@@ -782,3 +782,13 @@ def test_target_groups_are_read_as_cloudwatch_dimensions_and_the_test_traffic_ho
     assert traffic_hook_prefix(lifecycle_hooks(live)) == "/omni/hooks"
     assert traffic_hook_prefix([other]) is None
     assert lifecycle_hooks({}) == []
+
+
+def test_a_service_is_deploying_while_one_of_its_deployments_is_in_progress():
+    # preflight refuses to start from it, and an approved plan no longer holds (the service is changing)
+    def live(*states: str) -> LiveRevision:
+        return LiveRevision({"taskDefinition": "arn:td/a:1", "deployments": [{"rolloutState": s} for s in states]},
+                            {}, "img")
+
+    assert live("COMPLETED", "IN_PROGRESS").deploying
+    assert not live("COMPLETED").deploying and not live("FAILED").deploying and not live().deploying
