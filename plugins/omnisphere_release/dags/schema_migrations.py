@@ -32,7 +32,7 @@ from omnisphere_release.dags.release import environment_param
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.migrations import InvalidMigrationInput
 from omnisphere_release.migrations.engine import GOLANG_MIGRATE_TABLE, NOTHING_APPLIED
-from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE, hold_service
+from omnisphere_release.operators.common import ENVIRONMENT_TEMPLATE, hold_service, run_label
 from omnisphere_release.operators.standalone import (
     GUARD_TEMPLATES,
     StandaloneApplyMigrationsOperator,
@@ -208,7 +208,7 @@ def build_schema_migrations_dag(catalog: Catalog, dag_id: str = "schema_migratio
                 raise AirflowSkipException("action=migrate: nothing to record")
             log = context["task"].log
             service = catalog.get(params["service"], params["environment"])
-            engine = schema_engine(service, catalog, f"dag={dag_id} run={context['run_id']}", log)
+            engine = schema_engine(service, catalog, run_label(dag_id, context["run_id"]), log)
             reason = plain_text(params.get("reason"))
             try:
                 if params["action"] == "baseline":

@@ -32,7 +32,7 @@ from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.migrations.engine import version_label
 from omnisphere_release.migrations.files import Migration, discover
-from omnisphere_release.operators.common import hold_service, release_service
+from omnisphere_release.operators.common import hold_service, release_service, run_label
 
 COMMENT = "comment"
 # Shown until execute() writes the real request; the UI never shows it (the request is created in execute()).
@@ -202,7 +202,7 @@ class ReleaseApprovalOperator(ApprovalOperator):
             hold_service(context, service, f"release of {service.name} to {plan['image_tag']} (approved)", self.log)
             live = EcsDeploymentHook(service.aws_conn_id).live_revision(service.ecs.cluster, service.ecs.service,
                                                                          service.ecs.container)
-            status = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log).status()
+            status = schema_engine(service, catalog, run_label(self.dag_id, context["run_id"]), self.log).status()
         except AirflowFailException as exc:  # another operation holds the service now
             self._record(context, {**decision, "outcome": "plan_changed"})
             raise AirflowFailException(f"Approved, but {exc}. Trigger the release again once it has ended, so that "

@@ -13,6 +13,13 @@ from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.locks import FINISHED_RUN_STATES, Holder, ServiceBusy, ServiceLock, Taken
 from omnisphere_release.logs import Log
 
+
+def run_label(dag_id: str, run_id: str) -> str:
+    """How a run signs what it does (schema_migrations' applied_by, a data migration's run_by): rollback_schema
+    reverts only the versions its own run's schema_up signed, so both must spell it the same way."""
+    return f"dag={dag_id} run={run_id}"
+
+
 # The run's environment (param ``environment``), given to every operator through the DAG's default_args; a DAG
 # without that param renders "", as an operator built without it has: the catalog's default environment.
 ENVIRONMENT_TEMPLATE = "{{ params.get('environment') or '' }}"

@@ -13,7 +13,7 @@ from omnisphere_release.contracts import DataMigrationOutcome
 from omnisphere_release.datamigrate import DataMigrationSpec, discover_specs, load_functions
 from omnisphere_release.hooks.postgres import data_engine
 from omnisphere_release.migrations.errors import InvalidMigrationInput, LockBusy, MigrationFailed
-from omnisphere_release.operators.common import ServiceStageOperator, hold_service
+from omnisphere_release.operators.common import ServiceStageOperator, hold_service, run_label
 
 
 class PostgresDataMigrateOperator(ServiceStageOperator):
@@ -73,7 +73,7 @@ class PostgresDataMigrateOperator(ServiceStageOperator):
         if reason:
             self.log.info("Data migration %s of %s (%s) because: %s", self.wanted or "all", service.name,
                           self.action, reason)
-        run_by = f"dag={self.dag_id} run={context['run_id']}" + (f" ({reason})" if reason else "")
+        run_by = run_label(self.dag_id, context["run_id"]) + (f" ({reason})" if reason else "")
         results: list[DataMigrationOutcome] = []
         for spec in specs:
             engine = data_engine(service, spec, run_by=run_by, log=self.log)

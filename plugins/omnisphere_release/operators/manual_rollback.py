@@ -17,7 +17,13 @@ from omnisphere_release.hooks.ecs import EcsDeploymentError, EcsDeploymentHook, 
 from omnisphere_release.hooks.postgres import schema_engine
 from omnisphere_release.hooks.registry import ImageRegistryHook
 from omnisphere_release.operators.backup import restore_database
-from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, as_optional_text, hold_service
+from omnisphere_release.operators.common import (
+    ServiceStageOperator,
+    as_optional_int,
+    as_optional_text,
+    hold_service,
+    run_label,
+)
 from omnisphere_release.operators.ecs import EcsReturnServiceOperator
 from omnisphere_release.operators.migrations import revert_schema_to
 
@@ -150,7 +156,7 @@ class ManualRollbackStepOperator(EcsReturnServiceOperator):
             if "schema_version" not in plan:
                 raise AirflowSkipException("No schema step requested.")
             return revert_schema_to(service, catalog, plan["schema_version"],
-                                    applied_by=f"dag={self.dag_id} run={context['run_id']}", reason=plan["reason"],
+                                    applied_by=run_label(self.dag_id, context["run_id"]), reason=plan["reason"],
                                     log=self.log, next_on_failure="The ECS step is not undone; decide whether to "
                                     "restore a backup (param restore_backup_uri).")
         if "restore" not in plan:

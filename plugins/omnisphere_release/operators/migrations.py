@@ -20,6 +20,7 @@ from omnisphere_release.operators.common import (
     as_bool,
     as_optional_int,
     hold_service,
+    run_label,
 )
 from omnisphere_release.transient import DatabaseUnreachable, retry_lost_connection
 
@@ -88,7 +89,7 @@ class PostgresApplyMigrationsOperator(BaseOperator):
         target = as_optional_int(self.target_version)
         dry_run = as_bool(self.plan_only)
         # who applied each version: rollback_schema reverts only what its own run applied
-        engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
+        engine = schema_engine(service, catalog, run_label(self.dag_id, context["run_id"]), self.log)
         self.log.info("Migrating %s %s to %s%s (database %s)", service.name, self.direction,
                       "the latest version" if target is None and self.direction == "up" else
                       ("one version down" if target is None else f"version {target}"),
@@ -163,7 +164,7 @@ class PostgresRevertReleaseMigrationsOperator(ServiceStageOperator):
         data_reverted = self._revert_data_migrations(service, catalog, run, context["run_id"])
         # Only what this run applied is undone: versions above the plan's that others applied (while a release
         # waited for its approver, the service was free) are not this run's to revert.
-        this_run = f"dag={self.dag_id} run={context['run_id']}"
+        this_run = run_label(self.dag_id, context["run_id"])
         status = schema_engine(service, catalog, this_run, self.log).status()
         above = [h for h in [*status.applied, *status.dirty] if h.version > plan["schema_version"]]
         if above and not any(h.applied_by == this_run for h in above):
@@ -174,7 +175,7 @@ class PostgresRevertReleaseMigrationsOperator(ServiceStageOperator):
             return {"reverted": [], "schema_version": status.current_version, "data_reverted": data_reverted,
                     "applied_by_others": [h.version for h in above]}
         result = revert_schema_to(service, catalog, plan["schema_version"],
-                                  applied_by=f"dag={self.dag_id} run={context['run_id']} rollback",
+                                  applied_by=f"{this_run} rollback",
                                   reason=f"rollback of {context['run_id']}", log=self.log,
                                   next_on_failure="Next: restore_backup restores the database from this run's backup.")
         self.log.info("%s is at version %d, as before the release. Next: restore_backup only if the policy says "

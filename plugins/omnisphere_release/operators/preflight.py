@@ -34,6 +34,7 @@ from omnisphere_release.operators.common import (
     as_optional_int,
     backup_bucket_of,
     hold_service,
+    run_label,
 )
 
 TOUCHED_TABLE = re.compile(
@@ -88,7 +89,7 @@ class ReleasePreflightOperator(BaseOperator):
         if not dry_run:  # a dry run changes nothing, so it holds nothing either
             hold_service(context, service, f"release of {service.name} to {self.image_tag}", self.log)
 
-        engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
+        engine = schema_engine(service, catalog, run_label(self.dag_id, context["run_id"]), self.log)
         status = engine.status()
         if status.dirty:
             problems.append(f"schema of {service.name} has a dirty version {status.dirty[0].version}: resolve it first")

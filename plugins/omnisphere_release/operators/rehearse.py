@@ -21,7 +21,13 @@ from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook
 from omnisphere_release.migrations import EngineSettings, InvalidMigrationInput, MigrationEngine
 from omnisphere_release.migrations.engine import version_label
-from omnisphere_release.operators.common import ServiceStageOperator, as_optional_int, backup_bucket_of, safe_key
+from omnisphere_release.operators.common import (
+    ServiceStageOperator,
+    as_optional_int,
+    backup_bucket_of,
+    run_label,
+    safe_key,
+)
 from omnisphere_release.operators.integrity import check_files
 from omnisphere_release.rehearsal import REHEARSAL_CONN_ID, ScratchDatabase, apply_measured, scratch_name
 
@@ -131,7 +137,7 @@ class ApplyMigrationsToCopyOperator(RehearsalStageOperator):
         engine = MigrationEngine(service.name, catalog.migrations_dir(service.name),
                                  lambda: scratch.connect(application),
                                  EngineSettings.from_catalog(service.migrations),
-                                 applied_by=f"rehearsal dag={self.dag_id} run={context['run_id']}", log=self.log)
+                                 applied_by=f"rehearsal {run_label(self.dag_id, context['run_id'])}", log=self.log)
         try:
             plan = engine.plan("up", as_optional_int(self.target_version))
         except InvalidMigrationInput as exc:

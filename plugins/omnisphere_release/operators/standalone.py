@@ -35,7 +35,14 @@ from omnisphere_release.contracts import WindowDecision
 from omnisphere_release.hooks.backups import BackupError, BackupHook
 from omnisphere_release.hooks.postgres import ServiceDatabaseHook, data_engine, schema_engine
 from omnisphere_release.migrations import InvalidMigrationInput
-from omnisphere_release.operators.common import as_bool, as_optional_int, backup_bucket_of, hold_service, safe_key
+from omnisphere_release.operators.common import (
+    as_bool,
+    as_optional_int,
+    backup_bucket_of,
+    hold_service,
+    run_label,
+    safe_key,
+)
 from omnisphere_release.operators.datamigrate import PostgresDataMigrateOperator
 from omnisphere_release.operators.migrations import PostgresApplyMigrationsOperator
 
@@ -221,7 +228,7 @@ class StandaloneApplyMigrationsOperator(StandaloneGuard, PostgresApplyMigrations
         return f"schema migrations of {service.name} {self.direction}"
 
     def _why_nothing_changes(self, context: Context, catalog: Catalog, service: Service) -> str | None:
-        engine = schema_engine(service, catalog, f"dag={self.dag_id} run={context['run_id']}", self.log)
+        engine = schema_engine(service, catalog, run_label(self.dag_id, context["run_id"]), self.log)
         try:  # the plan (logged with its SQL) without the lint: the change itself lints before it applies
             plan = engine.migrate(self.direction, as_optional_int(self.target_version), dry_run=True,
                                   acknowledge_drift=plain_text(self.acknowledge_drift) or None, run_lint=False).plan
@@ -259,7 +266,7 @@ class StandaloneDataMigrateOperator(StandaloneGuard, PostgresDataMigrateOperator
             if any(spec.reversible for spec in specs):
                 return None
             return "no reversible data migration to revert (the task refuses it)"
-        run_by = f"dag={self.dag_id} run={context['run_id']}"
+        run_by = run_label(self.dag_id, context["run_id"])
         states = {spec.name: getattr(data_engine(service, spec, run_by, self.log).status(), "state", None)
                   for spec in specs}
         if any(state != "done" for state in states.values()):
