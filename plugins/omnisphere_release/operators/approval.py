@@ -203,21 +203,20 @@ class ReleaseApprovalOperator(ApprovalOperator):
             live = EcsDeploymentHook(service.aws_conn_id).live_revision(service.ecs.cluster, service.ecs.service,
                                                                          service.ecs.container)
             status = schema_engine(service, catalog, run_label(self.dag_id, context["run_id"]), self.log).status()
+            changed = changed_since_plan(plan, live.arn, status.current_version, live.deploying)
+            refusal = changed and (f"Refused, nothing was changed: {service.name} changed while this release waited "
+                                   f"for its approval ({changed}). The approver approved a plan that no longer "
+                                   f"holds: trigger the release again, so that its plan is approved as the service "
+                                   f"is now.")
         except AirflowFailException as exc:  # another operation holds the service now
-            self._record(context, {**decision, "outcome": "plan_changed"})
-            raise AirflowFailException(f"Approved, but {exc}. Trigger the release again once it has ended, so that "
-                                       f"its plan is approved as the service is then.") from None
+            refusal = (f"Approved, but {exc}. Trigger the release again once it has ended, so that its plan is "
+                       f"approved as the service is then.")
         except EcsDeploymentError as exc:
+            refusal = (f"Approved, but whether {service.name} is still as the approved plan saw it cannot be read: "
+                       f"{exc}. Nothing was changed; trigger the release again.")
+        if refusal:
             self._record(context, {**decision, "outcome": "plan_changed"})
-            raise AirflowFailException(f"Approved, but whether {service.name} is still as the approved plan saw it "
-                                       f"cannot be read: {exc}. Nothing was changed; trigger the release again.") from None
-        changed = changed_since_plan(plan, live.arn, status.current_version, live.deploying)
-        if changed:
-            self._record(context, {**decision, "outcome": "plan_changed"})
-            raise AirflowFailException(f"Refused, nothing was changed: {service.name} changed while this release "
-                                       f"waited for its approval ({changed}). The approver approved a plan that no "
-                                       f"longer holds: trigger the release again, so that its plan is approved as "
-                                       f"the service is now.")
+            raise AirflowFailException(refusal)
         self.log.info("%s is as the approved plan saw it (%s, schema version %s), and held by this run again.",
                       service.name, live.arn, version_label(status.current_version))
 
