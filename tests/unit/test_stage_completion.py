@@ -68,6 +68,18 @@ def test_ecs_deploy_success_returns_the_deployment_it_started_and_how_it_ended(d
     assert context["ti"].pulls == [("ecs_deploy", "deployment")]  # what this task pushed before deferring
 
 
+def test_ecs_deploy_of_steps_says_when_the_first_share_came_for_the_gate_to_analyse_from():
+    steps = [{"percent": 10.0, "bake_minutes": 2}, {"percent": 100.0, "bake_minutes": 5}]
+    context = context_with({("ecs_deploy", "deployment"): {**STARTED, "steps": steps}})
+    event = {"status": "success", "deployment_status": "IN_PROGRESS", "summary": SUMMARY,
+             "deployment_arn": DEPLOYMENT_ARN, "after": 1_760_000_000.0}
+
+    output = ecs_deploy().execute_complete(context, event)
+
+    assert output["first_share_after"] == 1_760_000_000.0  # the trigger's last read without the share
+    assert output["steps"] == steps
+
+
 def test_ecs_deploy_timeout_fails_for_good_and_says_rollback_ecs_stops_the_deployment():
     event = {"status": "timeout", "deployment_status": "IN_PROGRESS",
              "summary": "IN_PROGRESS at SCALE_UP: 1/2 new tasks running, 0.0% of traffic; ",

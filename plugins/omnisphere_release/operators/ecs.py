@@ -175,13 +175,13 @@ class EcsDeployServiceOperator(ServiceStageOperator):
         deployment = cast("DeploymentOutput", context["ti"].xcom_pull(task_ids=self.task_id, key="deployment") or {})
         status = event.get("status")
         if status == "success":
+            stepped = bool(deployment.get("steps"))
             self.log.info("Deployment %s reached %s: %s. Next: smoke_test%s.", event["deployment_arn"],
                           event.get("deployment_status"), event.get("summary"),
-                          ", then monitoring_gate watches each traffic step" if steps_of(
-                              deployment.get("configuration") or {}) else "")
+                          ", then monitoring_gate watches each traffic step" if stepped else "")
             output: DeploymentOutput = {**deployment, "deployment_status": str(event.get("deployment_status")),
                                         "summary": str(event.get("summary"))}
-            if steps_of(deployment.get("configuration") or {}):
+            if stepped:
                 # ECS's first step bakes from just after the trigger's last read without it: monitoring_gate
                 # analyses it from there, not from its own start after smoke_test and regression_test.
                 output["first_share_after"] = float(event.get("after") or time.time())
